@@ -1,0 +1,131 @@
+"""Which backends exist, what each one serves, and how busy the gateway keeps each one.
+
+Discovery writes WHERE backends are (`reconcile`), the model poller writes WHAT they serve
+(`set_models`, `mark_down`); the request path only reads the prebuilt model index. Everything runs on
+one event loop, so no locks are needed: a pick and its in-flight increment happen in the same step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+ModelCard = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What discovery knows about one backend."""
+
+    url: str
+    api_key: str | None = None
+    draining: bool = False  # e.g. a terminating Kubernetes endpoint: no new requests, let in-flight finish
+
+
+@dataclass(eq=False)
+class Backend:
+    url: str
+    api_key: str | None = None
+    draining: bool = False
+    healthy: bool = False  # the last /v1/models poll succeeded
+    models: dict[str, ModelCard] = field(default_factory=dict)  # kept while down, so the model stays "known"
+    inflight: int = 0
+    last_poll: float = 0.0
+    last_error: str | None = None
+
+    @property
+    def routable(self) -> bool:
+        return self.healthy and not self.draining
+
+    def __repr__(self) -> str:
+        return f"Backend({self.url!r}, healthy={self.healthy}, draining={self.draining}, inflight={self.inflight})"
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._backends: dict[str, Backend] = {}
+        self._routable: dict[str, tuple[Backend, ...]] = {}
+        self._known: frozenset[str] = frozenset()
+        self.changed = asyncio.Event()  # set when backends come or go, so the poller looks at new ones at once
+
+    # -- discovery side -------------------------------------------------------------------------------
+
+    def reconcile(self, specs: Iterable[BackendSpec]) -> None:
+        """Make the set of backends equal to `specs`. Removed backends leave at once; requests already
+        holding one finish on their own reference."""
+        wanted = {spec.url: spec for spec in specs}
+        added = False
+        for url in list(self._backends):
+            if url not in wanted:
+                del self._backends[url]
+        for url, spec in wanted.items():
+            backend = self._backends.get(url)
+            if backend is None:
+                self._backends[url] = Backend(url=url, api_key=spec.api_key, draining=spec.draining)
+                added = True
+            else:
+                backend.api_key = spec.api_key
+                backend.draining = spec.draining
+        self._rebuild()
+        if added:
+            self.changed.set()
+
+    # -- model poller side ----------------------------------------------------------------------------
+
+    def set_models(self, backend: Backend, cards: Iterable[ModelCard]) -> None:
+        models = {str(card["id"]): card for card in cards if isinstance(card, dict) and "id" in card}
+        changed = not backend.healthy or models.keys() != backend.models.keys()
+        backend.models = models
+        backend.healthy = True
+        backend.last_error = None
+        backend.last_poll = time.monotonic()
+        if changed:
+            self._rebuild()
+
+    def mark_down(self, backend: Backend, reason: str) -> None:
+        backend.last_error = reason
+        backend.last_poll = time.monotonic()
+        if backend.healthy:
+            backend.healthy = False
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        routable: dict[str, list[Backend]] = {}
+        known: set[str] = set()
+        for backend in self._backends.values():
+            known.update(backend.models)
+            if backend.routable:
+                for model in backend.models:
+                    routable.setdefault(model, []).append(backend)
+        self._routable = {model: tuple(backends) for model, backends in routable.items()}
+        self._known = frozenset(known)
+
+    # -- request side (reads only) --------------------------------------------------------------------
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        return tuple(self._backends.values())
+
+    def candidates(self, model: str) -> tuple[Backend, ...]:
+        """Backends that may take a new request for `model` now."""
+        return self._routable.get(model, ())
+
+    def is_known(self, model: str) -> bool:
+        """True when some current backend served `model` at its last successful poll (even if down now)."""
+        return model in self._known
+
+    def served_models(self) -> list[str]:
+        return sorted(self._routable)
+
+    def cards(self) -> list[ModelCard]:
+        """One card per model id over routable backends; base models first, then adapters, by id."""
+        merged: dict[str, ModelCard] = {}
+        for model, backends in self._routable.items():
+            merged[model] = backends[0].models[model]
+        return sorted(merged.values(), key=lambda card: (card.get("parent") is not None, str(card["id"])))
+
+    def ready(self) -> bool:
+        return bool(self._routable)

@@ -1,0 +1,151 @@
+"""Typed, validated gateway settings: a YAML file, overridden by SWITCHYARD_* environment variables.
+
+Every model forbids unknown keys, so a typo stops the gateway with a message that names the key
+instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.errors import ConfigError
+
+ENV_PREFIX = "SWITCHYARD_"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendSettings(_Strict):
+    """One statically configured upstream: a vLLM OpenAI-compatible server."""
+
+    url: str = Field(description="Base URL of the server, e.g. http://10.0.0.5:8000 (no /v1 suffix).")
+    api_key_env: str | None = Field(
+        default=None, description="Name of an environment variable holding the upstream's API key."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        value = value.rstrip("/")
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        if value.endswith("/v1"):
+            raise ValueError("must be the server's base URL, without the /v1 suffix")
+        return value
+
+    @model_validator(mode="after")
+    def _check_key_env(self) -> BackendSettings:
+        if self.api_key_env is not None and self.api_key_env not in os.environ:
+            raise ValueError(f"api_key_env names {self.api_key_env!r}, which is not set in the environment")
+        return self
+
+    def api_key(self) -> str | None:
+        return os.environ[self.api_key_env] if self.api_key_env else None
+
+
+class KubernetesSettings(_Strict):
+    """Where to look for workers when `discovery: kubernetes`."""
+
+    namespaces: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
+    label_selector: str = "app.kubernetes.io/part-of=switchyard,app.kubernetes.io/component=worker"
+    port_name: str = Field(default="http", description="EndpointSlice port name that carries the vLLM API.")
+    scheme: Literal["http", "https"] = "http"
+    api_key_env: str | None = Field(default=None, description="Env var holding the workers' shared API key.")
+
+
+class TimeoutSettings(_Strict):
+    """Upstream timeouts, in seconds."""
+
+    connect: float = Field(default=5.0, gt=0, description="TCP connect to a backend.")
+    first_byte: float = Field(
+        default=900.0, gt=0, description="Request sent to response headers (non-stream answers come whole)."
+    )
+    idle: float = Field(default=120.0, gt=0, description="Longest silence between two chunks of a response.")
+
+
+class Settings(BaseSettings):
+    """All gateway settings. Env vars use the prefix SWITCHYARD_ and `__` between nested keys."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    discovery: Literal["static", "kubernetes"] = "static"
+    backends: list[BackendSettings] = Field(default_factory=list)
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    model_refresh_interval: float = Field(
+        default=5.0, gt=0, description="Seconds between polls of each backend's GET /v1/models."
+    )
+    model_refresh_timeout: float = Field(default=2.0, gt=0, description="Timeout of one /v1/models poll.")
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest accepted request body.")
+    timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
+    upstream_keepalive: float = Field(
+        default=4.0,
+        gt=0,
+        description="Seconds an idle upstream connection is kept; below uvicorn's 5 s so vLLM never closes "
+        "a connection the pool is about to reuse.",
+    )
+    retry_after: int = Field(default=1, ge=0, description="Retry-After seconds sent with a 503.")
+
+    @model_validator(mode="after")
+    def _check_discovery(self) -> Settings:
+        if self.discovery == "static" and not self.backends:
+            raise ValueError("static discovery needs at least one entry under `backends`")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (passed as init kwargs): pods set env, the chart ships the file.
+        return env_settings, init_settings
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {key}: {message}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from a YAML file (if given), the environment and explicit overrides.
+
+    Raises ConfigError with one line per bad key.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded or {}
+    data.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc
