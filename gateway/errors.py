@@ -98,3 +98,21 @@ class UpstreamTimeout(GatewayError):
     status = 504
     error_type = "gateway_timeout"
     code = "upstream_timeout"
+
+
+def error_parts(exc: GatewayError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The one mapping from an error to (status, headers, body); every error response goes through it."""
+    headers = [(b"content-type", b"application/json")]
+    headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in exc.headers.items()]
+    return exc.status, headers, exc.body()
+
+
+def from_http_status(status: int, detail: str) -> GatewayError:
+    """Turn a routing-level HTTP status (unknown path, wrong method) into the matching error."""
+    if status == 405:
+        return MethodNotAllowed(detail)
+    if status == 404:
+        return RouteNotFound(detail)
+    error = InvalidRequest(detail)
+    error.status = status
+    return error

@@ -59,6 +59,27 @@ class KubernetesSettings(_Strict):
     port_name: str = Field(default="http", description="EndpointSlice port name that carries the vLLM API.")
     scheme: Literal["http", "https"] = "http"
     api_key_env: str | None = Field(default=None, description="Env var holding the workers' shared API key.")
+    kubeconfig: str | None = Field(
+        default=None,
+        description="Kubeconfig file to use. Unset: the pod's service account when running in a cluster, "
+        "else $KUBECONFIG or ~/.kube/config.",
+    )
+    context: str | None = Field(default=None, description="Kubeconfig context (unset: its current context).")
+    watch_timeout: int = Field(
+        default=300, ge=10, description="Seconds one watch request lasts before it is re-opened."
+    )
+    request_timeout: float = Field(default=30.0, gt=0, description="Timeout of a list call and of a connect.")
+    backoff_initial: float = Field(default=0.5, gt=0, description="First retry delay after an API error.")
+    backoff_max: float = Field(default=30.0, gt=0, description="Longest retry delay after repeated errors.")
+
+    @model_validator(mode="after")
+    def _check_key_env(self) -> KubernetesSettings:
+        if self.api_key_env is not None and self.api_key_env not in os.environ:
+            raise ValueError(f"api_key_env names {self.api_key_env!r}, which is not set in the environment")
+        return self
+
+    def api_key(self) -> str | None:
+        return os.environ[self.api_key_env] if self.api_key_env else None
 
 
 class TimeoutSettings(_Strict):
@@ -74,9 +95,7 @@ class TimeoutSettings(_Strict):
 class Settings(BaseSettings):
     """All gateway settings. Env vars use the prefix SWITCHYARD_ and `__` between nested keys."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True)
 
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=1, le=65535)

@@ -1,0 +1,99 @@
+"""create_app(settings): the Starlette application, its lifespan-owned resources and error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.discovery import Discovery
+from gateway.discovery.static import StaticDiscovery
+from gateway.errors import GatewayError, error_parts, from_http_status
+from gateway.metrics import Metrics
+from gateway.model_poller import ModelPoller
+from gateway.policies import LeastInflight
+from gateway.proxy import Proxy
+from gateway.registry import Registry
+from gateway.routes import build_routes
+from gateway.settings import Settings
+
+
+def _discovery(settings: Settings) -> Discovery:
+    if settings.discovery == "kubernetes":
+        from gateway.discovery.kubernetes import KubernetesDiscovery
+
+        return KubernetesDiscovery(settings.kubernetes)
+    return StaticDiscovery(settings.backends)
+
+
+def _error_response(error: GatewayError) -> Response:
+    status, headers, body = error_parts(error)
+    return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return _error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    path = request.url.path
+    if exc.status_code == 404:
+        detail = f"No route matches {request.method} {path}."
+    elif exc.status_code == 405:
+        detail = f"{request.method} is not allowed on {path}."
+    else:
+        detail = str(exc.detail)
+    return _error_response(from_http_status(exc.status_code, detail))
+
+
+def create_app(settings: Settings) -> Starlette:
+    registry = Registry()
+    metrics = Metrics(registry)
+    proxy = Proxy(settings, registry, LeastInflight(), metrics)
+    discovery = _discovery(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(
+            limit=0,  # the gateway's own admission decides concurrency, not the pool
+            keepalive_timeout=settings.upstream_keepalive,
+            enable_cleanup_closed=True,
+        )
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.timeouts.connect)
+        async with aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,  # relay bytes untouched
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        ) as session:
+            poller = ModelPoller(registry, session, settings.model_refresh_interval, settings.model_refresh_timeout)
+            tasks = [asyncio.create_task(discovery.run(registry), name="discovery")]
+            await asyncio.sleep(0)  # let discovery publish what it already knows
+            await poller.poll_all()  # so /ready and routing are right from the first request
+            tasks.append(asyncio.create_task(poller.run(), name="model-poller"))
+            proxy.attach(session)
+            try:
+                yield
+            finally:
+                proxy.attach(None)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    app = Starlette(
+        routes=build_routes(proxy, registry, metrics),
+        lifespan=lifespan,
+        exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error},
+    )
+    app.state.registry = registry
+    app.state.metrics = metrics
+    app.state.settings = settings
+    return app

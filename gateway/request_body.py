@@ -1,0 +1,115 @@
+"""Reading a request body within its limit, and reading just enough of it to route it.
+
+The body is kept as the bytes received; it is parsed only to learn `model` and `stream`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import orjson
+
+from gateway.asgi import Receive, Scope
+from gateway.errors import InvalidRequest, PayloadTooLarge
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its request body arrived; there is nobody to answer."""
+
+
+class BodyKind(Enum):
+    JSON = "json"
+    MULTIPART = "multipart"
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingFields:
+    model: str | None
+    stream: bool
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    declared = header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body of {int(declared)} bytes exceeds the limit of {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk: bytes = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def routing_fields(kind: BodyKind, body: bytes, content_type: bytes | None) -> RoutingFields:
+    if kind is BodyKind.MULTIPART:
+        return RoutingFields(model=_multipart_model(body, content_type), stream=False)
+    return _json_fields(body)
+
+
+def _json_fields(body: bytes) -> RoutingFields:
+    try:
+        data: Any = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest("`model` must be a string.", param="model")
+    stream = data.get("stream", False)
+    return RoutingFields(model=model or None, stream=stream is True)
+
+
+def _multipart_model(body: bytes, content_type: bytes | None) -> str | None:
+    """Find the form field `model` in a multipart/form-data body without decoding the other parts."""
+    boundary = _boundary(content_type)
+    delimiter = b"--" + boundary
+    for part in body.split(delimiter)[1:]:
+        if part.startswith(b"--"):
+            break  # the closing delimiter
+        head, sep, value = part.partition(b"\r\n\r\n")
+        if not sep:
+            raise InvalidRequest("Malformed multipart body: a part has no header end.")
+        if _is_model_field(head):
+            try:
+                return value.removesuffix(b"\r\n").decode().strip() or None
+            except UnicodeDecodeError:
+                raise InvalidRequest("The form field `model` is not valid UTF-8.", param="model") from None
+    return None
+
+
+def _boundary(content_type: bytes | None) -> bytes:
+    if content_type is None or not content_type.lower().startswith(b"multipart/form-data"):
+        raise InvalidRequest("This endpoint takes multipart/form-data.")
+    for param in content_type.split(b";")[1:]:
+        key, _, value = param.strip().partition(b"=")
+        if key.lower() == b"boundary" and value.strip(b'"'):
+            return value.strip(b'"')
+    raise InvalidRequest("The multipart/form-data content type has no boundary.")
+
+
+def _is_model_field(head: bytes) -> bool:
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-disposition":
+            params = [item.strip() for item in value.split(b";")]
+            return b'name="model"' in params or b"name=model" in params
+    return False

@@ -1,0 +1,85 @@
+"""The route table: which paths are proxied (and how their model is found) and the gateway's own
+endpoints. Handlers stay thin; the work lives in proxy.py and registry.py."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.asgi import Receive, Scope, Send
+from gateway.errors import ModelNotFound
+from gateway.metrics import Metrics
+from gateway.proxy import Proxy
+from gateway.registry import Registry
+from gateway.request_body import BodyKind
+
+# POST routes whose JSON body names the model.
+JSON_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/score",
+    "/v1/rerank",
+    "/v2/rerank",
+    "/score",
+    "/rerank",
+    "/pooling",
+    "/classify",
+    "/tokenize",
+    "/detokenize",
+)
+# POST routes with a multipart/form-data body whose form field `model` names the model.
+MULTIPART_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations")
+
+
+class ProxyEndpoint:
+    """ASGI app for one proxied route."""
+
+    def __init__(self, proxy: Proxy, route: str, kind: BodyKind) -> None:
+        self._proxy = proxy
+        self._route = route
+        self._kind = kind
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._proxy.handle(scope, receive, send, self._route, self._kind)
+
+
+def build_routes(proxy: Proxy, registry: Registry, metrics: Metrics) -> list[Route]:
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        if registry.ready():
+            return JSONResponse({"status": "ready", "models": registry.served_models()})
+        return JSONResponse({"status": "not ready", "models": []}, status_code=503)
+
+    async def prometheus(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def list_models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": registry.cards()})
+
+    async def get_model(request: Request) -> Response:
+        model = request.path_params["model"]
+        for card in registry.cards():
+            if card["id"] == model:
+                return JSONResponse(card)
+        raise ModelNotFound(model)
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+    ]
+    routes += [Route(path, ProxyEndpoint(proxy, path, BodyKind.JSON), methods=["POST"]) for path in JSON_ROUTES]
+    routes += [
+        Route(path, ProxyEndpoint(proxy, path, BodyKind.MULTIPART), methods=["POST"]) for path in MULTIPART_ROUTES
+    ]
+    return routes
