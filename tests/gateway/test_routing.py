@@ -99,7 +99,8 @@ def test_client_key_not_forwarded_when_backend_has_none(gw: GatewayServer) -> No
 def test_request_id_generated_when_absent_or_invalid(gw: GatewayServer) -> None:
     response = post(gw, "/v1/chat/completions", json={"model": "chat-a"}, headers={"X-Request-Id": "bad id"})
     generated = response.headers["x-request-id"]
-    assert len(generated) == 32 and generated != "bad id"
+    assert len(generated) == 32
+    assert generated != "bad id"
     assert headers_of(response)["x-request-id"] == generated
 
 
@@ -153,7 +154,8 @@ def test_shared_model_spreads_over_both_backends(gw: GatewayServer, upstreams: t
 def test_health_ready_metrics(gw: GatewayServer) -> None:
     assert httpx.get(gw.url + "/health").status_code == 200
     ready = httpx.get(gw.url + "/ready")
-    assert ready.status_code == 200 and "chat-a" in ready.json()["models"]
+    assert ready.status_code == 200
+    assert "chat-a" in ready.json()["models"]
     post(gw, "/v1/chat/completions", json={"model": "chat-a"})
     text = httpx.get(gw.url + "/metrics").text
     assert 'switchyard_requests_total{code="200",model="chat-a",route="/v1/chat/completions"}' in text
