@@ -114,7 +114,7 @@ class _NamespaceWatch:
                 # ValueError covers malformed JSON; the watch resumes from the last version it saw.
                 delay = self._backoff.next()
                 log.warning(
-                    "namespace %s: EndpointSlice %s failed (%s); retrying in %.1fs",
+                    "namespace %s: EndpointSlice %s failed (%s); retrying in %.2fs",
                     self.namespace,
                     "list" if self.resource_version is None else "watch",
                     exc or type(exc).__name__,
@@ -123,7 +123,7 @@ class _NamespaceWatch:
                 await asyncio.sleep(delay)
             except Exception:
                 delay = self._backoff.next()
-                log.exception("namespace %s: unexpected discovery error; re-listing in %.1fs", self.namespace, delay)
+                log.exception("namespace %s: unexpected discovery error; re-listing in %.2fs", self.namespace, delay)
                 self.resource_version = None
                 await asyncio.sleep(delay)
 
@@ -218,8 +218,7 @@ class _NamespaceWatch:
         elif kind in ("ADDED", "MODIFIED"):
             self.slices[name] = self._specs(obj)
         else:
-            log.debug("namespace %s: ignoring watch event of type %r", self.namespace, kind)
-            return
+            raise ValueError(f"malformed watch event of type {kind!r}")
         self._on_change()
 
 
@@ -272,7 +271,7 @@ class KubernetesDiscovery:
                     )
             except Exception as exc:  # the loaders raise many unrelated types for one cause: no config
                 delay = backoff.next()
-                log.error("cannot load Kubernetes client configuration (%s); retrying in %.1fs", exc, delay)
+                log.error("cannot load Kubernetes client configuration (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 continue
             return ApiClient(configuration)
