@@ -1,0 +1,74 @@
+"""Runs an `Engine` in real time: one asyncio task per simulated server steps the engine.
+
+Steps follow an ideal timeline: a step that begins at t ends at t + duration, and the next one
+begins at that ideal end, not at whenever the event loop got round to it, so a busy loop delivers
+tokens a little late but does not stretch the model's timing. Only when the loop falls more than
+`MAX_LAG_S` behind does the timeline resync to the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from worker.sim.engine import Engine, SimRequest
+
+MAX_LAG_S = 0.25
+log = logging.getLogger("worker.sim")
+
+
+class EngineDriver:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="sim-engine")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def submit(self, req: SimRequest) -> None:
+        self.engine.add_request(req, self.now())
+        if self._wake is not None:
+            self._wake.set()
+
+    def abort(self, req: SimRequest) -> None:
+        if not req.done:
+            self.engine.abort_request(req, self.now())
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        engine = self.engine
+        t = loop.time()
+        try:
+            while True:
+                duration = engine.begin_step(t) if engine.has_work() else None
+                if duration is None:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    t = loop.time()
+                    continue
+                end = t + duration
+                delay = end - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                engine.end_step(end)
+                now = loop.time()
+                t = end if now - end < MAX_LAG_S else now
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("simulated engine crashed")
+            raise

@@ -1,0 +1,266 @@
+"""The engine model: continuous batching over a paged, prefix-cached KV pool with LoRA slots.
+
+Pure and synchronous; the caller supplies the time (`now`, seconds) so tests can drive it with a
+fake clock and `bench/sim_capacity.py` can replay a workload to predict timings. The HTTP server
+drives it in real time from one task per server (`driver.EngineDriver`).
+
+One engine *step* works like a vLLM scheduler iteration:
+
+1. Admission, FIFO over the waiting queue. A request is admitted while fewer than `max_num_seqs`
+   run, its LoRA adapter is already in the batch or a LoRA slot is free (fewer than `max_loras`
+   distinct adapters in the batch; a request that must wait for a slot is skipped and keeps its
+   place), and the KV pool can hold its whole footprint, ceil((prompt + output) / block_size)
+   blocks, minus the blocks already cached (prefix hits). A request that does not fit in the KV
+   pool stops admission for this step (head-of-line, as vLLM does). The simulator reserves the
+   footprint up front, so it never preempts (`vllm:num_preemptions_total` stays 0).
+2. Duration (see `step_duration_s`):
+       decode_ms_per_token * (1 + decode_batch_factor * (batch - 1))
+     + prefill_ms_per_token * (uncached prompt tokens of the requests admitted in this step)
+     + lora_load_ms * (adapters that had to be loaded into a GPU slot in this step)
+   where batch is the number of running requests. The GPU slots hold `max_loras` adapters, kept
+   in LRU order; an adapter already resident costs nothing.
+3. At the end of the step every running request gets one token; a new request's first token
+   (TTFT) comes from the step that prefilled it. Its full prompt blocks then become findable in
+   the prefix cache. A request that has produced all its tokens finishes and releases its blocks.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from worker.sim.config import SimConfig
+from worker.sim.kv_cache import BlockPool, block_hashes
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+@dataclass(eq=False)
+class SimRequest:
+    """One generation request as the engine sees it: token counts, adapter and timestamps."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_tokens: int  # how many tokens it will produce before finishing
+    lora: str | None = None
+    finish_reason: str = "length"  # reported once all `output_tokens` are out
+    on_output: Callable[[], None] | None = None  # called after each step that gave it a token
+    # --- set by the engine ---
+    state: RequestState = RequestState.WAITING
+    arrival: float = 0.0
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finished_at: float | None = None
+    num_generated: int = 0
+    num_cached_tokens: int = 0
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def done(self) -> bool:
+        return self.state in (RequestState.FINISHED, RequestState.ABORTED)
+
+
+class EngineObserver(Protocol):
+    """Receives per-request timing events (the Prometheus histograms implement this)."""
+
+    def on_scheduled(self, req: SimRequest) -> None: ...
+    def on_token(self, req: SimRequest, now: float) -> None: ...
+    def on_finished(self, req: SimRequest) -> None: ...
+
+
+@dataclass
+class EngineStats:
+    """Monotonic counters, exported as vLLM's `*_total` metrics."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of which were cached
+    lora_loads: int = 0
+    finished: dict[str, int] = field(default_factory=dict)  # finished_reason -> count
+
+
+def step_duration_s(cfg: SimConfig, batch: int, prefill_tokens: int, lora_loads: int) -> float:
+    """Wall time of one engine step (the documented formula; see the module docstring)."""
+    decode_ms = cfg.decode_ms_per_token * (1.0 + cfg.decode_batch_factor * max(batch - 1, 0))
+    ms = decode_ms + cfg.prefill_ms_per_token * prefill_tokens + cfg.lora_load_ms * lora_loads
+    return ms / 1000.0
+
+
+class Engine:
+    """Scheduler state of one simulated server; call `begin_step` then `end_step` alternately."""
+
+    def __init__(self, cfg: SimConfig, observer: EngineObserver | None = None) -> None:
+        self.cfg = cfg
+        self.observer = observer
+        self.pool = BlockPool(cfg.num_gpu_blocks)
+        self.stats = EngineStats()
+        self.waiting: dict[SimRequest, None] = {}  # insertion-ordered: FIFO with O(1) removal
+        self.running: dict[SimRequest, None] = {}
+        self._lora_running: dict[str, int] = {}  # adapter -> running requests using it
+        self._lora_slots: OrderedDict[str, None] = OrderedDict()  # resident adapters, LRU first
+        self._batch: list[SimRequest] | None = None  # requests of the step in flight
+
+    # ----- requests -----
+    def add_request(self, req: SimRequest, now: float) -> None:
+        if req.output_tokens < 1:
+            raise ValueError("a request must generate at least one token")
+        need = self._blocks_needed(req)
+        if need > self.cfg.num_gpu_blocks:
+            raise ValueError(f"request needs {need} KV blocks; the pool has {self.cfg.num_gpu_blocks}")
+        req.state = RequestState.WAITING
+        req.arrival = now
+        req.hashes = block_hashes(req.prompt_token_ids, self.cfg.block_size, req.lora)
+        self.waiting[req] = None
+
+    def abort_request(self, req: SimRequest, now: float) -> None:
+        """Drop a request wherever it is; its batch slot and KV blocks are free at once."""
+        if req in self.waiting:
+            del self.waiting[req]
+        elif req in self.running:
+            self._finish(req, now, "abort")
+            return
+        else:
+            return
+        req.state = RequestState.ABORTED
+        req.finished_at = now
+        self.stats.finished["abort"] = self.stats.finished.get("abort", 0) + 1
+
+    def forget_lora(self, name: str) -> None:
+        """An adapter was unloaded: it no longer occupies a GPU slot."""
+        self._lora_slots.pop(name, None)
+
+    # ----- steps -----
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def begin_step(self, now: float) -> float | None:
+        """Admit what fits and return the step's duration in seconds (None when idle)."""
+        if self._batch is not None:
+            raise RuntimeError("begin_step called twice without end_step")
+        admitted = self._admit(now)
+        if not self.running:
+            return None
+        prefill = sum(r.prompt_len - r.num_cached_tokens for r in admitted)
+        loads = self._load_adapters(admitted)
+        self._batch = list(self.running)
+        return step_duration_s(self.cfg, len(self._batch), prefill, loads)
+
+    def end_step(self, now: float) -> list[SimRequest]:
+        """Hand one token to every request of the step; returns those that got one."""
+        batch, self._batch = self._batch or [], None
+        out: list[SimRequest] = []
+        for req in batch:
+            if req.state is not RequestState.RUNNING:
+                continue  # aborted while the step ran
+            if req.num_generated == 0:
+                req.first_token_at = now
+                for block, h in zip(req.blocks, req.hashes, strict=False):
+                    self.pool.register(block, h)
+            req.num_generated += 1
+            self.stats.generation_tokens += 1
+            if self.observer is not None:
+                self.observer.on_token(req, now)
+            req.last_token_at = now
+            if req.num_generated >= req.output_tokens:
+                self._finish(req, now, req.finish_reason)
+            out.append(req)
+        for req in out:
+            if req.on_output is not None:
+                req.on_output()
+        return out
+
+    # ----- views for metrics -----
+    def kv_usage(self) -> float:
+        return self.pool.usage()
+
+    def running_adapters(self) -> list[str]:
+        return sorted(self._lora_running)
+
+    def waiting_adapters(self) -> list[str]:
+        return sorted({r.lora for r in self.waiting if r.lora is not None})
+
+    # ----- internals -----
+    def _blocks_needed(self, req: SimRequest) -> int:
+        return math.ceil((req.prompt_len + req.output_tokens) / self.cfg.block_size)
+
+    def _admit(self, now: float) -> list[SimRequest]:
+        admitted: list[SimRequest] = []
+        for req in list(self.waiting):
+            if len(self.running) >= self.cfg.max_num_seqs:
+                break
+            lora = req.lora
+            if lora is not None and lora not in self._lora_running and len(self._lora_running) >= self.cfg.max_loras:
+                continue  # waits for a LoRA slot; later requests may still go
+            hits = self.pool.lookup(req.hashes)
+            if hits and len(hits) * self.cfg.block_size >= req.prompt_len:
+                hits = hits[:-1]  # at least one prompt token is always computed
+            new_blocks = self._blocks_needed(req) - len(hits)
+            if new_blocks > self.pool.num_available - self.pool.evictable_among(hits):
+                break  # KV pool full: head-of-line waits for blocks to be released
+            self.pool.acquire(hits)
+            req.blocks = hits + self.pool.allocate(new_blocks)
+            req.num_cached_tokens = len(hits) * self.cfg.block_size
+            req.state = RequestState.RUNNING
+            req.scheduled_at = now
+            del self.waiting[req]
+            self.running[req] = None
+            if lora is not None:
+                self._lora_running[lora] = self._lora_running.get(lora, 0) + 1
+            self.stats.prompt_tokens += req.prompt_len
+            self.stats.prefix_queries += req.prompt_len
+            self.stats.prefix_hits += req.num_cached_tokens
+            if self.observer is not None:
+                self.observer.on_scheduled(req)
+            admitted.append(req)
+        return admitted
+
+    def _load_adapters(self, admitted: list[SimRequest]) -> int:
+        loads = 0
+        for req in admitted:
+            lora = req.lora
+            if lora is None:
+                continue
+            if lora in self._lora_slots:
+                self._lora_slots.move_to_end(lora)
+                continue
+            loads += 1
+            self._lora_slots[lora] = None
+            if len(self._lora_slots) > self.cfg.max_loras:
+                for name in self._lora_slots:  # evict the least recently used idle adapter
+                    if name not in self._lora_running:
+                        del self._lora_slots[name]
+                        break
+        self.stats.lora_loads += loads
+        return loads
+
+    def _finish(self, req: SimRequest, now: float, reason: str) -> None:
+        del self.running[req]
+        self.pool.release(req.blocks)
+        req.blocks = []
+        if req.lora is not None:
+            left = self._lora_running[req.lora] - 1
+            if left:
+                self._lora_running[req.lora] = left
+            else:
+                del self._lora_running[req.lora]
+        req.state = RequestState.ABORTED if reason == "abort" else RequestState.FINISHED
+        req.finished_at = now
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        if self.observer is not None:
+            self.observer.on_finished(req)

@@ -1,0 +1,124 @@
+"""vLLM's Prometheus metrics for one simulated server, on a registry of its own.
+
+Gauges, counters and the info series are read from the engine at scrape time (a custom
+collector, so the hot path does no metric work for them); latency histograms are observed as
+tokens come out. Every series carries `model_name` (the served name) and `engine="0"`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from worker.sim.engine import Engine, SimRequest
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+               20.0, 40.0, 80.0)  # fmt: skip
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                   120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+LABELS = ("model_name", "engine")
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        self.engine = engine
+        self.labels = [model_name, "0"]
+
+    def collect(self) -> Iterable[Metric]:
+        eng, labels, cfg = self.engine, self.labels, self.engine.cfg
+        yield self._gauge("vllm:num_requests_running", "Requests in the model execution batch.", len(eng.running))
+        yield self._gauge("vllm:num_requests_waiting", "Requests waiting to be processed.", len(eng.waiting))
+        yield self._gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", eng.kv_usage())
+        s = eng.stats
+        for name, doc, value in (
+            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+             s.prefix_queries),
+            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", s.prefix_hits),
+            ("vllm:prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens),
+            ("vllm:generation_tokens", "Number of generation tokens processed.", s.generation_tokens),
+            ("vllm:num_preemptions", "Cumulative number of preemption from the engine.", 0),
+        ):  # fmt: skip
+            counter = CounterMetricFamily(name, doc, labels=LABELS)
+            counter.add_metric(labels, value)
+            yield counter
+        success = CounterMetricFamily(
+            "vllm:request_success", "Count of successfully processed requests.", labels=(*LABELS, "finished_reason")
+        )
+        for reason in ("stop", "length", "abort"):
+            success.add_metric([*labels, reason], s.finished.get(reason, 0))
+        yield success
+        lora = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Running stats on lora requests.",
+            labels=("max_lora", "running_lora_adapters", "waiting_lora_adapters"),
+        )
+        lora.add_metric(
+            [str(cfg.max_loras), ",".join(eng.running_adapters()), ",".join(eng.waiting_adapters())], time.time()
+        )
+        yield lora
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            labels=("block_size", "num_gpu_blocks", "enable_prefix_caching", "engine"),
+        )
+        info.add_metric([str(cfg.block_size), str(cfg.num_gpu_blocks), "True", "0"], 1.0)
+        yield info
+
+    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        gauge = GaugeMetricFamily(name, doc, labels=LABELS)
+        gauge.add_metric(self.labels, value)
+        return gauge
+
+
+class SimMetrics:
+    """The per-server registry; also the engine's observer for the latency histograms."""
+
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_EngineCollector(engine, model_name))
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            h = Histogram(name, doc, LABELS, buckets=buckets, registry=self.registry)
+            return h.labels(model_name, "0")
+
+        self._ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                          TTFT_BUCKETS)  # fmt: skip
+        self._itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                         ITL_BUCKETS)  # fmt: skip
+        self._e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                         REQUEST_BUCKETS)  # fmt: skip
+        self._queue = hist("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase.",
+                           REQUEST_BUCKETS)  # fmt: skip
+        self._prefill = hist("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase.",
+                             REQUEST_BUCKETS)  # fmt: skip
+        self._decode = hist("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase.",
+                            REQUEST_BUCKETS)  # fmt: skip
+        engine.observer = self
+
+    def on_scheduled(self, req: SimRequest) -> None:
+        if req.scheduled_at is not None:
+            self._queue.observe(max(req.scheduled_at - req.arrival, 0.0))
+
+    def on_token(self, req: SimRequest, now: float) -> None:
+        if req.last_token_at is None:
+            self._ttft.observe(max(now - req.arrival, 0.0))
+            if req.scheduled_at is not None:
+                self._prefill.observe(max(now - req.scheduled_at, 0.0))
+        else:
+            self._itl.observe(now - req.last_token_at)
+
+    def on_finished(self, req: SimRequest) -> None:
+        if req.finished_at is None:
+            return
+        self._e2e.observe(max(req.finished_at - req.arrival, 0.0))
+        if req.first_token_at is not None:
+            self._decode.observe(req.finished_at - req.first_token_at)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
