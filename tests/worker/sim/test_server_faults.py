@@ -1,0 +1,171 @@
+"""Fault flags, client disconnects, `--count` and the command line, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.worker.sim.conftest import RunningSim, SimFactory, sim_process
+from worker.sim.cli import main as cli_main
+
+STREAM = {"model": "sim", "prompt": "tell me", "max_tokens": 500, "ignore_eos": True, "stream": True}
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(name)
+
+
+async def read_events(http: httpx.AsyncClient, payload: dict[str, object], limit_s: float) -> tuple[list[str], str]:
+    """SSE data lines received until the stream ends, errors or `limit_s` passes; and how it ended."""
+    events: list[str] = []
+    try:
+        async with asyncio.timeout(limit_s), http.stream("POST", "/v1/completions", json=payload) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+        return events, "complete"
+    except TimeoutError:
+        return events, "timeout"
+    except httpx.RemoteProtocolError:
+        return events, "dropped"
+
+
+async def test_disconnect_aborts_within_100ms(sim: RunningSim) -> None:
+    async with httpx.AsyncClient(base_url=sim.url) as http:
+        async with http.stream("POST", "/v1/completions", json=STREAM) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    break
+            running = metric((await http.get("/metrics")).text, "vllm:num_requests_running")
+        closed_at = time.monotonic()
+        while metric((await http.get("/metrics")).text, "vllm:num_requests_running") > 0:
+            assert time.monotonic() - closed_at < 0.1, "the aborted request still holds its batch slot"
+            await asyncio.sleep(0.005)
+        text = (await http.get("/metrics")).text
+    assert running == 1
+    assert 'finished_reason="abort"' in text
+    assert metric(text, 'vllm:request_success_total{engine="0",finished_reason="abort"') == 1
+
+
+async def test_stall_after_tokens(sim_factory: SimFactory) -> None:
+    async with sim_factory(stall_after_tokens=2) as sim, httpx.AsyncClient(base_url=sim.url) as http:
+        events, ended = await read_events(http, STREAM, 0.4)
+    assert ended == "timeout"
+    assert len(events) == 2
+    assert "[DONE]" not in events
+
+
+async def test_drop_after_tokens(sim_factory: SimFactory) -> None:
+    async with sim_factory(drop_after_tokens=3) as sim, httpx.AsyncClient(base_url=sim.url) as http:
+        events, ended = await read_events(http, STREAM, 5)
+    assert ended == "dropped"
+    assert len(events) == 3
+    assert "[DONE]" not in events
+
+
+async def test_drop_cuts_non_streamed_body(sim_factory: SimFactory) -> None:
+    async with sim_factory(drop_after_tokens=0) as sim, httpx.AsyncClient(base_url=sim.url) as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
+
+
+async def test_fail_rate(sim_factory: SimFactory) -> None:
+    async with sim_factory(fail_rate=1.0, fail_status=503) as sim, httpx.AsyncClient(base_url=sim.url) as http:
+        r = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        stream = await http.post("/v1/completions", json={**STREAM, "max_tokens": 2})
+        health = await http.get("/health")
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == 503
+    assert stream.status_code == 503
+    assert health.status_code == 200
+
+
+async def test_partial_fail_rate(sim_factory: SimFactory) -> None:
+    async with sim_factory(fail_rate=0.5, seed=1) as sim, httpx.AsyncClient(base_url=sim.url) as http:
+        codes = [(await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})).status_code
+                 for _ in range(40)]  # fmt: skip
+    assert set(codes) == {200, 500}
+    assert 8 <= codes.count(500) <= 32
+
+
+async def test_slow_start(sim_factory: SimFactory) -> None:
+    async with sim_factory(slow_start_s=0.3) as sim, httpx.AsyncClient(base_url=sim.url) as http:
+        early = [(await http.get(p)).status_code for p in ("/health", "/v1/models")]
+        await asyncio.sleep(0.35)
+        late = [(await http.get(p)).status_code for p in ("/health", "/v1/models")]
+    assert early == [503, 503]
+    assert late == [200, 200]
+
+
+async def test_queue_shows_in_metrics(sim_factory: SimFactory) -> None:
+    async with sim_factory(max_num_seqs=1) as sim, httpx.AsyncClient(base_url=sim.url) as http:
+        payload = {"prompt": "x", "max_tokens": 20, "ignore_eos": True}
+        jobs = [asyncio.create_task(http.post("/v1/completions", json=payload)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        text = (await http.get("/metrics")).text
+        await asyncio.gather(*jobs)
+    assert metric(text, "vllm:num_requests_running") == 1
+    assert metric(text, "vllm:num_requests_waiting") == 2
+
+
+def test_exit_after_requests() -> None:
+    with sim_process("--served-model-name", "m", "--port", "0", "--decode-ms-per-token", "1",
+                     "--exit-after-requests", "1") as sim:  # fmt: skip
+        url = sim.urls[0]
+        first = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=5)
+        with pytest.raises(httpx.TransportError):
+            httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=5)
+        assert sim.proc.wait(5) == 1
+    assert first.status_code == 200
+
+
+def _free_port_run(count: int) -> int:
+    for base in range(23000, 60000, 97):
+        socks = []
+        try:
+            for i in range(count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port run")
+
+
+def test_count_runs_independent_servers() -> None:
+    base = _free_port_run(3)
+    with sim_process("--served-model-name", "m", "--count", "3", "--port-base", str(base),
+                     "--decode-ms-per-token", "1", count=3) as sim:  # fmt: skip
+        assert sim.urls == [f"http://127.0.0.1:{base + i}" for i in range(3)]
+        httpx.post(sim.urls[1] + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=5)
+        tokens = [metric(httpx.get(u + "/metrics").text, "vllm:generation_tokens_total") for u in sim.urls]
+        models = [httpx.get(u + "/v1/models").json()["data"][0]["id"] for u in sim.urls]
+    assert tokens == [0, 4, 0]
+    assert models == ["m", "m", "m"]
+
+
+def test_cli_rejects_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["--served-model-name", "m", "--fail-rate", "2"]) == 2
+    assert "fail_rate" in capsys.readouterr().err
+    assert cli_main(["--served-model-name", "m", "--count", "2", "--port", "0"]) == 2
+
+
+def test_help_documents_every_flag() -> None:
+    out = subprocess.run([sys.executable, "-m", "worker.sim", "--help"], capture_output=True, text=True, check=True)
+    for flag in ("--embedding-dim", "--max-model-len", "--api-key", "--seed", "--lora-load-ms",
+                 "--decode-batch-factor", "--allow-runtime-lora", "--fail-rate", "--fail-status",
+                 "--stall-after-tokens", "--drop-after-tokens", "--exit-after-requests", "--slow-start"):  # fmt: skip
+        assert flag in out.stdout
