@@ -1,0 +1,132 @@
+{{/* Chart name, overridable. */}}
+{{- define "switchyard.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* "<release>-<chart>" (or just the release when it already holds the chart name), at most 63 chars. */}}
+{{- define "switchyard.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "switchyard.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "switchyard.labels" -}}
+helm.sh/chart: {{ include "switchyard.chart" . }}
+app.kubernetes.io/name: {{ include "switchyard.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: switchyard
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Gateway: selector labels (immutable once installed: keep them minimal). */}}
+{{- define "switchyard.gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "switchyard.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{- define "switchyard.gateway.labels" -}}
+{{ include "switchyard.labels" . }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{- define "switchyard.gateway.fullname" -}}
+{{- printf "%s-gateway" (include "switchyard.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "switchyard.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "switchyard.gateway.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "switchyard.gateway.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+The label selector the gateway's discovery uses. The worker Services carry these labels and the
+EndpointSlice controller copies a Service's labels onto its slices.
+*/}}
+{{- define "switchyard.workerSelector" -}}
+app.kubernetes.io/part-of=switchyard,app.kubernetes.io/component=worker,app.kubernetes.io/instance={{ .Release.Name }}
+{{- end }}
+
+{{/* Workers: called with (dict "root" $ "model" $model) where $model is already merged with workerDefaults. */}}
+{{- define "switchyard.worker.fullname" -}}
+{{- printf "%s-%s" (include "switchyard.fullname" .root | trunc 40 | trimSuffix "-") .model.name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "switchyard.worker.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "switchyard.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: worker
+switchyard.dev/model: {{ .model.name }}
+{{- end }}
+
+{{- define "switchyard.worker.labels" -}}
+{{ include "switchyard.labels" .root }}
+app.kubernetes.io/component: worker
+switchyard.dev/model: {{ .model.name }}
+{{- end }}
+
+{{/* The first served name: vLLM's model_name metric label and the simulator's single name. */}}
+{{- define "switchyard.worker.primaryName" -}}
+{{- if .model.servedNames }}{{ first .model.servedNames }}{{ else }}{{ .model.name }}{{ end }}
+{{- end }}
+
+{{/*
+The models list with workerDefaults merged into each entry, as JSON {"models": [...]} (templates cannot
+return lists). Per-model keys win; nested maps merge key by key; lists replace.
+*/}}
+{{- define "switchyard.models" -}}
+{{- $models := list }}
+{{- range .Values.models }}
+{{- $base := deepCopy $.Values.workerDefaults }}
+{{- if .simulator }}
+{{- /* The simulator needs no GPU and little memory: size it so unless the entry says otherwise. */}}
+{{- $_ := set $base "resources" (dict "requests" (dict "cpu" "100m" "memory" "128Mi") "limits" (dict "memory" "512Mi")) }}
+{{- $_ := set $base "gpus" 0 }}
+{{- $_ := set $base "shmSize" "64Mi" }}
+{{- $_ := set $base "cache" (dict "type" "emptyDir" "sizeLimit" "1Gi" "claimName" "") }}
+{{- $_ := set $base "startupProbe" (dict "periodSeconds" 2 "failureThreshold" 30) }}
+{{- $_ := set $base "terminationGracePeriodSeconds" 30 }}
+{{- end }}
+{{- $models = append $models (mergeOverwrite $base (deepCopy .)) }}
+{{- end }}
+{{- dict "models" $models | toJson }}
+{{- end }}
+
+{{/* Pod securityContext of the restricted Pod Security Standard. */}}
+{{- define "switchyard.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "switchyard.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+capabilities:
+  drop: [ALL]
+{{- end }}
