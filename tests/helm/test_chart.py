@@ -1,0 +1,455 @@
+"""The chart, rendered by the real Helm engine: lint, Kubernetes schemas, and the properties that matter."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+
+from gateway.settings import load_settings
+from tests.helm.chart import (
+    CHART,
+    CI_VALUES,
+    CRD_KINDS,
+    NAMESPACE,
+    RELEASE,
+    Obj,
+    load_values,
+    named,
+    notes,
+    of_kind,
+    pod_specs,
+    render,
+    workers,
+)
+
+# The oldest version the chart supports (Chart.yaml kubeVersion), a middle one, and the newest known.
+K8S_VERSIONS = ["1.27.0", "1.31.0", "1.34.0", "1.37.0"]
+CI_IDS = [path.stem for path in CI_VALUES]
+
+
+@pytest.fixture(scope="module", params=CI_VALUES, ids=CI_IDS)
+def ci_objects(request: pytest.FixtureRequest) -> list[Obj]:
+    return render(load_values(request.param))
+
+
+@pytest.fixture(scope="module")
+def ci() -> dict[str, list[Obj]]:
+    return {path.stem: render(load_values(path)) for path in CI_VALUES}
+
+
+def test_every_ci_value_set_exists() -> None:
+    assert set(CI_IDS) >= {
+        "minimal-values",
+        "multi-model-gpu-values",
+        "lora-values",
+        "nodeport-ingress-values",
+        "monitoring-values",
+    }
+
+
+@pytest.mark.parametrize("values_file", [None, *CI_VALUES], ids=["defaults", *CI_IDS])
+def test_lint_is_clean(values_file: Path | None) -> None:
+    report = helm.lint(str(CHART), load_values(values_file) if values_file else None, strict=True)
+    assert report["errors"] == []
+    # Severity 2 and up are warnings and errors; "icon is recommended" (info) is fine.
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_objects_match_kubernetes_schemas(ci_objects: list[Obj], version: str) -> None:
+    for obj in ci_objects:
+        if obj["kind"] in CRD_KINDS:
+            continue  # no schema in kubernetes-validate; their shape is asserted in test_crd_objects_shape
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_crd_objects_shape(ci: dict[str, list[Obj]]) -> None:
+    seen = {obj["kind"] for objects in ci.values() for obj in objects} & CRD_KINDS
+    assert seen == {"ServiceMonitor", "PodMonitor", "ScaledObject", "HTTPRoute"} | (
+        {"PrometheusRule"} if list((CHART / "alerts").glob("*.yaml")) else set()
+    )
+    versions = {
+        "ServiceMonitor": "monitoring.coreos.com/v1",
+        "PodMonitor": "monitoring.coreos.com/v1",
+        "PrometheusRule": "monitoring.coreos.com/v1",
+        "ScaledObject": "keda.sh/v1alpha1",
+        "HTTPRoute": "gateway.networking.k8s.io/v1",
+    }
+    for objects in ci.values():
+        for obj in objects:
+            if obj["kind"] in CRD_KINDS:
+                assert obj["apiVersion"] == versions[obj["kind"]]
+                assert obj["metadata"]["namespace"] == NAMESPACE
+                assert isinstance(obj["spec"], dict)
+                assert obj["spec"]
+
+
+def test_common_labels_and_names(ci_objects: list[Obj]) -> None:
+    for obj in ci_objects:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "switchyard"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/part-of"] == "switchyard"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert len(obj["metadata"]["name"]) <= 63
+        assert obj["metadata"]["namespace"] == NAMESPACE
+
+
+def test_selectors_match_their_pods(ci_objects: list[Obj]) -> None:
+    deployments = of_kind(ci_objects, "Deployment")
+    for deployment in deployments:
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        # Selectors are immutable: only stable labels in them.
+        assert not {"helm.sh/chart", "app.kubernetes.io/version"} & selector.keys()
+    for service in of_kind(ci_objects, "Service"):
+        selected = [
+            d
+            for d in deployments
+            if service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(selected) == 1, f"Service {service['metadata']['name']} selects {len(selected)} Deployments"
+    for pdb in of_kind(ci_objects, "PodDisruptionBudget"):
+        gateway = named(ci_objects, "Deployment", f"{RELEASE}-switchyard-gateway")
+        assert pdb["spec"]["selector"]["matchLabels"] == gateway["spec"]["selector"]["matchLabels"]
+
+
+def _gateway_config(objects: list[Obj]) -> Obj:
+    config: Obj = yaml.safe_load(named(objects, "ConfigMap", f"{RELEASE}-switchyard-gateway")["data"]["config.yaml"])
+    return config
+
+
+def _selector_matches(selector: str, labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, _, value in (term.partition("=") for term in selector.split(",")))
+
+
+def test_discovery_finds_exactly_the_worker_services(ci_objects: list[Obj]) -> None:
+    config = _gateway_config(ci_objects)
+    assert config["discovery"] == "kubernetes"
+    assert config["kubernetes"]["namespaces"] == [NAMESPACE]
+    selector = config["kubernetes"]["label_selector"]
+    worker_deployments = workers(ci_objects)
+    # EndpointSlices carry their Service's labels: the selector must pick exactly the worker Services.
+    picked = [s for s in of_kind(ci_objects, "Service") if _selector_matches(selector, s["metadata"]["labels"])]
+    assert len(picked) == len(worker_deployments) >= 1
+    for service in picked:
+        assert service["spec"]["clusterIP"] == "None"
+        (port,) = service["spec"]["ports"]
+        assert port["name"] == config["kubernetes"]["port_name"] == "http"
+        assert port["targetPort"] == "http"
+
+
+def test_gateway_config_is_accepted_by_the_gateway(
+    ci_objects: list[Obj], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORKER_API_KEY", "sk-test")  # the chart's env name, set from the Secret in the pod
+    path = tmp_path / "config.yaml"
+    path.write_text(named(ci_objects, "ConfigMap", f"{RELEASE}-switchyard-gateway")["data"]["config.yaml"])
+    settings = load_settings(path)
+    assert settings.discovery == "kubernetes"
+    assert settings.port == 8080
+
+
+def test_config_checksum_rolls_the_gateway() -> None:
+    def checksum(values: Obj) -> str:
+        gateway = named(render(values), "Deployment", f"{RELEASE}-switchyard-gateway")
+        annotation: str = gateway["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        return annotation
+
+    assert checksum({}) == checksum({})
+    assert checksum({}) != checksum({"gateway": {"config": {"model_refresh_interval": 9}}})
+
+
+def test_rbac_reads_endpointslices_only(ci_objects: list[Obj]) -> None:
+    assert not of_kind(ci_objects, "ClusterRole")
+    assert not of_kind(ci_objects, "ClusterRoleBinding")
+    (role,) = of_kind(ci_objects, "Role")
+    assert role["rules"] == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+    ]
+    (binding,) = of_kind(ci_objects, "RoleBinding")
+    (account,) = of_kind(ci_objects, "ServiceAccount")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}
+    ]
+    gateway = named(ci_objects, "Deployment", f"{RELEASE}-switchyard-gateway")["spec"]["template"]["spec"]
+    assert gateway["serviceAccountName"] == account["metadata"]["name"]
+    # Only the gateway gets an API token.
+    assert account["automountServiceAccountToken"] is False
+    for name, spec in pod_specs(ci_objects):
+        assert spec["automountServiceAccountToken"] is (name == f"{RELEASE}-switchyard-gateway")
+
+
+def test_restricted_security_context(ci_objects: list[Obj]) -> None:
+    for name, spec in pod_specs(ci_objects):
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True, name
+        assert pod["runAsUser"] != 0
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["capabilities"] == {"drop": ["ALL"]}
+            assert "privileged" not in context
+        if not name.endswith(("-llama-8b", "-qwen-72b", "-embed")):  # vLLM writes caches; others write nothing
+            assert all(c["securityContext"]["readOnlyRootFilesystem"] for c in spec["containers"]), name
+
+
+def test_probes(ci_objects: list[Obj]) -> None:
+    gateway = named(ci_objects, "Deployment", f"{RELEASE}-switchyard-gateway")
+    (container,) = gateway["spec"]["template"]["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    for deployment in workers(ci_objects):
+        spec = deployment["spec"]["template"]["spec"]
+        (worker,) = spec["containers"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert worker[probe]["httpGet"] == {"path": "/health", "port": "http"}
+        startup = worker["startupProbe"]["periodSeconds"] * worker["startupProbe"]["failureThreshold"]
+        if "command" in worker:  # the simulator starts in a second
+            assert startup >= 30
+        else:  # a real model may download and load for a long time
+            assert startup >= 1800
+            assert spec["terminationGracePeriodSeconds"] >= 300
+            assert {"name": "SWITCHYARD_WORKER_STARTUP_TIMEOUT", "value": str(startup)} in worker["env"]
+
+
+def test_gpu_resources_and_scheduling(ci: dict[str, list[Obj]]) -> None:
+    objects = ci["multi-model-gpu-values"]
+
+    def container(name: str) -> Obj:
+        deployment = named(objects, "Deployment", f"{RELEASE}-switchyard-{name}")
+        result: Obj = deployment["spec"]["template"]["spec"]["containers"][0]
+        return result
+
+    llama, qwen = container("llama-8b"), container("qwen-72b")
+    assert llama["resources"]["limits"]["nvidia.com/gpu"] == llama["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert qwen["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert qwen["resources"]["limits"]["memory"] == "300Gi"
+    assert qwen["args"][qwen["args"].index("--tensor-parallel-size") :][:2] == ["--tensor-parallel-size", "4"]
+    qwen_pod = named(objects, "Deployment", f"{RELEASE}-switchyard-qwen-72b")["spec"]["template"]["spec"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}} in qwen_pod["volumes"]
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "model-store", "readOnly": True}} in qwen_pod[
+        "volumes"
+    ]
+    assert qwen["args"][:2] == ["--model", "/models/qwen2.5-72b-instruct"]
+    assert qwen_pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert qwen_pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert "nodeAffinity" in qwen_pod["affinity"]
+    llama_pod = named(objects, "Deployment", f"{RELEASE}-switchyard-llama-8b")["spec"]["template"]["spec"]
+    assert {"name": "cache", "persistentVolumeClaim": {"claimName": "hf-cache"}} in llama_pod["volumes"]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}} in llama["env"]
+    assert llama["args"][:6] == [
+        "--model",
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "--served-model-name",
+        "llama-3.1-8b-instruct",
+        "--served-model-name",
+        "llama",
+    ]
+    assert named(objects, "Deployment", f"{RELEASE}-switchyard-llama-8b")["spec"]["replicas"] == 2
+    for objects_ in ci.values():  # simulators never ask for a GPU
+        for deployment in workers(objects_):
+            worker = deployment["spec"]["template"]["spec"]["containers"][0]
+            if worker.get("command") == ["python", "-m", "worker.sim"]:
+                assert "nvidia.com/gpu" not in json.dumps(worker["resources"])
+
+
+def test_lora_adapters_reach_the_worker(ci: dict[str, list[Obj]]) -> None:
+    objects = ci["lora-values"]
+    llama = named(objects, "Deployment", f"{RELEASE}-switchyard-llama-8b")["spec"]["template"]["spec"]["containers"][0]
+    args = llama["args"]
+    assert "--lora" in args
+    assert [args[i + 1] for i, arg in enumerate(args) if arg == "--lora"] == [
+        "sql-lora=yard/llama-3.1-8b-sql-lora",
+        "support-lora=/models/adapters/support",
+    ]
+    assert args[args.index("--") + 1 :] == ["--max-loras", "4", "--max-lora-rank", "64"]
+    sim = named(objects, "Deployment", f"{RELEASE}-switchyard-sim")["spec"]["template"]["spec"]["containers"][0]
+    assert sim["command"] == ["python", "-m", "worker.sim"]
+    assert sim["args"][:2] == ["--served-model-name", "sim-base"]
+    assert [sim["args"][i + 1] for i, arg in enumerate(sim["args"]) if arg == "--lora"] == ["sim-lora-a", "sim-lora-b"]
+    test_pod = of_kind(objects, "Pod")[0]["spec"]["containers"][0]
+    assert test_pod["args"][1:] == ["llama-3.1-8b-instruct", "sim-base"]
+
+
+def test_service_types_ingress_and_route(ci: dict[str, list[Obj]]) -> None:
+    default_service = named(ci["minimal-values"], "Service", f"{RELEASE}-switchyard")
+    assert default_service["spec"]["type"] == "ClusterIP"
+    objects = ci["nodeport-ingress-values"]
+    service = named(objects, "Service", f"{RELEASE}-switchyard")
+    assert service["spec"]["type"] == "NodePort"
+    assert service["spec"]["ports"][0]["nodePort"] == 30080
+    assert service["spec"]["externalTrafficPolicy"] == "Local"
+    (ingress,) = of_kind(objects, "Ingress")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"secretName": "llm-example-com-tls", "hosts": ["llm.example.com"]}]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "llm.example.com"
+    assert rule["http"]["paths"][0]["backend"]["service"] == {"name": f"{RELEASE}-switchyard", "port": {"name": "http"}}
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    (route,) = of_kind(objects, "HTTPRoute")
+    assert route["spec"]["parentRefs"] == [{"name": "public", "namespace": "gateway-system", "sectionName": "https"}]
+    assert route["spec"]["rules"][0]["backendRefs"] == [{"name": f"{RELEASE}-switchyard", "port": 80}]
+    balancer = render({"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"]}})
+    assert named(balancer, "Service", f"{RELEASE}-switchyard")["spec"]["loadBalancerSourceRanges"] == ["10.0.0.0/8"]
+
+
+def test_notes_say_how_to_reach_the_gateway() -> None:
+    text = notes(load_values(CHART / "ci" / "nodeport-ingress-values.yaml"))
+    assert "NodePort" in text
+    assert "jsonpath='{.spec.ports[0].nodePort}'" in text
+    assert "https://llm.example.com" in text
+    assert f"kubectl port-forward -n {NAMESPACE} svc/{RELEASE}-switchyard 8080:80" in text
+    assert "/v1/models" in text
+
+
+def test_monitoring_objects(ci: dict[str, list[Obj]]) -> None:
+    objects = ci["monitoring-values"]
+    (monitor,) = of_kind(objects, "ServiceMonitor")
+    gateway_service = named(objects, "Service", f"{RELEASE}-switchyard")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= gateway_service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (pod_monitor,) = of_kind(objects, "PodMonitor")
+    for deployment in workers(objects):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (scaled,) = of_kind(objects, "ScaledObject")
+    target = named(objects, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])
+    assert "replicas" not in target["spec"]  # KEDA owns the count
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert trigger["metadata"]["query"] == (
+        f'sum(vllm:num_requests_waiting{{namespace="{NAMESPACE}",model_name="llama-3.1-8b-instruct"}})'
+    )
+    assert trigger["metadata"]["threshold"] == "10"
+    (hpa,) = of_kind(objects, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == f"{RELEASE}-switchyard-gateway"
+    assert "replicas" not in named(objects, "Deployment", f"{RELEASE}-switchyard-gateway")["spec"]
+    (policy,) = of_kind(objects, "NetworkPolicy")
+    gateway_labels = named(objects, "Deployment", f"{RELEASE}-switchyard-gateway")["spec"]["selector"]["matchLabels"]
+    peers = policy["spec"]["ingress"][0]["from"]
+    assert peers[0] == {"podSelector": {"matchLabels": gateway_labels}}
+    assert "namespaceSelector" in peers[1]
+    assert "podSelector" in peers[1]
+    # The shared worker key reaches both sides from the Secret, never as a literal.
+    gateway = named(objects, "Deployment", f"{RELEASE}-switchyard-gateway")["spec"]["template"]["spec"]["containers"][0]
+    key_ref = {"secretKeyRef": {"name": "switchyard-worker-key", "key": "api-key"}}
+    assert {"name": "WORKER_API_KEY", "valueFrom": key_ref} in gateway["env"]
+    assert _gateway_config(objects)["kubernetes"]["api_key_env"] == "WORKER_API_KEY"
+    for deployment in workers(objects):
+        worker = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert {"name": "SWITCHYARD_WORKER_API_KEY", "valueFrom": key_ref} in worker["env"]
+    assert _gateway_config(objects)["timeouts"] == {"idle": 300}
+
+
+def test_monitoring_is_off_by_default() -> None:
+    kinds = {obj["kind"] for obj in render()}
+    assert not kinds & (CRD_KINDS | {"NetworkPolicy", "HorizontalPodAutoscaler", "Ingress"})
+
+
+def _chart_copy(tmp_path: Path) -> Path:
+    copy = tmp_path / "switchyard"
+    shutil.copytree(CHART, copy)
+    for folder in ("dashboards", "alerts"):
+        for path in (copy / folder).glob("*"):
+            path.unlink()
+    return copy
+
+
+def test_dashboards_and_alerts_come_from_the_chart_folders(tmp_path: Path) -> None:
+    chart = _chart_copy(tmp_path)
+    values = load_values(CHART / "ci" / "monitoring-values.yaml")
+    empty = render(values, chart=chart)
+    assert not of_kind(empty, "PrometheusRule")
+    assert not [c for c in of_kind(empty, "ConfigMap") if "grafana_dashboard" in c["metadata"]["labels"]]
+
+    dashboard = {"title": "Switchyard gateway", "panels": [], "schemaVersion": 39}
+    (chart / "dashboards" / "Gateway_Overview.json").write_text(json.dumps(dashboard))
+    (chart / "dashboards" / "workers.json").write_text(json.dumps({**dashboard, "title": "Workers"}))
+    rule = {"alert": "SwitchyardNoBackends", "expr": "sum(switchyard_backend_up) == 0", "for": "2m"}
+    (chart / "alerts" / "gateway.yaml").write_text(yaml.safe_dump({"groups": [{"name": "gw", "rules": [rule]}]}))
+    (chart / "alerts" / "workers.yaml").write_text(yaml.safe_dump({"groups": [{"name": "wk", "rules": [rule]}]}))
+    objects = render(values, chart=chart)
+
+    maps = [c for c in of_kind(objects, "ConfigMap") if c["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    assert sorted(c["metadata"]["name"] for c in maps) == [
+        f"{RELEASE}-switchyard-dashboard-gateway-overview",
+        f"{RELEASE}-switchyard-dashboard-workers",
+    ]
+    gateway_map = next(c for c in maps if c["metadata"]["name"].endswith("gateway-overview"))
+    assert json.loads(gateway_map["data"]["Gateway_Overview.json"]) == dashboard
+    assert gateway_map["metadata"]["annotations"] == {"grafana_folder": "Switchyard"}
+    (rules,) = of_kind(objects, "PrometheusRule")
+    assert [group["name"] for group in rules["spec"]["groups"]] == ["gw", "wk"]
+    assert rules["spec"]["groups"][0]["rules"] == [rule]
+    for version in K8S_VERSIONS[:1]:
+        for config_map in maps:
+            kubernetes_validate.validate(config_map, version, strict=True)
+
+
+def test_the_shipped_dashboards_and_alerts_render() -> None:
+    objects = render(load_values(CHART / "ci" / "monitoring-values.yaml"))
+    dashboards = list((CHART / "dashboards").glob("*.json"))
+    maps = [c for c in of_kind(objects, "ConfigMap") if c["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    assert len(maps) == len(dashboards)
+    for config_map in maps:
+        for text in config_map["data"].values():
+            json.loads(text)
+
+
+BAD_VALUES: list[tuple[Obj, str]] = [
+    ({"gateway": {"replcas": 3}}, "replcas"),
+    ({"service": {"type": "Nodeport"}}, "/service/type"),
+    ({"service": {"type": "NodePort", "nodePort": 80}}, "/service/nodePort"),
+    ({"models": [{"name": "x", "gpu": 1}]}, "gpu"),
+    ({"models": [{"name": "Llama_8B", "simulator": True}]}, "/models/0/name"),
+    ({"models": [{"simulator": True}]}, "name"),
+    ({"workerDefaults": {"cache": {"type": "hostPath"}}}, "/workerDefaults/cache/type"),
+    ({"models": [{"name": "a", "source": {"huggingface": {"id": "x/y"}}}]}, "huggingface"),
+    ({"metrics": {"serviceMonitor": {"enable": True}}}, "enable"),
+]
+
+
+@pytest.mark.parametrize(("values", "field"), BAD_VALUES, ids=[field for _, field in BAD_VALUES])
+def test_schema_rejects_bad_values_naming_the_field(values: Obj, field: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as caught:
+        render(values)
+    assert field in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"models": [{"name": "a", "simulator": True}, {"name": "a", "simulator": True}]}, "used twice"),
+        ({"models": [{"name": "a"}]}, "source.huggingFace.id or source.pvc.claimName"),
+        ({"models": [{"name": "a", "simulator": True, "cache": {"type": "pvc"}}]}, "cache.claimName is required"),
+        ({"ingress": {"enabled": True, "tls": {"enabled": True}}}, "ingress.tls.secretName"),
+    ],
+)
+def test_inconsistent_values_fail_with_a_message(values: Obj, message: str) -> None:
+    with pytest.raises(helm.HelmError) as caught:
+        render(values)
+    assert message in str(caught.value)
+
+
+def test_long_release_names_stay_within_63_characters() -> None:
+    release = "a-very-long-release-name-that-goes-on-and-on-and-on"  # 51 chars: Helm allows 53
+    values: dict[str, Any] = {"models": [{"name": "a-rather-long-model-name-of-forty-chars", "simulator": True}]}
+    objects = render(values, release=release)
+    names = [obj["metadata"]["name"] for obj in objects]
+    assert all(len(name) <= 63 and not name.endswith("-") for name in names)
+    assert len({(obj["kind"], obj["metadata"]["name"]) for obj in objects}) == len(objects)
