@@ -1,0 +1,279 @@
+"""`switchyard up`: real vLLM workers (or simulators with --sim) and the gateway on this machine.
+
+Each child runs in its own process group with its output in a log file; the stack waits until every worker is
+healthy and the gateway lists every model, showing progress, then prints how to call it. Ctrl-C (or SIGTERM)
+stops the gateway, then every worker group, escalating to SIGKILL after a grace period: no orphans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from subprocess import Popen
+from types import FrameType
+from typing import IO
+
+import yaml
+
+from worker import procs
+from worker.models import DemoModels, PrepareError, default_models_dir, prepare
+from worker.stack_file import StackFileError, StackSpec, WorkerSpec, demo_stack, load_stack
+
+
+class StackError(RuntimeError):
+    """The stack could not start; the message says which part and why."""
+
+
+@dataclass
+class Child:
+    name: str
+    process: Popen[bytes]
+    log: Path
+    health_url: str
+    started: float = field(default_factory=time.monotonic)
+    ready_after: float | None = None
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def worker_argv(spec: WorkerSpec, sim: bool) -> list[str]:
+    """The command that runs one stack worker: the launcher for vLLM, or the simulator."""
+    if spec.model is None or spec.port is None:
+        raise StackError(f"worker {spec.name} has no model/port to start")
+    names = spec.served_model_names or [spec.model]
+    if sim:
+        argv = [sys.executable, "-m", "worker.sim", "--served-model-name", names[0], "--model", spec.model]
+        for lora in spec.loras:
+            argv += ["--lora", lora]
+        if spec.runtime_lora:
+            argv.append("--allow-runtime-lora")
+        return [*argv, "--host", spec.host, "--port", str(spec.port)]
+    argv = [sys.executable, "-m", "worker", "--model", spec.model, "--host", spec.host, "--port", str(spec.port)]
+    for name in names:
+        argv += ["--served-model-name", name]
+    for lora, path in spec.loras.items():
+        argv += ["--lora", f"{lora}={path}"]
+    if spec.max_model_len is not None:
+        argv += ["--max-model-len", str(spec.max_model_len)]
+    if spec.runtime_lora:
+        argv.append("--runtime-lora")
+    argv += ["--startup-timeout", str(spec.startup_timeout)]
+    return [*argv, "--", *spec.args] if spec.args else argv
+
+
+def gateway_config(stack: StackSpec) -> dict[str, object]:
+    config: dict[str, object] = {"model_refresh_interval": 2.0, **stack.gateway.settings}
+    config["backends"] = [{"url": w.base_url} for w in stack.workers]
+    return config
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.3)
+        return sock.connect_ex(("127.0.0.1" if host in ("0.0.0.0", "") else host, port)) == 0
+
+
+def gateway_models(url: str) -> set[str]:
+    body = procs.http_get(f"{url}/v1/models")
+    if body is None:
+        return set()
+    try:
+        return {m["id"] for m in json.loads(body)["data"]}
+    except (ValueError, KeyError, TypeError):
+        return set()
+
+
+class Stack:
+    """Starts, watches and stops the children of one stack."""
+
+    def __init__(self, spec: StackSpec, log_dir: Path, sim: bool = False) -> None:
+        self.spec = spec
+        self.log_dir = log_dir
+        self.sim = sim
+        self.workers: list[Child] = []
+        self.gateway: Child | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.spec.gateway.host
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.spec.gateway.port}"
+
+    def expected_models(self) -> set[str]:
+        return {name for w in self.spec.workers for name in w.names}
+
+    def _spawn(self, name: str, argv: list[str], health_url: str, env: dict[str, str] | None = None) -> Child:
+        log = self.log_dir / f"{name}.log"
+        with log.open("wb") as out:
+            process = procs.spawn(argv, env={**os.environ, **(env or {})}, stdout=out)
+        return Child(name, process, log, health_url)
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        local = [w for w in self.spec.workers if w.url is None]
+        busy = [f"{w.name} ({w.port})" for w in local if w.port and port_in_use(w.host, w.port)]
+        if port_in_use(self.spec.gateway.host, self.spec.gateway.port):
+            busy.append(f"gateway ({self.spec.gateway.port})")
+        if busy:
+            raise StackError(f"port(s) already in use: {', '.join(busy)}; stop what runs there or change the ports")
+        for w in local:
+            self.workers.append(self._spawn(w.name, worker_argv(w, self.sim), f"{w.base_url}/health", w.env))
+        config = self.log_dir / "gateway.yaml"
+        config.write_text(yaml.safe_dump(gateway_config(self.spec), sort_keys=False))
+        argv = [sys.executable, "-m", "gateway", "--config", str(config)]
+        argv += ["--host", self.spec.gateway.host, "--port", str(self.spec.gateway.port)]
+        self.gateway = self._spawn("gateway", argv, f"{self.url}/health")
+
+    def children(self) -> list[Child]:
+        return [*self.workers, *([self.gateway] if self.gateway else [])]
+
+    def dead(self) -> Child | None:
+        return next((c for c in self.children() if c.process.poll() is not None), None)
+
+    def wait_ready(self, timeout: float, show: IO[str] | None = None) -> None:
+        """Until every worker is healthy and the gateway lists every expected model; StackError otherwise."""
+        expected = self.expected_models()
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            dead = self.dead()
+            if dead is not None:
+                raise StackError(
+                    f"{dead.name} exited with code {procs.exit_code(dead.process.returncode)} while starting; "
+                    f"last lines of {dead.log}:\n{dead.tail()}"
+                )
+            for child in self.children():
+                if child.ready_after is None and procs.http_ok(child.health_url, timeout=1.0):
+                    child.ready_after = time.monotonic() - child.started
+            missing = expected - gateway_models(self.url)
+            if show is not None:
+                last = self._show(show, missing, last)
+            if not missing and all(c.ready_after is not None for c in self.workers):
+                if show is not None and show.isatty():
+                    show.write("\n")
+                return
+            if time.monotonic() > deadline:
+                waiting = [c.name for c in self.children() if c.ready_after is None]
+                raise StackError(
+                    f"not ready after {timeout:.0f} s: waiting for {', '.join(waiting) or 'nothing'}; "
+                    f"models not listed by the gateway: {', '.join(sorted(missing)) or 'none'} "
+                    f"(logs in {self.log_dir})"
+                )
+            time.sleep(1.0)
+
+    def _show(self, out: IO[str], missing: set[str], last: str) -> str:
+        parts = []
+        for c in self.children():
+            state = f"ready ({c.ready_after:.0f} s)" if c.ready_after is not None else "starting"
+            parts.append(f"{c.name}: {state}")
+        if missing:
+            parts.append(f"models pending: {len(missing)}")
+        line = " | ".join(parts)
+        if out.isatty():
+            elapsed = time.monotonic() - min(c.started for c in self.children())
+            out.write(f"\r\033[K[{elapsed:4.0f} s] {line}")
+            out.flush()
+        elif line != last:
+            out.write(line + "\n")
+            out.flush()
+        return line
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Gateway first (no new traffic), then all workers at once; SIGKILL whatever outlives grace."""
+        if self.gateway is not None:
+            procs.stop(self.gateway.process, grace=10.0)
+        for w in self.workers:
+            if w.process.poll() is None:
+                procs.signal_group(w.process, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for w in self.workers:
+            procs.stop(w.process, grace=max(0.1, deadline - time.monotonic()))
+
+
+def banner(stack: Stack) -> str:
+    spec = stack.spec
+    chat = next((w for w in spec.workers if w.loras or "smollm2" in w.names), spec.workers[0])
+    model = chat.names[0]
+    url = stack.url
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello in five words."}]})
+    sdk = (
+        f'from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key="none"); '
+        f'print(c.chat.completions.create(model="{model}", '
+        'messages=[{"role": "user", "content": "Say hello in five words."}]).choices[0].message.content)'
+    )
+    return "\n".join(
+        [
+            f"Switchyard is up at {url} serving: {', '.join(sorted(stack.expected_models()))}",
+            "",
+            "  curl:",
+            f"    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'",
+            "  openai SDK:",
+            f"    python -c '{sdk}'",
+            "",
+            f"Logs in {stack.log_dir}. Press Ctrl-C to stop everything.",
+        ]
+    )
+
+
+def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="switchyard up",
+        description="Start workers and the gateway on this machine (default: the demo models on real vLLM).",
+    )
+    p.add_argument("--sim", action="store_true", help="run the same topology on simulators (starts in seconds)")
+    p.add_argument("--stack", type=Path, default=None, help="stack file describing your own workers (YAML)")
+    p.add_argument("--models-dir", type=Path, default=None, help=f"demo models (default {default_models_dir()})")
+    p.add_argument("--port", type=int, default=8000, help="gateway port for the demo stack (workers use +1, +2)")
+    p.add_argument("--log-dir", type=Path, default=None, help="where the children's logs go (default: a temp dir)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for everything to be ready")
+    args = p.parse_args(argv)
+    models = (args.models_dir or default_models_dir()).expanduser().resolve()
+    try:
+        spec = load_stack(args.stack, models) if args.stack else demo_stack(models, args.port)
+        if not args.sim and not args.stack and not DemoModels(models).ready():
+            print(f"preparing the demo models in {models} (once)...", flush=True)
+            prepare(models)
+    except (StackFileError, PrepareError) as exc:
+        print(f"switchyard up: {exc}", file=sys.stderr)
+        return 2
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="switchyard-up-"))
+    stack = Stack(spec, log_dir, sim=args.sim)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background job inherits it ignored
+        signal.signal(sig, _raise_interrupt)
+    kind = "simulated" if args.sim else "vLLM"
+    try:
+        print(f"starting {len(spec.workers)} {kind} worker(s) and the gateway (logs in {log_dir})", flush=True)
+        stack.start()
+        stack.wait_ready(args.timeout, show=sys.stdout)
+        print(banner(stack), flush=True)
+        while (dead := stack.dead()) is None:
+            time.sleep(1.0)
+        print(f"switchyard up: {dead.name} exited; stopping. Last lines of {dead.log}:\n{dead.tail()}", flush=True)
+        return 1
+    except StackError as exc:
+        print(f"\nswitchyard up: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping...", flush=True)
+        return 0
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
