@@ -7,14 +7,27 @@ so a burst of requests spreads even before any engine metric moves.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from gateway.registry import Backend
 
 
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What a policy may look at: the model, the parsed body (None for multipart), and the headers."""
+
+    model: str
+    route: str
+    payload: Mapping[str, Any] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    tenant: str = ""  # API key name, or the client address when no keys are configured
+    priority: str = "normal"
+
+
 class Policy(Protocol):
-    def pick(self, model: str, candidates: Sequence[Backend]) -> Backend:
+    def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
         """Choose one of `candidates` (never empty)."""
 
 
@@ -24,7 +37,7 @@ class LeastInflight:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def pick(self, model: str, candidates: Sequence[Backend]) -> Backend:
+    def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
         if len(candidates) == 1:
             return candidates[0]
         fewest = min(backend.inflight for backend in candidates)

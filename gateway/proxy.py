@@ -28,7 +28,7 @@ from gateway.errors import (
     error_parts,
 )
 from gateway.metrics import NO_MODEL, UNKNOWN_MODEL, Metrics
-from gateway.policies import Policy
+from gateway.policies import Policy, RequestInfo
 from gateway.registry import Backend, Registry
 from gateway.request_body import BodyKind, ClientDisconnected, header, read_body, routing_fields
 from gateway.settings import Settings
@@ -131,7 +131,8 @@ class Proxy:
                     f"No healthy backend serves the model `{model}` right now.",
                     headers={"Retry-After": str(self._settings.retry_after)},
                 )
-            status = await self._relay(scope, receive, send, body, model, candidates, request_id)
+            info = RequestInfo(model=model, route=route, payload=fields.payload, headers=_header_map(scope))
+            status = await self._relay(scope, receive, send, body, info, candidates, request_id)
         except GatewayError as exc:
             status, headers, payload = error_parts(exc)
             headers.append((b"x-request-id", request_id))
@@ -165,7 +166,7 @@ class Proxy:
         receive: Receive,
         send: Send,
         body: bytes,
-        model: str,
+        info: RequestInfo,
         candidates: Sequence[Backend],
         request_id: bytes,
     ) -> int:
@@ -173,7 +174,7 @@ class Proxy:
         assert task is not None
         watch = DisconnectWatch(receive, task)
         try:
-            return await self._attempts(scope, send, body, model, candidates, request_id, watch)
+            return await self._attempts(scope, send, body, info, candidates, request_id, watch)
         except asyncio.CancelledError:
             if watch.disconnected:
                 task.uncancel()
@@ -187,11 +188,12 @@ class Proxy:
         scope: Scope,
         send: Send,
         body: bytes,
-        model: str,
+        info: RequestInfo,
         candidates: Sequence[Backend],
         request_id: bytes,
         watch: DisconnectWatch,
     ) -> int:
+        model = info.model
         headers = _upstream_headers(scope, request_id)
         path = scope["raw_path"] or scope["path"].encode()
         query = scope["query_string"]
@@ -202,7 +204,7 @@ class Proxy:
             pool = [backend for backend in candidates if backend not in tried] if tried else candidates
             if not pool:
                 raise UpstreamUnavailable(f"No backend of model `{model}` could be reached ({failure}).")
-            backend = self._policy.pick(model, pool)
+            backend = self._policy.pick(pool, info)
             backend.inflight += 1  # same step as the pick: no await in between
             gauge = self._metrics.inflight.labels(model, backend.url)
             gauge.inc()
@@ -295,6 +297,10 @@ def _request_id(scope: Scope) -> bytes:
     if given is not None and REQUEST_ID.fullmatch(given):
         return given
     return uuid.uuid4().hex.encode()
+
+
+def _header_map(scope: Scope) -> dict[str, str]:
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
 
 
 def _upstream_headers(scope: Scope, request_id: bytes) -> list[tuple[str, str]]:

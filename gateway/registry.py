@@ -25,6 +25,17 @@ class BackendSpec:
     draining: bool = False  # e.g. a terminating Kubernetes endpoint: no new requests, let in-flight finish
 
 
+@dataclass(frozen=True, slots=True)
+class EngineSample:
+    """One scrape of a backend's /metrics (vLLM's own gauges), taken at `at` (time.monotonic())."""
+
+    waiting: float
+    running: float
+    kv_usage: float  # 0..1
+    running_adapters: frozenset[str] = frozenset()
+    at: float = 0.0
+
+
 @dataclass(eq=False)
 class Backend:
     url: str
@@ -32,7 +43,9 @@ class Backend:
     draining: bool = False
     healthy: bool = False  # the last /v1/models poll succeeded
     models: dict[str, ModelCard] = field(default_factory=dict)  # kept while down, so the model stays "known"
-    inflight: int = 0
+    inflight: int = 0  # requests this gateway has open on it (changed in the same step as the pick)
+    inflight_tokens: int = 0  # their estimated prompt tokens
+    engine: EngineSample | None = None  # the newest scrape; the policy decides when it is too old
     last_poll: float = 0.0
     last_error: str | None = None
 

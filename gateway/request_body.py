@@ -28,6 +28,7 @@ class BodyKind(Enum):
 class RoutingFields:
     model: str | None
     stream: bool
+    payload: dict[str, Any] | None = None  # the parsed JSON body, for policies that look at the prompt
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
@@ -75,7 +76,7 @@ def _json_fields(body: bytes) -> RoutingFields:
     if model is not None and not isinstance(model, str):
         raise InvalidRequest("`model` must be a string.", param="model")
     stream = data.get("stream", False)
-    return RoutingFields(model=model or None, stream=stream is True)
+    return RoutingFields(model=model or None, stream=stream is True, payload=data)
 
 
 def _multipart_model(body: bytes, content_type: bytes | None) -> str | None:

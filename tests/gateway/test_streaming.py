@@ -157,7 +157,7 @@ def test_non_stream_abort_reaches_the_engine() -> None:
 
         def doomed_request() -> None:
             with pytest.raises(httpx.ReadTimeout):
-                httpx.post(gw.url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
+                httpx.post(gw.url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=2.0))
 
         thread = threading.Thread(target=doomed_request)
         thread.start()
@@ -174,7 +174,7 @@ def test_least_inflight_spreads_a_burst_evenly() -> None:
         slow_sim("busy", 30),
     )
     with running_sims(a, b), gateway(a.url, b.url) as gw:
-        body = {"model": "busy", "prompt": "x", "max_tokens": 40, "stream": True, "ignore_eos": True}
+        body = {"model": "busy", "prompt": "x", "max_tokens": 500, "stream": True, "ignore_eos": True}
         streams = [httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=30) for _ in range(10)]
         readers = []  # keep each reader alive: a collected generator closes its response
         try:
