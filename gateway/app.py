@@ -12,12 +12,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.admission import Admission
 from gateway.discovery import Discovery
 from gateway.discovery.static import StaticDiscovery
+from gateway.engine_metrics import EngineScraper
 from gateway.errors import GatewayError, error_parts, from_http_status
 from gateway.metrics import Metrics
 from gateway.model_poller import ModelPoller
-from gateway.policies import LeastInflight
+from gateway.policies import build_policy
 from gateway.proxy import Proxy
 from gateway.registry import Registry
 from gateway.routes import build_routes
@@ -57,7 +59,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings) -> Starlette:
     registry = Registry()
     metrics = Metrics(registry)
-    proxy = Proxy(settings, registry, LeastInflight(), metrics)
+    admission = Admission(settings.admission, registry, metrics)
+    proxy = Proxy(settings, registry, build_policy(settings.routing), admission, metrics)
     discovery = _discovery(settings)
 
     @contextlib.asynccontextmanager
@@ -79,6 +82,8 @@ def create_app(settings: Settings) -> Starlette:
             await asyncio.sleep(0)  # let discovery publish what it already knows
             await poller.poll_all()  # so /ready and routing are right from the first request
             tasks.append(asyncio.create_task(poller.run(), name="model-poller"))
+            scraper = EngineScraper(registry, session, settings.routing)
+            tasks.append(asyncio.create_task(scraper.run(), name="engine-scraper"))
             proxy.attach(session)
             try:
                 yield

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.registry import Backend
+from gateway.routing_settings import RoutingSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,3 +44,24 @@ class LeastInflight:
         fewest = min(backend.inflight for backend in candidates)
         best = [backend for backend in candidates if backend.inflight == fewest]
         return best[0] if len(best) == 1 else self._rng.choice(best)
+
+
+class PerModelPolicy:
+    """Dispatches to the policy configured for the request's model."""
+
+    def __init__(self, default: Policy, by_model: Mapping[str, Policy]) -> None:
+        self._default = default
+        self._by_model = by_model
+
+    def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
+        return self._by_model.get(request.model, self._default).pick(candidates, request)
+
+
+def build_policy(settings: RoutingSettings, rng: random.Random | None = None) -> Policy:
+    def make(name: str) -> Policy:
+        return LeastInflight(rng)
+
+    default = make(settings.policy)
+    if not settings.models:
+        return default
+    return PerModelPolicy(default, {model: make(name) for model, name in settings.models.items()})

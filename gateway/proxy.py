@@ -16,6 +16,7 @@ from time import perf_counter
 import aiohttp
 from yarl import URL
 
+from gateway.admission import Admission
 from gateway.asgi import Receive, Scope, Send, send_bytes
 from gateway.errors import (
     GatewayError,
@@ -101,10 +102,13 @@ class DisconnectWatch:
 
 
 class Proxy:
-    def __init__(self, settings: Settings, registry: Registry, policy: Policy, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, registry: Registry, policy: Policy, admission: Admission, metrics: Metrics
+    ) -> None:
         self._settings = settings
         self._registry = registry
         self._policy = policy
+        self._admission = admission
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
         self._first_byte_timeout = settings.timeouts.first_byte
@@ -174,7 +178,8 @@ class Proxy:
         assert task is not None
         watch = DisconnectWatch(receive, task)
         try:
-            return await self._attempts(scope, send, body, info, candidates, request_id, watch)
+            async with self._admission.admit(info):
+                return await self._attempts(scope, send, body, info, candidates, request_id, watch)
         except asyncio.CancelledError:
             if watch.disconnected:
                 task.uncancel()

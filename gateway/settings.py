@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.errors import ConfigError
+from gateway.routing_settings import AdmissionSettings, RoutingSettings
 
 ENV_PREFIX = "SWITCHYARD_"
 
@@ -116,6 +117,8 @@ class Settings(BaseSettings):
         "a connection the pool is about to reuse.",
     )
     retry_after: int = Field(default=1, ge=0, description="Retry-After seconds sent with a 503.")
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
 
     @model_validator(mode="after")
     def _check_discovery(self) -> Settings:
