@@ -11,7 +11,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from tests.helm.chart import ROOT
+from tests.helm.chart import ROOT, render
 
 MANIFESTS = ROOT / "manifests"
 
@@ -55,3 +55,24 @@ def test_kustomize_builds() -> None:
     ).stdout
     kinds = [obj["kind"] for obj in yaml.safe_load_all(built) if obj]
     assert {"Namespace", "Deployment", "Service", "ConfigMap", "Role", "RoleBinding", "ServiceAccount"} <= set(kinds)
+
+
+def test_kind_demo_script_is_valid_bash_and_its_values_fit_the_chart() -> None:
+    """The kind demo cannot run here (no Docker engine); check what can be checked without one."""
+    script = ROOT / "scripts" / "kind-demo.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+    text = script.read_text()
+    block = text.split("# BEGIN kind-values", 1)[1].split("# END kind-values", 1)[0]
+    body = block.split("<<EOF\n", 1)[1].rsplit("EOF\n", 1)[0]
+    for variable, value in {"${TAG}": "dev", "${NODE_PORT}": "30080"}.items():
+        body = body.replace(variable, value)
+    values = yaml.safe_load(body)
+    objects = render(values)  # the schema is enforced while rendering
+    service = next(o for o in objects if o["kind"] == "Service" and o["spec"].get("type") == "NodePort")
+    assert service["spec"]["ports"][0]["nodePort"] == 30080
+    assert all(
+        c["imagePullPolicy"] == "Never"
+        for o in objects
+        if o["kind"] == "Deployment"
+        for c in o["spec"]["template"]["spec"]["containers"]
+    )
