@@ -59,7 +59,7 @@ def worker_argv(spec: WorkerSpec, sim: bool) -> list[str]:
             argv += ["--lora", lora]
         if spec.runtime_lora:
             argv.append("--allow-runtime-lora")
-        return [*argv, "--host", spec.host, "--port", str(spec.port)]
+        return [*argv, "--host", spec.host, "--port", str(spec.port), *spec.sim_args]
     argv = [sys.executable, "-m", "worker", "--model", spec.model, "--host", spec.host, "--port", str(spec.port)]
     for name in names:
         argv += ["--served-model-name", name]

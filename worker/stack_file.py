@@ -51,6 +51,7 @@ class WorkerSpec(_Strict):
     max_model_len: int | None = Field(default=None, gt=0)
     runtime_lora: bool = False
     args: list[str] = Field(default_factory=list, description="Extra vLLM arguments, passed unchanged.")
+    sim_args: list[str] = Field(default_factory=list, description="Extra simulator arguments (with --sim).")
     env: dict[str, str] = Field(default_factory=dict)
     startup_timeout: float = Field(default=900.0, gt=0)
 
