@@ -110,22 +110,29 @@ class _NamespaceWatch:
             except _Gone:
                 log.info("namespace %s: resourceVersion expired, re-listing EndpointSlices", self.namespace)
                 self.resource_version = None
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError, _ApiError) as exc:
-                # ValueError covers malformed JSON; the watch resumes from the last version it saw.
-                delay = self._backoff.next()
-                log.warning(
-                    "namespace %s: EndpointSlice %s failed (%s); retrying in %.2fs",
-                    self.namespace,
-                    "list" if self.resource_version is None else "watch",
-                    exc or type(exc).__name__,
-                    delay,
-                )
-                await asyncio.sleep(delay)
+            except (aiohttp.ClientError, TimeoutError, OSError, _ApiError) as exc:
+                # The connection or the server failed: resume the watch from the last version seen.
+                await self._retry_later(exc)
+            except ValueError as exc:
+                # Malformed JSON or event: resuming could replay it, so start over from a fresh list.
+                self.resource_version = None
+                await self._retry_later(exc)
             except Exception:
                 delay = self._backoff.next()
                 log.exception("namespace %s: unexpected discovery error; re-listing in %.2fs", self.namespace, delay)
                 self.resource_version = None
                 await asyncio.sleep(delay)
+
+    async def _retry_later(self, exc: Exception) -> None:
+        delay = self._backoff.next()
+        log.warning(
+            "namespace %s: EndpointSlice %s failed (%s); retrying in %.2fs",
+            self.namespace,
+            "list" if self.resource_version is None else "watch",
+            str(exc) or type(exc).__name__,
+            delay,
+        )
+        await asyncio.sleep(delay)
 
     async def _list(self) -> None:
         slices: dict[str, list[BackendSpec]] = {}

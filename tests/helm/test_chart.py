@@ -194,6 +194,9 @@ def test_rbac_reads_endpointslices_only(ci_objects: list[Obj]) -> None:
 
 def test_restricted_security_context(ci_objects: list[Obj]) -> None:
     for name, spec in pod_specs(ci_objects):
+        # Service links put <SERVICE>_PORT=tcp://... into the environment; with a Service named "switchyard"
+        # that is SWITCHYARD_PORT, which the gateway and the worker launcher read as settings.
+        assert spec["enableServiceLinks"] is False, name
         pod = spec["securityContext"]
         assert pod["runAsNonRoot"] is True, name
         assert pod["runAsUser"] != 0

@@ -174,6 +174,11 @@ class FakeApiServer:
         for watcher in self._watchers:
             watcher.queue.put_nowait(_DROP)
 
+    def send_raw(self, line: bytes) -> None:
+        """Write these bytes down every open watch as they are (e.g. a malformed event)."""
+        for watcher in self._watchers:
+            watcher.queue.put_nowait(line)
+
     def fail_next(self, *statuses: int) -> None:
         """Answer the next requests with these HTTP statuses (a Status body), in order."""
         self._failures.extend(statuses)
@@ -233,7 +238,7 @@ class FakeApiServer:
                     assert request.transport is not None
                     request.transport.abort()  # no terminating chunk: the client sees a broken body
                     return response
-                await response.write(orjson.dumps(event) + b"\n")
+                await response.write(event if isinstance(event, bytes) else orjson.dumps(event) + b"\n")
             await response.write_eof()
         finally:
             self._watchers.discard(watcher)

@@ -215,6 +215,17 @@ async def test_watch_request_answered_410_relists(server: FakeApiServer, start: 
     await converge(registry, {url("10.0.0.9"): False})
 
 
+async def test_malformed_event_relists(server: FakeApiServer, start: Start) -> None:
+    server.apply(endpoint_slice("sy-a-x1", NS, [("10.0.0.1", True, False)]))
+    registry = await start()
+    await converge(registry, {url("10.0.0.1"): False})
+    await until(lambda: server.watching == 1)
+    server.send_raw(b'{"type": "MODIFIED", "object": {"metadata"\n')
+    server.apply(endpoint_slice("sy-a-x1", NS, [("10.0.0.2", True, False)]))
+    await converge(registry, {url("10.0.0.2"): False})
+    assert sum(1 for _, query, _ in server.requests if "watch" not in query) == 2
+
+
 async def test_other_labels_and_ports_are_ignored(server: FakeApiServer, start: Start) -> None:
     server.apply(endpoint_slice("other-x1", NS, [("10.9.0.1", True, False)], labels={"app": "other"}))
     server.apply(endpoint_slice("sy-a-x1", NS, [("10.0.0.1", True, False)], port_name="metrics"))
