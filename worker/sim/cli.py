@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora", action="append", default=[], metavar="NAME[=PATH]", help="static LoRA adapter (repeatable)")
     a("--max-loras", type=int, default=d.max_loras, help="distinct adapters allowed in the running batch")
     a("--max-num-seqs", type=int, default=d.max_num_seqs, help="running requests at most; others wait FIFO")
+    a("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+      help="token budget of one engine step: decodes take 1, prefills are chunked into the rest")  # fmt: skip
     a("--num-gpu-blocks", type=int, default=d.num_gpu_blocks, help="KV cache blocks")
     a("--block-size", type=int, default=d.block_size, help="tokens per KV block")
     a("--max-model-len", type=int, default=d.max_model_len, help="prompt + output tokens at most (else 400)")
@@ -99,7 +101,8 @@ def _parse_loras(specs: list[str]) -> dict[str, str]:
 def config_from_args(ns: argparse.Namespace) -> SimConfig:
     return SimConfig(
         served_model_name=ns.served_model_name, model=ns.model, loras=_parse_loras(ns.lora),
-        max_loras=ns.max_loras, max_num_seqs=ns.max_num_seqs, num_gpu_blocks=ns.num_gpu_blocks,
+        max_loras=ns.max_loras, max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+        num_gpu_blocks=ns.num_gpu_blocks,
         block_size=ns.block_size, max_model_len=ns.max_model_len, prefill_ms_per_token=ns.prefill_ms_per_token,
         decode_ms_per_token=ns.decode_ms_per_token, decode_batch_factor=ns.decode_batch_factor,
         lora_load_ms=ns.lora_load_ms, embedding_dim=ns.embedding_dim, api_key=ns.api_key,

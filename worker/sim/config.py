@@ -23,6 +23,7 @@ class SimConfig:
     loras: dict[str, str] = field(default_factory=dict)  # adapter name -> path (card `root`)
     max_loras: int = 1
     max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048  # token budget of one engine step (chunked prefill)
     num_gpu_blocks: int = 8192
     block_size: int = 16
     max_model_len: int = 2048
@@ -46,7 +47,13 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         self._check_positive(
-            "max_loras", "max_num_seqs", "num_gpu_blocks", "block_size", "max_model_len", "embedding_dim"
+            "max_loras",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "num_gpu_blocks",
+            "block_size",
+            "max_model_len",
+            "embedding_dim",
         )
         self._check_non_negative(
             "prefill_ms_per_token", "decode_ms_per_token", "decode_batch_factor", "lora_load_ms", "slow_start_s"

@@ -14,7 +14,7 @@ import logging
 
 from worker.sim.engine import Engine, SimRequest
 
-MAX_LAG_S = 0.25
+MAX_LAG_S = 1.0
 log = logging.getLogger("worker.sim")
 
 

@@ -1,27 +1,31 @@
 """The engine model: continuous batching over a paged, prefix-cached KV pool with LoRA slots.
 
 Pure and synchronous; the caller supplies the time (`now`, seconds) so tests can drive it with a
-fake clock and `bench/sim_capacity.py` can replay a workload to predict timings. The HTTP server
-drives it in real time from one task per server (`driver.EngineDriver`).
+fake clock and `worker.sim.replay` can predict timings offline. The HTTP server drives it in real
+time from one task per server (`driver.EngineDriver`).
 
-One engine *step* works like a vLLM scheduler iteration:
+One engine *step* works like a vLLM (V1, chunked prefill) scheduler iteration:
 
-1. Admission, FIFO over the waiting queue. A request is admitted while fewer than `max_num_seqs`
-   run, its LoRA adapter is already in the batch or a LoRA slot is free (fewer than `max_loras`
-   distinct adapters in the batch; a request that must wait for a slot is skipped and keeps its
-   place), and the KV pool can hold its whole footprint, ceil((prompt + output) / block_size)
-   blocks, minus the blocks already cached (prefix hits). A request that does not fit in the KV
-   pool stops admission for this step (head-of-line, as vLLM does). The simulator reserves the
-   footprint up front, so it never preempts (`vllm:num_preemptions_total` stays 0).
-2. Duration (see `step_duration_s`):
+1. Token budget: a step processes at most `max_num_batched_tokens` tokens. Running requests go
+   first, in admission order: a decoding request takes 1 token, a request still in prefill takes
+   the next chunk of its uncached prompt (as much as the budget has left).
+2. Admission, FIFO over the waiting queue, while budget is left. A request is admitted while fewer
+   than `max_num_seqs` run, its LoRA adapter is already in the batch or a LoRA slot is free (fewer
+   than `max_loras` distinct adapters running; a request that must wait for a slot is skipped and
+   keeps its place), and the KV pool can hold its whole footprint, ceil((prompt + output) /
+   block_size) blocks, minus its prefix-cache hits. A request that does not fit in the KV pool
+   stops admission (head-of-line, as vLLM does). The footprint is reserved up front, so the
+   simulator never preempts (`vllm:num_preemptions_total` stays 0).
+3. Duration (see `step_duration_s`):
        decode_ms_per_token * (1 + decode_batch_factor * (batch - 1))
-     + prefill_ms_per_token * (uncached prompt tokens of the requests admitted in this step)
-     + lora_load_ms * (adapters that had to be loaded into a GPU slot in this step)
-   where batch is the number of running requests. The GPU slots hold `max_loras` adapters, kept
-   in LRU order; an adapter already resident costs nothing.
-3. At the end of the step every running request gets one token; a new request's first token
-   (TTFT) comes from the step that prefilled it. Its full prompt blocks then become findable in
-   the prefix cache. A request that has produced all its tokens finishes and releases its blocks.
+     + prefill_ms_per_token * (prompt tokens computed in this step)
+     + lora_load_ms * (adapters loaded into a GPU slot in this step)
+   where batch is the number of requests in the step. The GPU slots hold `max_loras` adapters in
+   LRU order; an adapter already resident costs nothing.
+4. At the end of the step every decoding request gets one token, and so does each request whose
+   prefill completed in this step (its first token: TTFT). Its full prompt blocks then become
+   findable in the prefix cache. A request that has produced all its tokens finishes and releases
+   its blocks.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ class SimRequest:
     finished_at: float | None = None
     num_generated: int = 0
     num_cached_tokens: int = 0
+    num_computed_tokens: int = 0  # prompt tokens in the KV cache (hits + prefilled chunks)
+    step_tokens: int = 0  # prompt tokens being computed in the current step
     blocks: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)
 
@@ -150,24 +156,42 @@ class Engine:
         return bool(self.running or self.waiting)
 
     def begin_step(self, now: float) -> float | None:
-        """Admit what fits and return the step's duration in seconds (None when idle)."""
+        """Pick the step's work within the token budget; returns its duration in seconds (None: idle)."""
         if self._batch is not None:
             raise RuntimeError("begin_step called twice without end_step")
-        admitted = self._admit(now)
-        if not self.running:
+        budget = self.cfg.max_num_batched_tokens
+        batch: list[SimRequest] = []
+        prefill = 0
+        for req in self.running:
+            if budget <= 0:
+                break
+            left = req.prompt_len - req.num_computed_tokens
+            req.step_tokens = min(left, budget)
+            budget -= req.step_tokens if left > 0 else 1
+            prefill += req.step_tokens
+            batch.append(req)
+        admitted = self._admit(now, budget)
+        for req in admitted:
+            prefill += req.step_tokens
+        batch += admitted
+        if not batch:
             return None
-        prefill = sum(r.prompt_len - r.num_cached_tokens for r in admitted)
         loads = self._load_adapters(admitted)
-        self._batch = list(self.running)
-        return step_duration_s(self.cfg, len(self._batch), prefill, loads)
+        self._batch = batch
+        return step_duration_s(self.cfg, len(batch), prefill, loads)
 
     def end_step(self, now: float) -> list[SimRequest]:
-        """Hand one token to every request of the step; returns those that got one."""
+        """Apply the step: prefill chunks land, decoding requests get a token; returns those that got one."""
         batch, self._batch = self._batch or [], None
         out: list[SimRequest] = []
         for req in batch:
             if req.state is not RequestState.RUNNING:
                 continue  # aborted while the step ran
+            if req.step_tokens:
+                req.num_computed_tokens += req.step_tokens
+                req.step_tokens = 0
+                if req.num_computed_tokens < req.prompt_len:
+                    continue  # prefill goes on in the next step
             if req.num_generated == 0:
                 req.first_token_at = now
                 for block, h in zip(req.blocks, req.hashes, strict=False):
@@ -199,10 +223,10 @@ class Engine:
     def _blocks_needed(self, req: SimRequest) -> int:
         return math.ceil((req.prompt_len + req.output_tokens) / self.cfg.block_size)
 
-    def _admit(self, now: float) -> list[SimRequest]:
+    def _admit(self, now: float, budget: int) -> list[SimRequest]:
         admitted: list[SimRequest] = []
         for req in list(self.waiting):
-            if len(self.running) >= self.cfg.max_num_seqs:
+            if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
                 break
             lora = req.lora
             if lora is not None and lora not in self._lora_running and len(self._lora_running) >= self.cfg.max_loras:
@@ -215,7 +239,9 @@ class Engine:
                 break  # KV pool full: head-of-line waits for blocks to be released
             self.pool.acquire(hits)
             req.blocks = hits + self.pool.allocate(new_blocks)
-            req.num_cached_tokens = len(hits) * self.cfg.block_size
+            req.num_cached_tokens = req.num_computed_tokens = len(hits) * self.cfg.block_size
+            req.step_tokens = min(req.prompt_len - req.num_computed_tokens, budget)
+            budget -= req.step_tokens
             req.state = RequestState.RUNNING
             req.scheduled_at = now
             del self.waiting[req]

@@ -215,3 +215,38 @@ def test_metrics_move_as_requests_run() -> None:
     assert _sample(text, "vllm:e2e_request_latency_seconds_count") == 1
     assert _sample(text, "vllm:request_queue_time_seconds_count") == 1
     assert 'vllm:request_success_total{engine="0",finished_reason="length",model_name="m"} 1.0' in text
+
+
+def test_replay_matches_closed_form() -> None:
+    from worker.sim.replay import replay
+
+    cfg = SimConfig(**FAST, max_num_seqs=4)  # type: ignore[arg-type]
+    reqs = [req([i] * 32, out=5) for i in range(4)]
+    done = replay(cfg, [(0.0, r) for r in reqs])
+    step1 = (10 * 1.3 + 4 * 32) / 1000  # all four prefill together in one batch of 4
+    decode = 10 * 1.3 / 1000
+    for r in done:
+        assert ttft(r) == pytest.approx(step1)
+        assert (r.finished_at or 0) - r.arrival == pytest.approx(step1 + 4 * decode)
+    late = req([9] * 32, out=1)
+    replay(cfg, [(1.0, late)])
+    assert late.scheduled_at == 1.0
+
+
+def test_chunked_prefill_spreads_a_long_prompt_over_steps() -> None:
+    engine = make(max_num_batched_tokens=16)
+    long, short = req([1] * 40, out=2), req([2] * 4, out=2)
+    engine.add_request(long, 0.0)
+    engine.add_request(short, 0.0)
+    durations = []
+    t = 0.0
+    while long.first_token_at is None:
+        d = engine.begin_step(t) or 0.0
+        durations.append(d)
+        t += d
+        engine.end_step(t)
+    # 40 prompt tokens at 16 a step: 16 + 16 + 8; the short request only gets budget in step 3
+    assert durations[0] == pytest.approx((10 + 16) / 1000)
+    assert durations[2] == pytest.approx((10 * 1.1 + 8 + 4) / 1000)
+    assert len(durations) == 3
+    assert short.first_token_at == pytest.approx(t)

@@ -1,0 +1,196 @@
+"""Can one simulator process carry thousands of concurrent streams and keep to its own model?
+
+Run (from the repository root, with the venv's Python):
+
+    .venv/bin/python bench/sim_capacity.py                      # levels 1,100,500,1000,2000 (~1 minute)
+    .venv/bin/python bench/sim_capacity.py --levels 2000 --max-tokens 64
+
+It starts one `python -m worker.sim` child on a free loopback port (default engine settings unless
+overridden), then for each concurrency level N opens N keep-alive connections (aiohttp), sends N
+streamed /v1/completions requests at once (distinct prompts of --prompt-tokens, `ignore_eos` so
+each yields exactly --max-tokens tokens) and records, per request, when it was sent, when its first
+SSE event arrived (TTFT) and when `[DONE]` arrived (e2e).
+
+The prediction replays the same requests, at the same send times, through the engine model on a
+virtual clock (`worker.sim.replay`): it is what the model says the timings should be. A measured
+mean within 10% of the predicted mean means the HTTP layer and event loop keep up at that load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from worker.sim.config import SimConfig
+from worker.sim.engine import SimRequest
+from worker.sim.replay import replay
+from worker.sim.text import tokenize
+
+
+@dataclass
+class Sample:
+    prompt: str
+    sent: float = 0.0
+    first: float | None = None
+    done: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--url", default=None, help="use a simulator already running there (same engine flags!)")
+    p.add_argument("--levels", default="1,100,500,1000,2000", help="comma-separated concurrency levels")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=SimConfig.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=SimConfig.max_num_batched_tokens)
+    p.add_argument("--decode-ms-per-token", type=float, default=SimConfig.decode_ms_per_token)
+    p.add_argument("--prefill-ms-per-token", type=float, default=SimConfig.prefill_ms_per_token)
+    p.add_argument("--decode-batch-factor", type=float, default=SimConfig.decode_batch_factor)
+    return p.parse_args()
+
+
+def sim_config(ns: argparse.Namespace) -> SimConfig:
+    return SimConfig(served_model_name="bench", max_num_seqs=ns.max_num_seqs,
+                     max_num_batched_tokens=ns.max_num_batched_tokens,
+                     decode_ms_per_token=ns.decode_ms_per_token, prefill_ms_per_token=ns.prefill_ms_per_token,
+                     decode_batch_factor=ns.decode_batch_factor)  # fmt: skip
+
+
+@contextlib.contextmanager
+def simulator(cfg: SimConfig, url: str | None) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    cmd = [sys.executable, "-m", "worker.sim", "--served-model-name", cfg.served_model_name, "--port", "0",
+           "--max-num-seqs", str(cfg.max_num_seqs), "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
+           "--decode-ms-per-token", str(cfg.decode_ms_per_token),
+           "--prefill-ms-per-token", str(cfg.prefill_ms_per_token),
+           "--decode-batch-factor", str(cfg.decode_batch_factor)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        match = re.search(r"on (http://\S+)", proc.stdout.readline())
+        if match is None:
+            raise SystemExit("the simulator did not start")
+        yield match.group(1)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def make_prompt(label: str, i: int, tokens: int) -> str:
+    head = f"{label} request {i}: "  # distinct first block: no prefix sharing between requests
+    return (head + "lorem ipsum dolor sit amet " * (tokens // 4 + 1))[: tokens * 4]
+
+
+async def one_stream(session: aiohttp.ClientSession, url: str, sample: Sample, max_tokens: int) -> None:
+    body = {"model": "bench", "prompt": sample.prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    sample.sent = time.perf_counter()
+    try:
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                sample.error = f"HTTP {resp.status}"
+                return
+            # raw reads, counting events: per-line parsing of thousands of streams would make the
+            # client, not the server, the bottleneck
+            tail = b""
+            async for data in resp.content.iter_any():
+                now = time.perf_counter()
+                if sample.first is None:
+                    sample.first = now
+                sample.tokens += data.count(b"data: ")
+                tail = (tail + data)[-16:]
+                if tail.endswith(b"data: [DONE]\n\n"):
+                    sample.tokens -= 1
+                    sample.done = now
+                    return
+        sample.error = "stream ended without [DONE]"
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        sample.error = type(exc).__name__
+
+
+async def run_level(url: str, level: int, ns: argparse.Namespace, label: str) -> tuple[list[Sample], float]:
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=120)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def warm() -> None:
+            async with session.get(url + "/health") as r:
+                await r.read()
+
+        await asyncio.gather(*(warm() for _ in range(level)))  # open the keep-alive connections first
+        samples = [Sample(make_prompt(label, i, ns.prompt_tokens)) for i in range(level)]
+        start = time.perf_counter()
+        await asyncio.gather(*(one_stream(session, url, s, ns.max_tokens) for s in samples))
+        return samples, time.perf_counter() - start
+
+
+def predict(cfg: SimConfig, samples: list[Sample], max_tokens: int) -> list[SimRequest]:
+    t0 = min(s.sent for s in samples)
+    reqs = [SimRequest(str(i), tokenize(s.prompt), max_tokens) for i, s in enumerate(samples)]
+    return replay(cfg, [(s.sent - t0, r) for s, r in zip(samples, reqs, strict=True)])
+
+
+def pct(measured: float, predicted: float) -> float:
+    return 100.0 * (measured - predicted) / predicted if predicted else 0.0
+
+
+def main() -> int:
+    ns = parse_args()
+    cfg = sim_config(ns)
+    levels = [int(x) for x in ns.levels.split(",")]
+    print(f"engine: max_num_seqs={cfg.max_num_seqs} max_num_batched_tokens={cfg.max_num_batched_tokens} "
+          f"decode={cfg.decode_ms_per_token}ms/token "
+          f"prefill={cfg.prefill_ms_per_token}ms/token batch_factor={cfg.decode_batch_factor}; "
+          f"requests: {ns.prompt_tokens} prompt tokens, {ns.max_tokens} output tokens (ignore_eos)")  # fmt: skip
+    header = (f"{'conc':>5} {'err%':>5} {'tok/s':>7} | {'TTFT pred':>9} {'meas':>7} {'Δ%':>6} | "
+              f"{'e2e pred':>8} {'meas':>7} {'Δ%':>6} | {'p90 e2e pred':>12} {'meas':>7} | within 10%")  # fmt: skip
+    rows = [header, "-" * len(header)]
+    with simulator(cfg, ns.url) as url:
+        asyncio.run(run_level(url, 1, ns, "warm-up"))  # warm-up: first-call costs stay out of the table
+        for level in levels:
+            samples, wall = asyncio.run(run_level(url, level, ns, f"level {level}"))
+            ok = [s for s in samples if s.error is None and s.first is not None and s.done is not None]
+            errors = 100.0 * (len(samples) - len(ok)) / len(samples)
+            predicted = predict(cfg, samples, ns.max_tokens)
+            by_prompt = {id(s): r for s, r in zip(samples, predicted, strict=True)}
+            p_ttft = [(r.first_token_at or 0) - r.arrival for r in (by_prompt[id(s)] for s in ok)]
+            p_e2e = [(r.finished_at or 0) - r.arrival for r in (by_prompt[id(s)] for s in ok)]
+            m_ttft = [(s.first or 0) - s.sent for s in ok]
+            m_e2e = [(s.done or 0) - s.sent for s in ok]
+            if not ok:
+                rows.append(f"{level:>5} {errors:>5.1f}  all requests failed: {samples[0].error}")
+                continue
+            d_ttft = pct(statistics.mean(m_ttft), statistics.mean(p_ttft))
+            d_e2e = pct(statistics.mean(m_e2e), statistics.mean(p_e2e))
+            p90 = lambda xs: statistics.quantiles(xs, n=10)[-1] if len(xs) > 1 else xs[0]  # noqa: E731
+            within = "yes" if abs(d_ttft) <= 10 and abs(d_e2e) <= 10 and errors == 0 else "NO"
+            tok_s = sum(s.tokens for s in ok) / wall
+            rows.append(
+                f"{level:>5} {errors:>5.1f} {tok_s:>7.0f} | {statistics.mean(p_ttft) * 1e3:>7.1f}ms "
+                f"{statistics.mean(m_ttft) * 1e3:>5.1f}ms {d_ttft:>+5.1f}% | {statistics.mean(p_e2e):>7.3f}s "
+                f"{statistics.mean(m_e2e):>6.3f}s {d_e2e:>+5.1f}% | {p90(p_e2e):>11.3f}s {p90(m_e2e):>6.3f}s | "
+                f"{within}"
+            )  # fmt: skip
+            print(rows[-1] if len(rows) > 3 else "\n".join(rows), flush=True)
+    print("\n" + "\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
