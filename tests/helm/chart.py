@@ -40,7 +40,7 @@ def render_files(values: Obj | None = None, *, chart: Path = CHART, release: str
 
 def render(values: Obj | None = None, **kwargs: Any) -> list[Obj]:
     """Every rendered object (NOTES.txt left out), in template order."""
-    objects = []
+    objects: list[Obj] = []
     for path, text in sorted(render_files(values, **kwargs).items()):
         if path.endswith("NOTES.txt"):
             continue
