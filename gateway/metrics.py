@@ -21,6 +21,10 @@ NO_MODEL = "__none__"  # rejected before a model was known (bad body, too large)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 30, 60)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5)
+
+
 class RegistryCollector(Collector):
     """Backend state read from the registry at scrape time, so nothing has to be kept in step."""
 
@@ -37,8 +41,22 @@ class RegistryCollector(Collector):
         for backend in self._registry.backends:
             up.add_metric([backend.url], 1.0 if backend.routable else 0.0)
             models.add_metric([backend.url], float(len(backend.models)) if backend.healthy else 0.0)
+        queue = GaugeMetricFamily(
+            "switchyard_backend_queue_depth", "vLLM's num_requests_waiting at the last scrape.", labels=["backend"]
+        )
+        kv = GaugeMetricFamily(
+            "switchyard_backend_kv_cache_usage",
+            "vLLM's kv_cache_usage_perc (0..1) at the last scrape.",
+            labels=["backend"],
+        )
+        for backend in self._registry.backends:
+            if backend.engine is not None:
+                queue.add_metric([backend.url], backend.engine.waiting)
+                kv.add_metric([backend.url], backend.engine.kv_usage)
         yield up
         yield models
+        yield queue
+        yield kv
 
 
 class Metrics:
@@ -67,6 +85,35 @@ class Metrics:
             "switchyard_upstream_errors",
             "Failures talking to a backend, by kind (connect, timeout, disconnect, status).",
             ["backend", "kind"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "switchyard_time_to_first_token_seconds",
+            "Streams: time from request start to the first chunk with content.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "switchyard_inter_token_latency_seconds",
+            "Streams: gap between consecutive chunks after the first content.",
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "switchyard_tokens",
+            "Tokens reported in vLLM's usage, by kind (prompt, completion).",
+            ["model", "kind"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "switchyard_retries", "Requests sent again to another backend.", ["model"], registry=self.registry
+        )
+        self.rejected = Counter(
+            "switchyard_rejected_requests",
+            "Requests turned away by admission control or rate limits, by reason.",
+            ["model", "reason"],
             registry=self.registry,
         )
         self.registry.register(RegistryCollector(registry))

@@ -8,12 +8,15 @@ aiohttp's flow control), and a client disconnect cancels the upstream request at
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from time import perf_counter
 
 import aiohttp
+import orjson
 from yarl import URL
 
 from gateway.admission import Admission
@@ -32,7 +35,16 @@ from gateway.metrics import NO_MODEL, UNKNOWN_MODEL, Metrics
 from gateway.policies import Policy, RequestInfo
 from gateway.registry import Backend, Registry
 from gateway.request_body import BodyKind, ClientDisconnected, header, read_body, routing_fields
+from gateway.retry_budget import RetryBudget
 from gateway.settings import Settings
+from gateway.usage import (
+    Usage,
+    UsageChunkFilter,
+    UsageTail,
+    count_content_events,
+    inject_include_usage,
+    wants_usage_injection,
+)
 
 # Connection-level headers (RFC 9110 7.6.1) and those the gateway sets itself. The client's
 # Authorization is never forwarded: the backend's own key is sent instead.
@@ -68,6 +80,7 @@ DROP_RESPONSE_HEADERS = frozenset(
     }
 )
 REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
+access_log = logging.getLogger("switchyard.access")
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request", used in metrics only
 
 
@@ -101,6 +114,17 @@ class DisconnectWatch:
         self._task.cancel()
 
 
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one request: filled in along the way, logged and measured at the end."""
+
+    status: int = 0
+    backend: str | None = None
+    retries: int = 0
+    ttft: float | None = None
+    usage: Usage | None = None
+
+
 class Proxy:
     def __init__(
         self, settings: Settings, registry: Registry, policy: Policy, admission: Admission, metrics: Metrics
@@ -113,6 +137,9 @@ class Proxy:
         self._session: aiohttp.ClientSession | None = None
         self._first_byte_timeout = settings.timeouts.first_byte
         self._idle_timeout = settings.timeouts.idle
+        self._retry_statuses = frozenset(settings.retries.on_status)
+        self._budget = RetryBudget(settings.retries.budget_ratio)
+        self._access_log = access_log if settings.access_log else None
 
     def attach(self, session: aiohttp.ClientSession | None) -> None:
         """Give the proxy the lifespan-owned client session (None when the lifespan ends)."""
@@ -122,7 +149,7 @@ class Proxy:
         started = perf_counter()
         request_id = _request_id(scope)
         model_label = NO_MODEL
-        status = 0
+        outcome = Outcome()
         try:
             body = await read_body(scope, receive, self._settings.max_body_bytes)
             fields = routing_fields(kind, body, header(scope, b"content-type"))
@@ -136,18 +163,47 @@ class Proxy:
                     headers={"Retry-After": str(self._settings.retry_after)},
                 )
             info = RequestInfo(model=model, route=route, payload=fields.payload, headers=_header_map(scope))
-            status = await self._relay(scope, receive, send, body, info, candidates, request_id)
+            await self._relay(scope, receive, send, body, info, candidates, request_id, outcome, started)
         except GatewayError as exc:
-            status, headers, payload = error_parts(exc)
+            outcome.status, headers, payload = error_parts(exc)
             headers.append((b"x-request-id", request_id))
-            await send_bytes(send, status, payload, headers)
+            await send_bytes(send, outcome.status, payload, headers)
         except ClientDisconnected:
-            status = CLIENT_CLOSED
+            outcome.status = CLIENT_CLOSED
         except UpstreamBrokeMidBody:
-            status = 502
+            outcome.status = 502
             raise
         finally:
-            self._metrics.observe(model_label, route, status, perf_counter() - started)
+            self._record(model_label, route, request_id, outcome, perf_counter() - started)
+
+    def _record(self, model: str, route: str, request_id: bytes, outcome: Outcome, seconds: float) -> None:
+        metrics = self._metrics
+        metrics.observe(model, route, outcome.status, seconds)
+        if outcome.ttft is not None:
+            metrics.ttft.labels(model).observe(outcome.ttft)
+        if outcome.usage is not None:
+            metrics.tokens.labels(model, "prompt").inc(outcome.usage.prompt_tokens)
+            metrics.tokens.labels(model, "completion").inc(outcome.usage.completion_tokens)
+        if outcome.retries:
+            metrics.retries.labels(model).inc(outcome.retries)
+        if self._access_log is not None and self._access_log.isEnabledFor(logging.INFO):
+            usage = outcome.usage
+            self._access_log.info(
+                orjson.dumps(
+                    {
+                        "request_id": request_id.decode("latin-1"),
+                        "route": route,
+                        "model": model,
+                        "backend": outcome.backend,
+                        "status": outcome.status,
+                        "duration_ms": round(seconds * 1000, 3),
+                        "ttft_ms": None if outcome.ttft is None else round(outcome.ttft * 1000, 3),
+                        "prompt_tokens": usage.prompt_tokens if usage else None,
+                        "completion_tokens": usage.completion_tokens if usage else None,
+                        "retries": outcome.retries,
+                    }
+                ).decode()
+            )
 
     def _resolve_model(self, model: str | None) -> str:
         if model is None:
@@ -173,17 +229,20 @@ class Proxy:
         info: RequestInfo,
         candidates: Sequence[Backend],
         request_id: bytes,
-    ) -> int:
+        outcome: Outcome,
+        started: float,
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         watch = DisconnectWatch(receive, task)
         try:
             async with self._admission.admit(info):
-                return await self._attempts(scope, send, body, info, candidates, request_id, watch)
+                await self._attempts(scope, send, body, info, candidates, request_id, watch, outcome, started)
         except asyncio.CancelledError:
             if watch.disconnected:
                 task.uncancel()
-                return CLIENT_CLOSED
+                outcome.status = CLIENT_CLOSED
+                return
             raise
         finally:
             watch.stop()
@@ -197,33 +256,60 @@ class Proxy:
         candidates: Sequence[Backend],
         request_id: bytes,
         watch: DisconnectWatch,
-    ) -> int:
+        outcome: Outcome,
+        started: float,
+    ) -> None:
         model = info.model
+        hide_usage = wants_usage_injection(info.route, info.payload)
+        if hide_usage:
+            assert info.payload is not None
+            body = inject_include_usage(body, info.payload)
         headers = _upstream_headers(scope, request_id)
         path = scope["raw_path"] or scope["path"].encode()
         query = scope["query_string"]
         target = path + b"?" + query if query else path
+        self._budget.deposit()
         tried: list[Backend] = []
-        failure = ""
+        pool = candidates
         while True:
-            pool = [backend for backend in candidates if backend not in tried] if tried else candidates
-            if not pool:
-                raise UpstreamUnavailable(f"No backend of model `{model}` could be reached ({failure}).")
             backend = self._policy.pick(pool, info)
             backend.inflight += 1  # same step as the pick: no await in between
             gauge = self._metrics.inflight.labels(model, backend.url)
             gauge.inc()
+            outcome.backend = backend.url
             try:
                 try:
                     response = await self._open(backend, target, headers, body)
                 except RetryableUpstreamError as exc:
                     tried.append(backend)
-                    failure = str(exc)
+                    pool = self._retry_pool(candidates, tried)
+                    if not pool:
+                        raise UpstreamUnavailable(f"No backend of model `{model}` could be reached ({exc}).") from None
+                    outcome.retries += 1
                     continue
-                return await self._stream(response, send, request_id, backend, watch)
+                if response.status in self._retry_statuses:
+                    self._metrics.upstream_errors.labels(backend.url, "status").inc()
+                    tried.append(backend)
+                    pool = self._retry_pool(candidates, tried)
+                    if pool:
+                        response.close()
+                        outcome.retries += 1
+                        continue
+                outcome.status = response.status
+                await self._stream(response, send, request_id, backend, watch, outcome, started, hide_usage, model)
+                return
             finally:
                 backend.inflight -= 1
                 gauge.dec()
+
+    def _retry_pool(self, candidates: Sequence[Backend], tried: list[Backend]) -> list[Backend]:
+        """Backends left for one more try, or none when out of candidates, retries or budget."""
+        if len(tried) > self._settings.retries.max_retries:
+            return []
+        pool = [backend for backend in candidates if backend not in tried]
+        if pool and not self._budget.try_spend():
+            return []
+        return pool
 
     async def _open(
         self, backend: Backend, target: bytes, headers: list[tuple[str, str]], body: bytes
@@ -255,15 +341,24 @@ class Proxy:
         request_id: bytes,
         backend: Backend,
         watch: DisconnectWatch,
-    ) -> int:
+        outcome: Outcome,
+        started: float,
+        hide_usage: bool,
+        model: str,
+    ) -> None:
         headers = [(name.lower(), value) for name, value in response.raw_headers]
         headers = [(name, value) for name, value in headers if name not in DROP_RESPONSE_HEADERS]
         headers.append((b"x-request-id", request_id))
         is_sse = response.content_type == "text/event-stream"
+        usage_filter = UsageChunkFilter() if hide_usage and is_sse else None
+        tail = UsageTail()
+        itl = self._metrics.itl.labels(model)
         loop = asyncio.get_running_loop()
         idle = self._idle_timeout
         content = response.content
-        tail = b"\n\n"
+        last_chunk_at = 0.0
+        sent_tail = b"\n\n"
+        ended_cleanly = True
         try:
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
             try:
@@ -274,27 +369,50 @@ class Proxy:
                         if not chunk:
                             break
                         deadline.reschedule(None)  # a slow client is not an idle upstream
-                        tail = chunk[-2:]
+                        tail.feed(chunk)
+                        if is_sse:
+                            tokens = count_content_events(chunk)
+                            if tokens:
+                                now = perf_counter()
+                                if outcome.ttft is None:
+                                    outcome.ttft = now - started
+                                    tokens -= 1
+                                elif tokens:
+                                    itl.observe(now - last_chunk_at)
+                                    tokens -= 1
+                                for _ in range(tokens):  # events that arrived together came with no gap
+                                    itl.observe(0.0)
+                                last_chunk_at = now
+                            if usage_filter is not None:
+                                chunk = usage_filter.feed(chunk)
+                                if not chunk:
+                                    continue
+                            sent_tail = chunk[-2:]
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except TimeoutError:
                 failure, kind = f"The backend sent nothing for {idle:g} s.", "idle_timeout"
+                ended_cleanly = False
             except aiohttp.ClientError as exc:
                 failure, kind = f"The backend connection broke: {exc.__class__.__name__}.", "disconnect"
-            else:
+                ended_cleanly = False
+            if ended_cleanly:
                 watch.finishing = True
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return response.status
+                rest = usage_filter.flush() if usage_filter is not None else b""
+                await send({"type": "http.response.body", "body": rest, "more_body": False})
+                outcome.usage = usage_filter.usage if usage_filter is not None else tail.usage()
+                return
         finally:
             response.close()  # no-op once released; drops the upstream connection when cut short
+        outcome.status = 502
         self._metrics.upstream_errors.labels(backend.url, kind).inc()
         if not is_sse:
             raise UpstreamBrokeMidBody(failure)
         # The status line is gone: tell an SSE client in-band, then end the stream cleanly.
         watch.finishing = True
-        separator = b"" if tail == b"\n\n" else b"\n\n"
+        rest = usage_filter.flush() if usage_filter is not None else b""
+        separator = b"" if (rest or sent_tail).endswith(b"\n\n") else b"\n\n"
         event = b"data: " + error_body(failure, "bad_gateway", None, 502) + b"\n\ndata: [DONE]\n\n"
-        await send({"type": "http.response.body", "body": separator + event, "more_body": False})
-        return 502
+        await send({"type": "http.response.body", "body": rest + separator + event, "more_body": False})
 
 
 def _request_id(scope: Scope) -> bytes:

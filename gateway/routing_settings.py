@@ -6,20 +6,84 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PolicyName = Literal["least_inflight"]
+PolicyName = Literal[
+    "affinity", "prefix_affinity", "session", "lora_affinity", "least_load", "least_inflight", "round_robin", "random"
+]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LoadWeights(_Strict):
+    """Weights of the least-load score: weight * signal, summed; the lowest score wins."""
+
+    queue: float = Field(default=2.0, ge=0, description="Per request waiting in the engine's queue (scraped).")
+    kv: float = Field(default=2.0, ge=0, description="Times KV-cache usage, 0..1 (scraped).")
+    inflight: float = Field(
+        default=1.0, ge=0, description="Per request this gateway has open on the backend (exact, at pick time)."
+    )
+    running: float = Field(default=0.0, ge=0, description="Per request in the engine's running batch (scraped).")
+
+
 class RoutingSettings(_Strict):
-    policy: PolicyName = Field(default="least_inflight", description="Policy for models not listed in `models`.")
+    policy: PolicyName = Field(
+        default="affinity",
+        description="Policy for models not listed in `models`. `affinity` combines the others: a LoRA "
+        "adapter stays on the backends running it (else its home backends), other requests stick to their "
+        "session (X-Session-ID or `user`) or else their prompt's leading blocks, and an overloaded preferred "
+        "backend is left for the next one in rendezvous order; requests with no key go by least_load.",
+    )
     models: dict[str, PolicyName] = Field(default_factory=dict, description="Policy per model name.")
     scrape_interval: float = Field(default=0.1, gt=0, description="Seconds between scrapes of each backend's /metrics.")
     scrape_timeout: float = Field(default=0.5, gt=0, description="Timeout of one /metrics scrape.")
+    scrape_concurrency: int = Field(default=32, gt=0, description="Scrapes in flight at most.")
     stale_after: float = Field(default=1.0, gt=0, description="A scrape older than this counts as unknown load.")
+    weights: LoadWeights = Field(default_factory=LoadWeights)
+    prefix_chars: int = Field(
+        default=256, ge=16, description="Leading characters of the rendered prompt that form the affinity key."
+    )
+    prefix_block_chars: int = Field(default=64, ge=8, description="Characters per hashed prefix block.")
+    load_factor: float = Field(
+        default=1.5,
+        ge=1.0,
+        description="Bounded load: leave the preferred backend when its in-flight count exceeds this factor "
+        "times the mean over the model's backends plus `load_slack`.",
+    )
+    load_slack: float = Field(
+        default=4.0, ge=0, description="In-flight requests a preferred backend may carry above the bound."
+    )
+    queue_threshold: float = Field(
+        default=4.0, ge=0, description="Bounded load: leave the preferred backend when its engine queue exceeds this."
+    )
+    lora_backends: int = Field(
+        default=2, ge=1, description="Backends an adapter is kept on before it spills to others under load."
+    )
+    session_header: str = Field(default="x-session-id", description="Header that carries a session key.")
 
 
 class AdmissionSettings(_Strict):
     max_inflight: int | None = Field(default=None, gt=0, description="Gateway-wide in-flight limit (none: unlimited).")
+    max_inflight_per_model: int | None = Field(
+        default=None, gt=0, description="In-flight limit of each model (none: unlimited)."
+    )
+    models: dict[str, int] = Field(default_factory=dict, description="In-flight limit for particular models.")
+    queue_size: int = Field(default=1000, ge=0, description="Requests that may wait for a slot, gateway-wide.")
+    queue_timeout: float = Field(default=30.0, gt=0, description="Longest wait for a slot before a 429.")
+    saturation: float | None = Field(
+        default=1.0,
+        gt=0,
+        description="Pool saturation (mean over backends of max(queue/queue_norm, kv/kv_norm)) at which new "
+        "requests queue at the gateway instead of going upstream (none: ignore engine signals).",
+    )
+    stale_after: float = Field(default=1.0, gt=0, description="Scrapes older than this say nothing of saturation.")
+    queue_norm: float = Field(default=5.0, gt=0, description="Engine queue length counted as saturated.")
+    kv_norm: float = Field(default=0.8, gt=0, description="KV-cache usage counted as saturated.")
+    low_priority_queue_share: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Low-priority requests are rejected once the wait queue is this full (they shed first).",
+    )
+    priority_header: str = Field(default="x-switchyard-priority", description="Header carrying high|normal|low.")
+    retry_after: int = Field(default=1, ge=0, description="Retry-After seconds sent with a 429.")

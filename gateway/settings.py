@@ -93,6 +93,14 @@ class TimeoutSettings(_Strict):
     idle: float = Field(default=120.0, gt=0, description="Longest silence between two chunks of a response.")
 
 
+class RetrySettings(_Strict):
+    """Retries happen only before the first byte reached the client, on another backend of the model."""
+
+    max_retries: int = Field(default=2, ge=0, le=10)
+    budget_ratio: float = Field(default=0.2, ge=0, le=1, description="Retries allowed per request, on average.")
+    on_status: list[int] = Field(default_factory=lambda: [503], description="Backend statuses worth a retry.")
+
+
 class Settings(BaseSettings):
     """All gateway settings. Env vars use the prefix SWITCHYARD_ and `__` between nested keys."""
 
@@ -117,6 +125,8 @@ class Settings(BaseSettings):
         "a connection the pool is about to reuse.",
     )
     retry_after: int = Field(default=1, ge=0, description="Retry-After seconds sent with a 503.")
+    retries: RetrySettings = Field(default_factory=RetrySettings)
+    access_log: bool = Field(default=True, description="One JSON line per request on the switchyard.access logger.")
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
 

@@ -1,0 +1,117 @@
+"""Token usage and stream timing, read off the bytes as they pass, without re-serialising anything.
+
+vLLM reports usage in non-stream answers and, for streams, only when asked
+(`stream_options.include_usage`). To count tokens for every stream the gateway asks for usage itself
+when the client did not, and removes that usage-only chunk before it reaches the client.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+# Routes whose streams accept stream_options.
+USAGE_STREAM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
+_USAGE_ONLY_EVENT = re.compile(rb'"choices":\s*\[\s*\]')
+# A delta or completion text that is not empty: the first one marks time to first token.
+_CONTENT = re.compile(rb'"(?:content|text|delta|reasoning_content)":\s*"[^"]')
+_TAIL = 4096  # usage sits at the end of vLLM's JSON answers
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def parse_usage(data: bytes) -> Usage | None:
+    """The last usage figures in `data` (usage follows choices in vLLM's JSON), or None."""
+    start = data.rfind(b'"usage":')
+    if start < 0 or data.startswith(b"null", start + 8) or data.startswith(b" null", start + 8):
+        return None
+    prompt = _PROMPT_TOKENS.search(data, start)
+    if prompt is None:
+        return None
+    completion = _COMPLETION_TOKENS.search(data, start)
+    return Usage(int(prompt.group(1)), int(completion.group(1)) if completion else 0)
+
+
+def count_content_events(chunk: bytes) -> int:
+    """How many events in `chunk` carry generated content (the empty role-only chunk does not)."""
+    return len(_CONTENT.findall(chunk))
+
+
+def wants_usage_injection(route: str, payload: Mapping[str, Any] | None) -> bool:
+    """True for a stream whose client did not ask for usage (so the gateway asks, then hides it)."""
+    if route not in USAGE_STREAM_ROUTES or payload is None or payload.get("stream") is not True:
+        return False
+    options = payload.get("stream_options")
+    if options is None:
+        return True
+    return isinstance(options, dict) and not options.get("include_usage")
+
+
+def inject_include_usage(body: bytes, payload: Mapping[str, Any]) -> bytes:
+    """Append `"stream_options": {..., "include_usage": true}` as the object's last key.
+
+    The original bytes stay as they were; JSON parsers (vLLM's included) keep the last of duplicate keys,
+    so this overrides a `stream_options` the client sent without include_usage while keeping its other
+    fields."""
+    options = dict(payload.get("stream_options") or {})
+    options["include_usage"] = True
+    end = body.rstrip().rfind(b"}")
+    return body[:end] + b',"stream_options":' + orjson.dumps(options) + body[end:]
+
+
+class UsageChunkFilter:
+    """Removes the usage-only SSE event the gateway asked for, keeping its figures.
+
+    Complete events pass at once; a partial event waits for its end (an SSE client cannot use half an
+    event anyway), so nothing is delayed beyond the upstream's own framing."""
+
+    def __init__(self) -> None:
+        self._carry = b""
+        self.usage: Usage | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._carry + chunk if self._carry else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._carry = data
+            return b""
+        complete, self._carry = data[: end + 2], data[end + 2 :]
+        if b'"usage":' not in complete:
+            return complete
+        kept = []
+        for event in complete.split(b"\n\n")[:-1]:
+            if b'"usage":' in event and _USAGE_ONLY_EVENT.search(event):
+                self.usage = parse_usage(event) or self.usage
+                continue
+            kept.append(event + b"\n\n")
+        return b"".join(kept)
+
+    def flush(self) -> bytes:
+        rest, self._carry = self._carry, b""
+        return rest
+
+
+class UsageTail:
+    """Keeps the last few KB of a passing body, where vLLM puts `usage`."""
+
+    __slots__ = ("_tail",)
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self._tail = (self._tail + chunk)[-_TAIL:] if len(chunk) < _TAIL else chunk[-_TAIL:]
+
+    def usage(self) -> Usage | None:
+        return parse_usage(self._tail)

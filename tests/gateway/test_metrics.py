@@ -1,0 +1,125 @@
+"""Gateway metrics and the access log measured against simulators: tokens from vLLM's usage (also for
+streams whose client did not ask for it), TTFT and inter-token histograms, bounded labels."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.servers import GatewayServer, SimProcess, gateway, running_sims, sim
+
+CHAT = [{"role": "user", "content": "Count the wagons in the yard."}]
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[SimProcess]:
+    with running_sims(sim("m", "--decode-ms-per-token", "5")) as (server,):
+        yield server
+
+
+@pytest.fixture
+def gw(upstream: SimProcess) -> Iterator[GatewayServer]:
+    with gateway(upstream.url) as server:
+        yield server
+
+
+def sample(gw: GatewayServer, name: str, **labels: str) -> float:
+    text = httpx.get(gw.url + "/metrics").text
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{wanted}}} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def raw_stream(url: str, body: dict[str, object]) -> list[str]:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as response:
+        text = response.read().decode()
+    return [event[len("data: ") :] for event in text.split("\n\n") if event.startswith("data: ")]
+
+
+def test_stream_without_usage_is_counted_but_not_shown(gw: GatewayServer, upstream: SimProcess) -> None:
+    body = {"model": "m", "messages": CHAT, "max_tokens": 9, "stream": True, "temperature": 0}
+    via_gateway = raw_stream(gw.url, body)
+    direct = raw_stream(upstream.url, body)
+    assert via_gateway[-1] == "[DONE]"
+    assert not any('"usage"' in event for event in via_gateway)  # the client sees what it asked for
+    strip = [json.loads(e)["choices"] for e in via_gateway[:-1]]
+    assert strip == [json.loads(e)["choices"] for e in direct[:-1]]  # and exactly the direct stream's content
+    completion = sample(gw, "switchyard_tokens_total", model="m", kind="completion")
+    assert completion == 9
+    assert sample(gw, "switchyard_tokens_total", model="m", kind="prompt") > 0
+
+
+def test_stream_with_usage_keeps_it_for_the_client(gw: GatewayServer) -> None:
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+    chunks = list(
+        client.chat.completions.create(
+            model="m",
+            messages=CHAT,  # type: ignore[arg-type]
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage is not None
+    assert sample(gw, "switchyard_tokens_total", model="m", kind="completion") == chunks[-1].usage.completion_tokens
+
+
+def test_non_stream_usage_counted(gw: GatewayServer) -> None:
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+    result = client.completions.create(model="m", prompt="abc", max_tokens=4)
+    assert result.usage is not None
+    assert sample(gw, "switchyard_tokens_total", model="m", kind="prompt") == result.usage.prompt_tokens
+    embedded = client.embeddings.create(model="m", input="wagons")
+    expected = result.usage.prompt_tokens + embedded.usage.prompt_tokens
+    assert sample(gw, "switchyard_tokens_total", model="m", kind="prompt") == expected
+
+
+def test_ttft_and_itl_histograms(gw: GatewayServer) -> None:
+    raw_stream(gw.url, {"model": "m", "messages": CHAT, "max_tokens": 6, "stream": True})
+    assert sample(gw, "switchyard_time_to_first_token_seconds_count", model="m") == 1
+    # six content events: one time to first token, then five inter-token gaps
+    assert sample(gw, "switchyard_inter_token_latency_seconds_count", model="m") == 5
+    assert sample(gw, "switchyard_inter_token_latency_seconds_sum", model="m") > 0
+
+
+def test_unknown_model_label_is_bounded(gw: GatewayServer) -> None:
+    for i in range(5):
+        httpx.post(gw.url + "/v1/completions", json={"model": f"attacker-{i}", "prompt": "x"})
+    text = httpx.get(gw.url + "/metrics").text
+    assert "attacker" not in text
+    assert sample(gw, "switchyard_requests_total", model="__unknown__", route="/v1/completions", code="404") == 5
+
+
+def test_backend_gauges_reexported(gw: GatewayServer, upstream: SimProcess) -> None:
+    httpx.post(gw.url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1})
+    assert sample(gw, "switchyard_backend_up", backend=upstream.url) == 1
+    assert sample(gw, "switchyard_backend_models", backend=upstream.url) == 1
+    text = httpx.get(gw.url + "/metrics").text
+    assert f'switchyard_backend_queue_depth{{backend="{upstream.url}"}}' in text
+    assert f'switchyard_backend_kv_cache_usage{{backend="{upstream.url}"}}' in text
+
+
+def test_access_log_line(gw: GatewayServer, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="switchyard.access"):
+        httpx.post(
+            gw.url + "/v1/chat/completions",
+            json={"model": "m", "messages": CHAT, "max_tokens": 3, "stream": True},
+            headers={"Authorization": "Bearer sk-very-secret", "X-Request-Id": "log-me"},
+        )
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "switchyard.access"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["request_id"] == "log-me"
+    assert line["model"] == "m"
+    assert line["status"] == 200
+    assert line["completion_tokens"] == 3
+    assert line["ttft_ms"] > 0
+    assert line["retries"] == 0
+    assert "sk-very-secret" not in caplog.text
