@@ -173,7 +173,7 @@ def test_least_inflight_spreads_a_burst_evenly() -> None:
         slow_sim("busy", 30),
         slow_sim("busy", 30),
     )
-    with running_sims(a, b), gateway(a.url, b.url) as gw:
+    with running_sims(a, b), gateway(a.url, b.url, routing={"policy": "least_inflight"}) as gw:
         body = {"model": "busy", "prompt": "x", "max_tokens": 500, "stream": True, "ignore_eos": True}
         streams = [httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=30) for _ in range(10)]
         readers = []  # keep each reader alive: a collected generator closes its response
