@@ -9,6 +9,7 @@ from typing import Any
 
 import helm_python as helm
 import kubernetes_validate  # type: ignore[import-untyped]
+import kubernetes_validate.utils  # type: ignore[import-untyped]
 import pytest
 import yaml
 
@@ -29,8 +30,20 @@ from tests.helm.chart import (
     workers,
 )
 
-# The oldest version the chart supports (Chart.yaml kubeVersion), a middle one, and the newest known.
-K8S_VERSIONS = ["1.27.0", "1.31.0", "1.34.0", "1.37.0"]
+
+def _k8s_versions() -> list[str]:
+    """The oldest version the chart supports (Chart.yaml kubeVersion) or the oldest schema the installed
+    kubernetes-validate still ships, two in between, and the newest it knows."""
+    available = sorted(
+        {".".join(v.lstrip("v").split(".")[:2]) for v in kubernetes_validate.utils.all_versions()},
+        key=lambda v: tuple(int(part) for part in v.split(".")),
+    )
+    supported = [v for v in available if tuple(map(int, v.split("."))) >= (1, 27)]
+    picks = {supported[0], supported[len(supported) // 3], supported[2 * len(supported) // 3], supported[-1]}
+    return sorted((f"{v}.0" for v in picks), key=lambda v: tuple(int(part) for part in v.split(".")))
+
+
+K8S_VERSIONS = _k8s_versions()
 CI_IDS = [path.stem for path in CI_VALUES]
 
 
