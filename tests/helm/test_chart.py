@@ -437,6 +437,10 @@ BAD_VALUES: list[tuple[Obj, str]] = [
     ({"workerDefaults": {"cache": {"type": "hostPath"}}}, "/workerDefaults/cache/type"),
     ({"models": [{"name": "a", "source": {"huggingface": {"id": "x/y"}}}]}, "huggingface"),
     ({"metrics": {"serviceMonitor": {"enable": True}}}, "enable"),
+    (
+        {"models": [{"name": "a", "simulator": True, "autoscaling": {"minReplicas": 0}}]},
+        "/models/0/autoscaling/minReplicas",
+    ),
 ]
 
 
