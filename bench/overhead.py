@@ -1,0 +1,744 @@
+"""What the gateway costs: the same load sent straight to a fast upstream and through the gateway.
+
+Run (from the repository root, with the venv's Python; `wrk` on PATH is used when present):
+
+    .venv/bin/python bench/overhead.py                 # about 2 minutes with the default --duration 10
+    .venv/bin/python bench/overhead.py --quick         # a ~25 s smoke run
+    .venv/bin/python bench/overhead.py --json out.json # also save every figure
+
+It starts two child processes on 127.0.0.1, each on a free port: bench/fast_upstream.py (a raw-ASGI
+OpenAI-compatible server under uvicorn httptools/uvloop that answers with canned bytes) and the gateway
+(`python -m gateway`, static discovery of that one upstream). Both are stopped when the run ends, fails or is
+interrupted (Ctrl-C, SIGTERM; on Linux they also get SIGTERM if this process dies). Every phase measures the
+direct path and the gateway path in alternating slices, so noise from other work on the machine lands on both.
+
+The request is a small non-stream chat completion (113 bytes in, 317 bytes of JSON out). What is printed:
+
+- Latency, ms, p50/p90/p99, direct vs gateway and `added` = gateway minus direct:
+  * `sequential`: one request at a time on one keep-alive connection, from a minimal asyncio HTTP/1.1
+    client (no aiohttp parsing: its cost is tiny and the same on both paths);
+  * `sequential wrk -c1`: the same with wrk as the client (how the peers' table in notes/peers.md was measured);
+  * `open loop R req/s`: Poisson arrivals at --rate (default 200/s; the same arrival schedule on both paths),
+    each request on an idle pooled connection or a new one, so slow answers never delay later sends.
+  Latency is from writing the request to reading the last byte of the answer.
+- Max throughput: requests/s at --connections (default 64) concurrent keep-alive connections, from wrk
+  (`-t1`, a Lua script for the POST body) or, without wrk, from the asyncio client.
+- Gateway CPU per request, µs: utime+stime of the gateway process (/proc/PID/stat) over a phase divided by
+  the requests it served. The max-throughput figure is the one that travels between machines (latency depends
+  on the machine's load, CPU time per request much less); at low rates it is higher, since each request pays
+  its own wake-ups and syscalls. The upstream's CPU per request is shown too, for scale.
+- Streams: SSE chunks/s received with --streams (default 4) concurrent streams of --chunks (default 1000)
+  chunks each (211 bytes apiece), repeated for the phase's duration, and the gateway's CPU per chunk. The
+  upstream writes each chunk with its own send() as fast as it can, so the kernel coalesces them and the
+  gateway relays several per read: this measures relay bandwidth for a token burst, not per-token latency.
+
+All processes share the machine's cores (2 on the development machines), so max throughput is bounded by
+client + gateway + upstream together; compare paths, not absolute numbers between machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from time import perf_counter
+from typing import Any, TextIO, cast
+
+import aiohttp
+import uvloop
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MODEL = "bench-model"
+CHAT = "/v1/chat/completions"
+SMALL_BODY = (
+    b'{"model":"bench-model","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}'
+)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PATHS = ("direct", "gateway")
+Runner = Callable[[int], Awaitable["Sample"]]  # port -> one measurement
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '@BODY@'
+wrk.headers["Content-Type"] = "application/json"
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests": %d, "duration_us": %d, "errors": %d, "non2xx": %d, ' ..
+    '"p50_us": %d, "p90_us": %d, "p99_us": %d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99)))
+end
+"""
+
+
+# -- child processes ----------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the benchmark process dies, however it dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Children:
+    """Starts child processes and stops every one of them (SIGTERM, then SIGKILL) when the block exits."""
+
+    def __init__(self, workdir: Path) -> None:
+        self._workdir = workdir
+        self._procs: list[tuple[str, subprocess.Popen[bytes], TextIO]] = []
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for _, proc, _log in reversed(self._procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc, log in reversed(self._procs):
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = (self._workdir / f"{name}.log").open("w")
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches only the benchmark, which then stops them in order
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        self._procs.append((name, proc, log))
+        return proc
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        text = (self._workdir / f"{name}.log").read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_ready(children: Children, name: str, proc: subprocess.Popen[bytes], url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name} exited with {proc.returncode}:\n{children.log_tail(name)}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name} not ready at {url} after {timeout:g} s:\n{children.log_tail(name)}")
+        time.sleep(0.1)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        fields = stat.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+# -- results ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One path's figures in one phase, summed over its slices."""
+
+    requests: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)  # seconds, client-measured
+    chunks: int = 0
+    gateway_cpu: float = 0.0
+    upstream_cpu: float = 0.0
+    wrk_slices: list[dict[str, float]] = field(default_factory=list)
+
+    def add(self, other: Sample) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.seconds += other.seconds
+        self.latencies += other.latencies
+        self.chunks += other.chunks
+        self.gateway_cpu += other.gateway_cpu
+        self.upstream_cpu += other.upstream_cpu
+        self.wrk_slices += other.wrk_slices
+
+    def percentile_ms(self, q: float) -> float:
+        if self.wrk_slices:  # wrk reports per run: average the runs' percentiles
+            key = f"p{q:g}_us"
+            return sum(run[key] for run in self.wrk_slices) / len(self.wrk_slices) / 1000
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def cpu_us(self, seconds: float, per: int) -> float:
+        return seconds / per * 1e6 if per else float("nan")
+
+    def summary(self) -> dict[str, float]:
+        out = {
+            "requests": float(self.requests),
+            "errors": float(self.errors),
+            "seconds": round(self.seconds, 3),
+            "requests_per_s": round(self.rate, 1),
+            "p50_ms": round(self.percentile_ms(50), 4),
+            "p90_ms": round(self.percentile_ms(90), 4),
+            "p99_ms": round(self.percentile_ms(99), 4),
+            "gateway_cpu_us_per_request": round(self.cpu_us(self.gateway_cpu, self.requests), 1),
+            "upstream_cpu_us_per_request": round(self.cpu_us(self.upstream_cpu, self.requests), 1),
+        }
+        if self.chunks:
+            out["chunks"] = float(self.chunks)
+            out["chunks_per_s"] = round(self.chunks / self.seconds, 1)
+            out["gateway_cpu_us_per_chunk"] = round(self.cpu_us(self.gateway_cpu, self.chunks), 2)
+        return out
+
+
+@dataclass
+class Phase:
+    name: str
+    samples: dict[str, Sample] = field(default_factory=lambda: {path: Sample() for path in PATHS})
+
+
+# -- a minimal HTTP/1.1 client ------------------------------------------------------------------------
+
+
+class HttpConnection(asyncio.Protocol):
+    """One keep-alive connection, one request at a time; knows Content-Length and chunked answers."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._waiter: asyncio.Future[int] | None = None
+        self._end = -1  # where the current answer ends in the buffer; -1 while its head is incomplete
+        self._chunked = False
+        self._status = 0
+        self.closed = False
+
+    @classmethod
+    async def open(cls, port: int) -> HttpConnection:
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_connection(lambda: cls(loop), "127.0.0.1", port)
+        return protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ConnectionError("the server closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._waiter is not None and not self._waiter.done():
+            self._parse()
+
+    def _parse(self) -> None:
+        buffer = self._buffer
+        assert self._waiter is not None
+        if self._end < 0:
+            head_end = buffer.find(b"\r\n\r\n")
+            if head_end < 0:
+                return
+            head = bytes(buffer[:head_end]).lower()
+            self._status = int(head[9:12])
+            start = head.find(b"\r\ncontent-length:")
+            if start >= 0:
+                stop = head.find(b"\r\n", start + 2)
+                self._end = head_end + 4 + int(head[start + 17 : stop if stop >= 0 else None])
+                self._chunked = False
+            elif b"\r\ntransfer-encoding: chunked" in head:
+                self._end = head_end + 2  # search for the last chunk from here
+                self._chunked = True
+            else:
+                self._waiter.set_exception(ConnectionError("answer without Content-Length or chunked framing"))
+                return
+        if self._chunked:
+            last = buffer.find(b"\r\n0\r\n\r\n", self._end)
+            if last < 0:
+                self._end = max(self._end, len(buffer) - 7)
+                return
+            end = last + 7
+        else:
+            end = self._end
+            if len(buffer) < end:
+                return
+        del buffer[:end]
+        self._end = -1
+        self._waiter.set_result(self._status)
+
+    async def request(self, data: bytes) -> int:
+        """Send one whole request and wait for the whole answer; returns its status."""
+        assert self._transport is not None
+        self._waiter = self._loop.create_future()
+        self._transport.write(data)
+        return await self._waiter
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+def chat_request(port: int, body: bytes = SMALL_BODY) -> bytes:
+    head = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def sequential(port: int, seconds: float) -> Sample:
+    sample = Sample()
+    request = chat_request(port)
+    conn = await HttpConnection.open(port)
+    try:
+        started = perf_counter()
+        deadline = started + seconds
+        now = started
+        while now < deadline:
+            status = await conn.request(request)
+            done = perf_counter()
+            sample.latencies.append(done - now)
+            sample.requests += 1
+            sample.errors += status != 200
+            now = done
+        sample.seconds = now - started
+    finally:
+        conn.close()
+    return sample
+
+
+async def open_loop(port: int, rate: float, seconds: float, seed: int) -> Sample:
+    """Poisson arrivals: each request goes out at its scheduled time on an idle or a new connection."""
+    sample = Sample()
+    request = chat_request(port)
+    rng = random.Random(seed)
+    idle: list[HttpConnection] = []
+    every: list[HttpConnection] = []
+    pending: set[asyncio.Task[None]] = set()
+    loop = asyncio.get_running_loop()
+
+    async def one() -> None:
+        if idle:
+            conn = idle.pop()
+        else:
+            conn = await HttpConnection.open(port)
+            every.append(conn)
+        sent = perf_counter()
+        try:
+            status = await conn.request(request)
+        except ConnectionError:
+            sample.errors += 1
+            return
+        sample.latencies.append(perf_counter() - sent)
+        sample.requests += 1
+        sample.errors += status != 200
+        idle.append(conn)
+
+    idle.append(await HttpConnection.open(port))
+    every.extend(idle)
+    try:
+        started = perf_counter()
+        at = started
+        while True:
+            at += rng.expovariate(rate)
+            if at - started >= seconds:
+                break
+            delay = at - perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = loop.create_task(one())
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        await asyncio.gather(*pending)
+        sample.seconds = perf_counter() - started
+    finally:
+        for conn in every:
+            conn.close()
+    return sample
+
+
+async def closed_loop(port: int, connections: int, seconds: float) -> Sample:
+    """Max throughput without wrk: `connections` keep-alive connections, each sending back to back."""
+    request = chat_request(port)
+    conns = [await HttpConnection.open(port) for _ in range(connections)]
+    sample = Sample()
+    deadline = perf_counter() + seconds
+
+    async def worker(conn: HttpConnection) -> None:
+        while perf_counter() < deadline:
+            sent = perf_counter()
+            status = await conn.request(request)
+            sample.latencies.append(perf_counter() - sent)
+            sample.requests += 1
+            sample.errors += status != 200
+
+    started = perf_counter()
+    try:
+        await asyncio.gather(*(worker(conn) for conn in conns))
+    finally:
+        for conn in conns:
+            conn.close()
+    sample.seconds = perf_counter() - started
+    return sample
+
+
+async def streams(port: int, concurrent: int, chunks: int, seconds: float) -> Sample:
+    """`concurrent` workers, each opening one stream of `chunks` SSE chunks after another until time is up."""
+    body = json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "Count."}], "stream": True, "max_tokens": chunks}
+    ).encode()
+    url = f"http://127.0.0.1:{port}{CHAT}"
+    sample = Sample()
+    deadline = perf_counter() + seconds
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+
+        async def worker() -> None:
+            while perf_counter() < deadline:
+                events = 0
+                last = b""
+                async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+                    async for data in response.content.iter_any():
+                        events += (last + data).count(b"\n\n")
+                        last = data[-1:]
+                sample.requests += 1
+                sample.chunks += max(0, events - 1)  # not counting `data: [DONE]`
+                sample.errors += response.status != 200 or events != chunks + 1
+
+        started = perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrent)))
+        sample.seconds = perf_counter() - started
+    return sample
+
+
+async def wrk(port: int, connections: int, seconds: int, script: Path) -> Sample:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", str(script)]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, f"http://127.0.0.1:{port}{CHAT}", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=seconds + 30)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    for line in out.decode(errors="replace").splitlines():
+        if line.startswith("WRKJSON "):
+            run: dict[str, float] = json.loads(line[len("WRKJSON ") :])
+            return Sample(
+                requests=int(run["requests"]),
+                errors=int(run["errors"] + run["non2xx"]),
+                seconds=run["duration_us"] / 1e6,
+                wrk_slices=[run],
+            )
+    raise RuntimeError(f"wrk printed no result:\n{out.decode(errors='replace')}")
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    ports: dict[str, int]
+    gateway_pid: int
+    upstream_pid: int
+    wrk_script: Path | None
+    phases: list[Phase] = field(default_factory=list)
+
+    async def measure(self, path: str, run: Runner) -> Sample:
+        gateway0, upstream0 = cpu_seconds(self.gateway_pid), cpu_seconds(self.upstream_pid)
+        sample = await run(self.ports[path])
+        sample.gateway_cpu = cpu_seconds(self.gateway_pid) - gateway0
+        sample.upstream_cpu = cpu_seconds(self.upstream_pid) - upstream0
+        return sample
+
+    async def phase(self, name: str, slices: int, make: Callable[[int], Runner]) -> Phase:
+        """Alternate direct and gateway slices (which goes first alternates too), summing each path's."""
+        phase = Phase(name)
+        print(f"  {name} ...", file=sys.stderr, flush=True)
+        for index in range(slices):
+            order = PATHS if index % 2 == 0 else PATHS[::-1]
+            for path in order:
+                phase.samples[path].add(await self.measure(path, make(index)))
+        self.phases.append(phase)
+        return phase
+
+    async def run(self) -> None:
+        args = self.args
+        duration: float = args.duration
+        slices = max(2, round(duration))  # about one second per slice for the Python-client phases
+        rounds = 2  # wrk runs per path (whole seconds each)
+        wrk_seconds = max(1, round(duration / rounds))
+
+        print("warming up ...", file=sys.stderr, flush=True)
+        for port in self.ports.values():
+            await sequential(port, 0.3 if args.quick else 1.0)
+            await closed_loop(port, args.connections, 0.3 if args.quick else 1.0)
+            await streams(port, args.streams, 50, 0.2)
+
+        print("measuring:", file=sys.stderr, flush=True)
+        await self.phase("sequential", slices, lambda i: lambda port: sequential(port, duration / slices))
+        if self.wrk_script is not None:
+            script = self.wrk_script
+            await self.phase("sequential wrk -c1", rounds, lambda i: lambda port: wrk(port, 1, wrk_seconds, script))
+        await self.phase(
+            f"open loop {args.rate:g} req/s",
+            slices,
+            lambda i: lambda port: open_loop(port, args.rate, duration / slices, seed=i),
+        )
+        if self.wrk_script is not None:
+            script = self.wrk_script
+            await self.phase(
+                f"max wrk -t1 -c{args.connections}",
+                rounds,
+                lambda i: lambda port: wrk(port, args.connections, wrk_seconds, script),
+            )
+        else:
+            await self.phase(
+                f"max asyncio client, {args.connections} conns",
+                rounds,
+                lambda i: lambda port: closed_loop(port, args.connections, duration / rounds),
+            )
+        await self.phase(
+            f"streams {args.streams} x {args.chunks} chunks",
+            rounds,
+            lambda i: lambda port: streams(port, args.streams, args.chunks, duration / rounds),
+        )
+
+
+def report(bench: Bench) -> dict[str, Any]:
+    args = bench.args
+    phases = {phase.name: {path: s.summary() for path, s in phase.samples.items()} for phase in bench.phases}
+    load = os.getloadavg()
+    print()
+    print(
+        f"Switchyard gateway overhead: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, --duration {args.duration:g} s per path per phase"
+    )
+    print()
+    print("Latency of a small non-stream chat completion (ms); gateway CPU per request (µs)")
+    row = "{:<26} {:<8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>12}"
+    print(row.format("phase", "path", "requests", "req/s", "p50", "p90", "p99", "errors", "gw CPU µs/req"))
+    headline: dict[str, float] = {}
+    for phase in bench.phases:
+        if phase.name.startswith(("max", "streams")):
+            continue
+        direct, gateway = phase.samples["direct"], phase.samples["gateway"]
+        for path, sample in phase.samples.items():
+            cpu = f"{sample.cpu_us(sample.gateway_cpu, sample.requests):.0f}" if path == "gateway" else ""
+            print(
+                row.format(
+                    phase.name if path == "direct" else "",
+                    path,
+                    sample.requests,
+                    f"{sample.rate:.0f}",
+                    f"{sample.percentile_ms(50):.3f}",
+                    f"{sample.percentile_ms(90):.3f}",
+                    f"{sample.percentile_ms(99):.3f}",
+                    sample.errors,
+                    cpu,
+                )
+            )
+        added = {q: gateway.percentile_ms(q) - direct.percentile_ms(q) for q in (50, 90, 99)}
+        print(row.format("", "added", "", "", *(f"{added[q]:+.3f}" for q in (50, 90, 99)), "", ""))
+        phases[phase.name]["added"] = {f"p{q}_ms": round(value, 4) for q, value in added.items()}
+        if phase.name == "sequential":
+            headline["added_p50_ms_sequential"] = round(added[50], 4)
+        if phase.name.startswith("open loop"):
+            headline["added_p50_ms_open_loop"] = round(added[50], 4)
+
+    for phase in bench.phases:
+        if not phase.name.startswith("max"):
+            continue
+        print()
+        print(f"Max throughput ({phase.name})")
+        row = "{:<8} {:>9} {:>8} {:>8} {:>7} {:>14} {:>14}"
+        print(row.format("path", "req/s", "p50 ms", "p99 ms", "errors", "gw CPU µs/req", "up CPU µs/req"))
+        for path, sample in phase.samples.items():
+            gw = sample.cpu_us(sample.gateway_cpu, sample.requests) if path == "gateway" else None
+            print(
+                row.format(
+                    path,
+                    f"{sample.rate:.0f}",
+                    f"{sample.percentile_ms(50):.3f}",
+                    f"{sample.percentile_ms(99):.3f}",
+                    sample.errors,
+                    "" if gw is None else f"{gw:.0f}",
+                    f"{sample.cpu_us(sample.upstream_cpu, sample.requests):.0f}",
+                )
+            )
+        direct, gateway = phase.samples["direct"], phase.samples["gateway"]
+        ratio = gateway.rate / direct.rate if direct.rate else float("nan")
+        print(f"gateway/direct: {ratio:.2f}")
+        headline["max_rps_direct"] = round(direct.rate, 1)
+        headline["max_rps_gateway"] = round(gateway.rate, 1)
+        headline["gateway_cpu_us_per_request"] = round(gateway.cpu_us(gateway.gateway_cpu, gateway.requests), 1)
+
+    for phase in bench.phases:
+        if not phase.name.startswith("streams"):
+            continue
+        print()
+        print(f"Streams ({phase.name}, back to back)")
+        row = "{:<8} {:>8} {:>11} {:>7} {:>16}"
+        print(row.format("path", "streams", "chunks/s", "errors", "gw CPU µs/chunk"))
+        for path, sample in phase.samples.items():
+            gw = sample.cpu_us(sample.gateway_cpu, sample.chunks) if path == "gateway" else None
+            print(
+                row.format(
+                    path,
+                    sample.requests,
+                    f"{sample.chunks / sample.seconds:.0f}" if sample.seconds else "-",
+                    sample.errors,
+                    "" if gw is None else f"{gw:.2f}",
+                )
+            )
+        direct, gateway = phase.samples["direct"], phase.samples["gateway"]
+        if direct.chunks and gateway.seconds:
+            ratio = (gateway.chunks / gateway.seconds) / (direct.chunks / direct.seconds)
+            print(f"gateway/direct: {ratio:.2f}")
+            headline["stream_chunks_per_s_gateway"] = round(gateway.chunks / gateway.seconds, 1)
+            headline["stream_chunks_per_s_direct"] = round(direct.chunks / direct.seconds, 1)
+
+    print()
+    print(
+        "Goal (notes/peers.md): added p50 <= 0.35 ms one request at a time, gateway CPU <= 200 µs per request. "
+        f"Here: {headline.get('added_p50_ms_sequential', float('nan')):+.3f} ms, "
+        f"{headline.get('gateway_cpu_us_per_request', float('nan')):.0f} µs."
+    )
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_end": list(load)},
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "client": "wrk" if bench.wrk_script is not None else "asyncio",
+        "headline": headline,
+        "phases": phases,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Gateway overhead: the same load direct to a fast upstream and through the gateway."
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per path per phase (default 10)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 s phases, short warm-up, 200 chunks")
+    parser.add_argument("--json", metavar="OUT", type=Path, help="also write every figure to this JSON file")
+    parser.add_argument("--rate", type=float, default=200.0, help="open-loop arrivals per second (default 200)")
+    parser.add_argument("--connections", type=int, default=64, help="connections for max throughput (default 64)")
+    parser.add_argument("--streams", type=int, default=4, help="concurrent streams (default 4)")
+    parser.add_argument("--chunks", type=int, default=1000, help="SSE chunks per stream (default 1000)")
+    parser.add_argument("--no-wrk", action="store_true", help="use the asyncio client even when wrk is installed")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration = min(args.duration, 2.0)
+        args.chunks = min(args.chunks, 200)
+    if args.duration <= 0 or args.rate <= 0 or args.connections < 1 or args.streams < 1 or args.chunks < 1:
+        parser.error("--duration, --rate, --connections, --streams and --chunks must be positive")
+    return args
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C does, so the children are stopped on the way out."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    use_wrk = shutil.which("wrk") is not None and not args.no_wrk
+    if not use_wrk and not args.no_wrk:
+        print("wrk not found: using the asyncio client for max throughput", file=sys.stderr)
+    with sigterm_exits(), tempfile.TemporaryDirectory(prefix="switchyard-bench-") as tmp, Children(Path(tmp)) as kids:
+        workdir = Path(tmp)
+        upstream_port, gateway_port = free_port(), free_port()
+        upstream = kids.start(
+            "upstream",
+            [sys.executable, str(HERE / "fast_upstream.py"), "--port", str(upstream_port), "--model", MODEL],
+        )
+        wait_ready(kids, "upstream", upstream, f"http://127.0.0.1:{upstream_port}/v1/models", 30)
+        config = workdir / "gateway.yaml"
+        config.write_text(f'backends:\n  - url: "http://127.0.0.1:{upstream_port}"\n')
+        listen = ["--host", "127.0.0.1", "--port", str(gateway_port)]
+        gateway = kids.start(
+            "gateway",
+            [sys.executable, "-m", "gateway", "--config", str(config), "--log-level", "warning", *listen],
+        )
+        wait_ready(kids, "gateway", gateway, f"http://127.0.0.1:{gateway_port}/ready", 30)
+        script = None
+        if use_wrk:
+            script = workdir / "post.lua"
+            script.write_text(WRK_SCRIPT.replace("@BODY@", SMALL_BODY.decode()))
+        bench = Bench(
+            args=args,
+            ports={"direct": upstream_port, "gateway": gateway_port},
+            gateway_pid=gateway.pid,
+            upstream_pid=upstream.pid,
+            wrk_script=script,
+        )
+        uvloop.run(bench.run())
+        for name, proc in (("upstream", upstream), ("gateway", gateway)):
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} died during the run:\n{kids.log_tail(name)}")
+        results = report(bench)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"saved {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the children are already stopped by then
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
