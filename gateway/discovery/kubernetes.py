@@ -96,6 +96,7 @@ class _NamespaceWatch:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        gone_in_a_row = 0
         while True:
             try:
                 if self.resource_version is None:
@@ -105,11 +106,16 @@ class _NamespaceWatch:
                 events = await self._watch()
                 if events:
                     self._backoff.reset()
+                    gone_in_a_row = 0
                 elif loop.time() - started < _SHORT_WATCH_SECONDS:
                     await asyncio.sleep(self._backoff.next())
             except _Gone:
                 log.info("namespace %s: resourceVersion expired, re-listing EndpointSlices", self.namespace)
                 self.resource_version = None
+                if gone_in_a_row:  # a fresh list's version expiring at once: do not hammer the server
+                    await asyncio.sleep(self._backoff.next())
+                gone_in_a_row += 1
+                continue
             except (aiohttp.ClientError, TimeoutError, OSError, _ApiError) as exc:
                 # The connection or the server failed: resume the watch from the last version seen.
                 await self._retry_later(exc)
