@@ -115,7 +115,6 @@ class _NamespaceWatch:
                 if gone_in_a_row:  # a fresh list's version expiring at once: do not hammer the server
                     await asyncio.sleep(self._backoff.next())
                 gone_in_a_row += 1
-                continue
             except (aiohttp.ClientError, TimeoutError, OSError, _ApiError) as exc:
                 # The connection or the server failed: resume the watch from the last version seen.
                 await self._retry_later(exc)
