@@ -380,7 +380,8 @@ def test_monitoring_is_off_by_default() -> None:
 def _chart_copy(tmp_path: Path) -> Path:
     copy = tmp_path / "switchyard"
     shutil.copytree(CHART, copy)
-    for folder in ("dashboards", "alerts"):
+    for folder in ("dashboards", "alerts"):  # absent until dashboards and alerts are written
+        (copy / folder).mkdir(exist_ok=True)
         for path in (copy / folder).glob("*"):
             path.unlink()
     return copy
