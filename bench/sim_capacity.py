@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 
@@ -48,6 +49,12 @@ class Sample:
     done: float | None = None
     tokens: int = 0
     error: str | None = None
+
+
+async def _body_sent(session: object, ctx: SimpleNamespace, params: object) -> None:
+    # a request counts as sent once its body is written: with thousands of requests started at
+    # once the client needs a while to write them all, and that is not the server's time
+    ctx.trace_request_ctx.sent = time.perf_counter()
 
 
 def parse_args() -> argparse.Namespace:
@@ -102,7 +109,7 @@ async def one_stream(session: aiohttp.ClientSession, url: str, sample: Sample, m
     body = {"model": "bench", "prompt": sample.prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
     sample.sent = time.perf_counter()
     try:
-        async with session.post(url + "/v1/completions", json=body) as resp:
+        async with session.post(url + "/v1/completions", json=body, trace_request_ctx=sample) as resp:
             if resp.status != 200:
                 sample.error = f"HTTP {resp.status}"
                 return
@@ -127,7 +134,9 @@ async def one_stream(session: aiohttp.ClientSession, url: str, sample: Sample, m
 async def run_level(url: str, level: int, ns: argparse.Namespace, label: str) -> tuple[list[Sample], float]:
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=120)
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    tracing = aiohttp.TraceConfig()
+    tracing.on_request_chunk_sent.append(_body_sent)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trace_configs=[tracing]) as session:
 
         async def warm() -> None:
             async with session.get(url + "/health") as r:

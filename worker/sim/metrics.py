@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from worker.sim.driver import EngineDriver
 from worker.sim.engine import Engine, SimRequest
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -52,8 +53,9 @@ class BucketCounts:
 class SimMetrics(Collector):
     """The per-server registry and collector; also the engine's observer for the latency histograms."""
 
-    def __init__(self, engine: Engine, model_name: str) -> None:
+    def __init__(self, engine: Engine, model_name: str, driver: EngineDriver | None = None) -> None:
         self.engine = engine
+        self.driver = driver
         self.labels = [model_name, "0"]
         self.ttft = BucketCounts("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
                                  TTFT_BUCKETS)  # fmt: skip
@@ -131,6 +133,23 @@ class SimMetrics(Collector):
         )
         info.add_metric([str(cfg.block_size), str(cfg.num_gpu_blocks), "True", "0"], 1.0)
         yield info
+        if self.driver is not None:
+            yield from self._driver_metrics(self.driver)
+
+    def _driver_metrics(self, driver: EngineDriver) -> Iterable[Metric]:
+        """Simulator-only health: how far the event loop lags the engine model's timeline."""
+        for name, doc, value in (
+            ("sim:engine_steps", "Engine steps run (simulator only).", driver.steps),
+            ("sim:step_lag_seconds", "Summed lateness of step ends against the model's timeline (simulator only).",
+             driver.lag_sum_s),
+            ("sim:timeline_resyncs", "Times the loop fell so far behind that the timeline restarted (simulator only).",
+             driver.resyncs),
+        ):  # fmt: skip
+            counter = CounterMetricFamily(name, doc, labels=LABELS)
+            counter.add_metric(self.labels, value)
+            yield counter
+        yield self._gauge("sim:step_lag_max_seconds", "Largest lateness of a step end (simulator only).",
+                          driver.lag_max_s)  # fmt: skip
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         gauge = GaugeMetricFamily(name, doc, labels=LABELS)

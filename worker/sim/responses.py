@@ -10,6 +10,7 @@ import orjson
 
 JSON = dict[str, Any]
 DONE = b"data: [DONE]\n\n"
+_SLOT = "\u0000token-text\u0000"  # placeholder for a token's text in a pre-rendered chunk
 
 
 def sse(obj: JSON) -> bytes:
@@ -65,6 +66,9 @@ class ChunkWriter:
         self.model = model
         self.prompt_tokens = prompt_tokens
         self.continuous_usage = continuous_usage
+        # the bytes around a plain token's text, so most chunks cost one small dumps()
+        plain = self._token_choice(_SLOT, None)
+        self._head, self._tail = self._chunk([plain], 0).split(orjson.dumps(_SLOT), 1)
 
     def _chunk(self, choices: list[JSON], completion_tokens: int) -> bytes:
         body: JSON = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
@@ -78,8 +82,7 @@ class ChunkWriter:
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         return self._chunk([choice], 0)
 
-    def token(self, text: str, completion_tokens: int, finish: tuple[str, str | None] | None = None) -> bytes:
-        """One token; `finish` = (finish_reason, stop_reason) on the request's last token."""
+    def _token_choice(self, text: str, finish: tuple[str, str | None] | None) -> JSON:
         choice: JSON
         if self.chat:
             choice = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
@@ -88,7 +91,13 @@ class ChunkWriter:
         else:
             reason, stop_reason = finish if finish is not None else (None, None)
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason, "stop_reason": stop_reason}
-        return self._chunk([choice], completion_tokens)
+        return choice
+
+    def token(self, text: str, completion_tokens: int, finish: tuple[str, str | None] | None = None) -> bytes:
+        """One token; `finish` = (finish_reason, stop_reason) on the request's last token."""
+        if finish is None and not self.continuous_usage:
+            return self._head + orjson.dumps(text) + self._tail
+        return self._chunk([self._token_choice(text, finish)], completion_tokens)
 
     def usage_chunk(self, completion_tokens: int) -> bytes:
         body: JSON = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,

@@ -17,8 +17,8 @@ class SimState:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.engine = Engine(config)
-        self.metrics = SimMetrics(self.engine, config.served_model_name)
         self.driver = EngineDriver(self.engine)
+        self.metrics = SimMetrics(self.engine, config.served_model_name, self.driver)
         self.loras: dict[str, str] = dict(config.loras)  # adapter name -> path, runtime loads included
         self.rng = random.Random(config.seed)
         self.accepted_requests = 0

@@ -33,6 +33,8 @@ _WORDS = tuple(
     """.split()  # noqa: SIM905 -- a word list reads better as text
 )
 
+_SPACED_WORDS = tuple(" " + w for w in _WORDS)
+
 
 def _crc(text: str) -> int:
     return zlib.crc32(text.encode("utf-8", "surrogatepass"))
@@ -43,6 +45,10 @@ def token_pieces(text: str) -> list[str]:
 
 
 def tokenize(text: str) -> list[int]:
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) == len(text):  # ASCII: slice the bytes once encoded (the common, fast case)
+        crc = zlib.crc32
+        return [crc(raw[i : i + CHARS_PER_TOKEN]) % VOCAB_SIZE for i in range(0, len(raw), CHARS_PER_TOKEN)]
     return [_crc(piece) % VOCAB_SIZE for piece in token_pieces(text)]
 
 
@@ -77,7 +83,7 @@ def sample_completion(
     gen = random.Random(digest ^ (base * 0x9E3779B1))
     natural = gen.randint(MIN_NATURAL_TOKENS, MAX_NATURAL_TOKENS)
     count = max_tokens if ignore_eos else min(natural, max_tokens)
-    pieces = [" " + _WORDS[gen.randrange(len(_WORDS))] for _ in range(count)]
+    pieces = gen.choices(_SPACED_WORDS, k=count)
     finish = "length" if count == max_tokens else "stop"
     if stop:
         text = ""
