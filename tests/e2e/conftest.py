@@ -1,0 +1,107 @@
+"""Two real vLLM CPU workers (chat model + two LoRA adapters; embedding model) behind the gateway.
+
+The stack is started once per session through the same code as `switchyard up` (the worker launcher runs each
+vLLM), both workers in parallel. Needs the CPU vLLM and the demo models: run scripts/setup.sh first.
+The module that kills a worker (test_worker_loss.py) sorts last on purpose.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from worker.models import DemoModels, default_models_dir, prepare
+from worker.stack import Stack, port_in_use
+from worker.stack_file import GatewaySpec, StackSpec, WorkerSpec, demo_stack
+
+REFRESH_INTERVAL = 1.0  # the gateway's /v1/models polling period in this suite
+STARTUP_TIMEOUT = 900.0
+
+
+@dataclass(frozen=True)
+class E2EStack:
+    stack: Stack
+    models: DemoModels
+
+    @property
+    def gateway(self) -> str:
+        return self.stack.url
+
+    @property
+    def chat_worker(self) -> str:
+        return self.stack.spec.workers[0].base_url
+
+    @property
+    def embed_worker(self) -> str:
+        return self.stack.spec.workers[1].base_url
+
+    def client(self, timeout: float = 120.0) -> OpenAI:
+        return OpenAI(base_url=f"{self.gateway}/v1", api_key="unused", timeout=timeout, max_retries=0)
+
+    def metric(self, base_url: str, name: str) -> float:
+        """Sum of one metric's samples on a worker's /metrics."""
+        total = 0.0
+        for line in httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(name) and line[len(name)] in "{ ":
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+def _port_block(count: int) -> int:
+    """Free ports below the ephemeral range: vLLM's own internal sockets take ephemeral ports while it starts,
+    so a port picked by binding to 0 can be taken again before the server binds it."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 30000)
+        if all(not port_in_use("127.0.0.1", base + i) for i in range(count)):
+            return base
+    raise RuntimeError("no block of free ports in 20000-30000")
+
+
+def _spec(models: Path) -> StackSpec:
+    demo = demo_stack(models, runtime_lora=True)
+    port = _port_block(3)
+    chat, embed = demo.workers
+    # Tool calls need a parser; with one set, named/required tool_choice is answered by guided decoding.
+    chat_args = [*chat.args, "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    return StackSpec(
+        gateway=GatewaySpec(port=port, settings={"model_refresh_interval": REFRESH_INTERVAL}),
+        workers=[
+            chat.model_copy(update={"port": port + 1, "args": chat_args}),
+            embed.model_copy(update={"port": port + 2}),
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def e2e() -> Iterator[E2EStack]:
+    if importlib.util.find_spec("vllm") is None:
+        pytest.fail("the e2e suite needs the CPU build of vLLM in this environment: run scripts/setup.sh")
+    root = Path(os.environ.get("SWITCHYARD_MODELS_DIR") or default_models_dir())
+    models = DemoModels(root) if DemoModels(root).ready() else prepare(root)
+    log_dir = Path(tempfile.mkdtemp(prefix="switchyard-e2e-"))
+    stack = Stack(_spec(root), log_dir)
+    started = time.monotonic()
+    try:
+        stack.start()
+        stack.wait_ready(STARTUP_TIMEOUT)
+        print(f"\ne2e stack ready in {time.monotonic() - started:.0f} s: "
+              + ", ".join(f"{c.name} {c.ready_after:.0f} s" for c in stack.workers if c.ready_after)
+              + f" (logs in {log_dir})")  # fmt: skip
+        yield E2EStack(stack, models)
+    finally:
+        stack.stop()
+
+
+def worker_spec(e2e: E2EStack, name: str) -> WorkerSpec:
+    return next(w for w in e2e.stack.spec.workers if w.name == name)
