@@ -141,6 +141,19 @@ class Children:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def gateway_revision() -> str:
+    """The commit the gateway code comes from, marked when gateway/ has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "gateway"], cwd=ROOT, capture_output=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    revision = head.stdout.decode().strip() or "unknown"
+    return revision + (" + uncommitted changes in gateway/" if dirty.stdout.strip() else "")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -486,6 +499,7 @@ class Bench:
     gateway_pid: int
     upstream_pid: int
     wrk_script: Path | None
+    revision: str
     phases: list[Phase] = field(default_factory=list)
 
     async def measure(self, path: str, run: Runner) -> Sample:
@@ -558,6 +572,7 @@ def report(bench: Bench) -> dict[str, Any]:
         f"Switchyard gateway overhead: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, --duration {args.duration:g} s per path per phase"
     )
+    print(f"gateway code: {bench.revision}")
     print()
     print("Latency of a small non-stream chat completion (ms); gateway CPU per request (µs)")
     row = "{:<26} {:<8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>12}"
@@ -652,6 +667,7 @@ def report(bench: Bench) -> dict[str, Any]:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_end": list(load)},
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "gateway_revision": bench.revision,
         "client": "wrk" if bench.wrk_script is not None else "asyncio",
         "headline": headline,
         "phases": phases,
@@ -724,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
             gateway_pid=gateway.pid,
             upstream_pid=upstream.pid,
             wrk_script=script,
+            revision=gateway_revision(),
         )
         uvloop.run(bench.run())
         for name, proc in (("upstream", upstream), ("gateway", gateway)):
