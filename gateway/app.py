@@ -13,10 +13,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.admission import Admission
+from gateway.auth import KeyRing
 from gateway.discovery import Discovery
 from gateway.discovery.static import StaticDiscovery
 from gateway.engine_metrics import EngineScraper
 from gateway.errors import GatewayError, error_parts, from_http_status
+from gateway.health import HealthChecker, OutlierDetector
+from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
 from gateway.model_poller import ModelPoller
 from gateway.policies import build_policy
@@ -60,7 +63,10 @@ def create_app(settings: Settings) -> Starlette:
     registry = Registry()
     metrics = Metrics(registry)
     admission = Admission(settings.admission, registry, metrics)
-    proxy = Proxy(settings, registry, build_policy(settings.routing), admission, metrics)
+    outliers = OutlierDetector(registry, settings.health)
+    keys = KeyRing(settings.auth)
+    proxy = Proxy(settings, registry, build_policy(settings.routing), admission, outliers, keys, metrics)
+    lifecycle = Lifecycle()
     discovery = _discovery(settings)
 
     @contextlib.asynccontextmanager
@@ -84,6 +90,8 @@ def create_app(settings: Settings) -> Starlette:
             tasks.append(asyncio.create_task(poller.run(), name="model-poller"))
             scraper = EngineScraper(registry, session, settings.routing)
             tasks.append(asyncio.create_task(scraper.run(), name="engine-scraper"))
+            checker = HealthChecker(registry, session, settings.health)
+            tasks.append(asyncio.create_task(checker.run(), name="health-checker"))
             proxy.attach(session)
             try:
                 yield
@@ -94,11 +102,12 @@ def create_app(settings: Settings) -> Starlette:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     app = Starlette(
-        routes=build_routes(proxy, registry, metrics),
+        routes=build_routes(proxy, registry, metrics, lifecycle, keys),
         lifespan=lifespan,
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error},
     )
     app.state.registry = registry
     app.state.metrics = metrics
     app.state.settings = settings
+    app.state.lifecycle = lifecycle
     return app

@@ -76,6 +76,18 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class RateLimited(GatewayError):
+    status = 429
+    error_type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    error_type = "invalid_request_error"
+    code = "request_headers_too_large"
+
+
 class UnsupportedMediaType(InvalidRequest):
     code = "unsupported_media_type"
 

@@ -12,7 +12,7 @@ import logging
 import re
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import perf_counter
 
 import aiohttp
@@ -21,16 +21,20 @@ from yarl import URL
 
 from gateway.admission import Admission
 from gateway.asgi import Receive, Scope, Send, send_bytes
+from gateway.auth import KeyRing, Principal
 from gateway.errors import (
     GatewayError,
+    HeadersTooLarge,
     ModelNotFound,
     ModelRequired,
     NoHealthyBackend,
+    RateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
     error_body,
     error_parts,
 )
+from gateway.health import OutlierDetector
 from gateway.metrics import NO_MODEL, UNKNOWN_MODEL, Metrics
 from gateway.policies import Policy, RequestInfo
 from gateway.registry import Backend, Registry
@@ -81,6 +85,7 @@ DROP_RESPONSE_HEADERS = frozenset(
 )
 REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
 access_log = logging.getLogger("switchyard.access")
+PRIORITY_HEADER = "x-switchyard-priority"
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request", used in metrics only
 
 
@@ -123,13 +128,22 @@ class Outcome:
     retries: int = 0
     ttft: float | None = None
     usage: Usage | None = None
+    extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # e.g. x-ratelimit-*
 
 
 class Proxy:
     def __init__(
-        self, settings: Settings, registry: Registry, policy: Policy, admission: Admission, metrics: Metrics
+        self,
+        settings: Settings,
+        registry: Registry,
+        policy: Policy,
+        admission: Admission,
+        outliers: OutlierDetector,
+        keys: KeyRing,
+        metrics: Metrics,
     ) -> None:
         self._settings = settings
+        self._outliers = outliers
         self._registry = registry
         self._policy = policy
         self._admission = admission
@@ -140,6 +154,8 @@ class Proxy:
         self._retry_statuses = frozenset(settings.retries.on_status)
         self._budget = RetryBudget(settings.retries.budget_ratio)
         self._access_log = access_log if settings.access_log else None
+        self._keys = keys
+        self._limits = settings.limits
 
     def attach(self, session: aiohttp.ClientSession | None) -> None:
         """Give the proxy the lifespan-owned client session (None when the lifespan ends)."""
@@ -150,31 +166,61 @@ class Proxy:
         request_id = _request_id(scope)
         model_label = NO_MODEL
         outcome = Outcome()
+        principal: Principal | None = None
         try:
+            self._check_headers(scope)
+            if self._keys.enabled:
+                principal = self._keys.authenticate(scope)
             body = await read_body(scope, receive, self._settings.max_body_bytes)
-            fields = routing_fields(kind, body, header(scope, b"content-type"))
+            fields = routing_fields(kind, body, header(scope, b"content-type"), self._limits.max_json_depth)
             model_label = UNKNOWN_MODEL
-            model = self._resolve_model(fields.model)
+            model = self._resolve_model(fields.model, principal)
             model_label = model
+            if principal is not None:
+                outcome.extra_headers = principal.admit()
             candidates = self._registry.candidates(model)
             if not candidates:
                 raise NoHealthyBackend(
                     f"No healthy backend serves the model `{model}` right now.",
                     headers={"Retry-After": str(self._settings.retry_after)},
                 )
-            info = RequestInfo(model=model, route=route, payload=fields.payload, headers=_header_map(scope))
+            headers = _header_map(scope)
+            info = RequestInfo(
+                model=model,
+                route=route,
+                payload=fields.payload,
+                headers=headers,
+                tenant=principal.name if principal else _client_host(scope),
+                priority=headers.get(PRIORITY_HEADER, "normal"),
+            )
             await self._relay(scope, receive, send, body, info, candidates, request_id, outcome, started)
+        except RateLimited as exc:
+            self._metrics.rejected.labels(model_label, "rate_limit").inc()
+            outcome.status = await self._send_error(send, exc, request_id)
         except GatewayError as exc:
-            outcome.status, headers, payload = error_parts(exc)
-            headers.append((b"x-request-id", request_id))
-            await send_bytes(send, outcome.status, payload, headers)
+            outcome.status = await self._send_error(send, exc, request_id)
         except ClientDisconnected:
             outcome.status = CLIENT_CLOSED
         except UpstreamBrokeMidBody:
             outcome.status = 502
             raise
         finally:
+            if principal is not None and outcome.usage is not None:
+                principal.charge_tokens(outcome.usage.prompt_tokens + outcome.usage.completion_tokens)
             self._record(model_label, route, request_id, outcome, perf_counter() - started)
+
+    async def _send_error(self, send: Send, error: GatewayError, request_id: bytes) -> int:
+        status, headers, payload = error_parts(error)
+        headers.append((b"x-request-id", request_id))
+        await send_bytes(send, status, payload, headers)
+        return status
+
+    def _check_headers(self, scope: Scope) -> None:
+        headers = scope["headers"]
+        if len(headers) > self._limits.max_header_count:
+            raise HeadersTooLarge(f"The request has more than {self._limits.max_header_count} headers.")
+        if sum(len(name) + len(value) for name, value in headers) > self._limits.max_header_bytes:
+            raise HeadersTooLarge(f"The request headers exceed {self._limits.max_header_bytes} bytes.")
 
     def _record(self, model: str, route: str, request_id: bytes, outcome: Outcome, seconds: float) -> None:
         metrics = self._metrics
@@ -205,9 +251,11 @@ class Proxy:
                 ).decode()
             )
 
-    def _resolve_model(self, model: str | None) -> str:
+    def _resolve_model(self, model: str | None, principal: Principal | None) -> str:
         if model is None:
             served = self._registry.served_models()
+            if principal is not None:
+                served = [name for name in served if principal.may_use(name)]
             if len(served) == 1:
                 return served[0]
             if not served:
@@ -216,9 +264,9 @@ class Proxy:
                     headers={"Retry-After": str(self._settings.retry_after)},
                 )
             raise ModelRequired(f"`model` is required: this gateway serves {len(served)} models.", param="model")
-        if self._registry.is_known(model):
+        if self._registry.is_known(model) and (principal is None or principal.may_use(model)):
             return model
-        raise ModelNotFound(model)
+        raise ModelNotFound(model)  # also for a model the key may not use: its existence is not revealed
 
     async def _relay(
         self,
@@ -281,12 +329,20 @@ class Proxy:
                 try:
                     response = await self._open(backend, target, headers, body)
                 except RetryableUpstreamError as exc:
+                    self._outliers.failure(backend)
                     tried.append(backend)
                     pool = self._retry_pool(candidates, tried)
                     if not pool:
                         raise UpstreamUnavailable(f"No backend of model `{model}` could be reached ({exc}).") from None
                     outcome.retries += 1
                     continue
+                except UpstreamTimeout:
+                    self._outliers.failure(backend)
+                    raise
+                if response.status >= 500:
+                    self._outliers.failure(backend)
+                else:
+                    self._outliers.success(backend)
                 if response.status in self._retry_statuses:
                     self._metrics.upstream_errors.labels(backend.url, "status").inc()
                     tried.append(backend)
@@ -349,6 +405,7 @@ class Proxy:
         headers = [(name.lower(), value) for name, value in response.raw_headers]
         headers = [(name, value) for name, value in headers if name not in DROP_RESPONSE_HEADERS]
         headers.append((b"x-request-id", request_id))
+        headers += outcome.extra_headers
         is_sse = response.content_type == "text/event-stream"
         usage_filter = UsageChunkFilter() if hide_usage and is_sse else None
         tail = UsageTail()
@@ -420,6 +477,11 @@ def _request_id(scope: Scope) -> bytes:
     if given is not None and REQUEST_ID.fullmatch(given):
         return given
     return uuid.uuid4().hex.encode()
+
+
+def _client_host(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else ""
 
 
 def _header_map(scope: Scope) -> dict[str, str]:

@@ -42,6 +42,10 @@ class Backend:
     api_key: str | None = None
     draining: bool = False
     healthy: bool = False  # the last /v1/models poll succeeded
+    live: bool = True  # active /health checks pass (or have not failed enough to say otherwise)
+    ejected_until: float = 0.0  # passive outlier ejection: no new requests before this time.monotonic()
+    consecutive_failures: int = 0  # connect errors and 5xx answers in a row (passive detection)
+    ejections: int = 0  # ejections in a row; grows the next ejection's back-off
     models: dict[str, ModelCard] = field(default_factory=dict)  # kept while down, so the model stays "known"
     inflight: int = 0  # requests this gateway has open on it (changed in the same step as the pick)
     inflight_tokens: int = 0  # their estimated prompt tokens
@@ -51,7 +55,7 @@ class Backend:
 
     @property
     def routable(self) -> bool:
-        return self.healthy and not self.draining
+        return self.healthy and self.live and not self.draining and not self.ejected_until
 
     def __repr__(self) -> str:
         return f"Backend({self.url!r}, healthy={self.healthy}, draining={self.draining}, inflight={self.inflight})"
@@ -103,6 +107,22 @@ class Registry:
         backend.last_poll = time.monotonic()
         if backend.healthy:
             backend.healthy = False
+            self._rebuild()
+
+    def set_live(self, backend: Backend, live: bool) -> None:
+        if backend.live != live:
+            backend.live = live
+            self._rebuild()
+
+    def eject(self, backend: Backend, until: float) -> None:
+        backend.ejected_until = until
+        backend.ejections += 1
+        backend.consecutive_failures = 0
+        self._rebuild()
+
+    def readmit(self, backend: Backend) -> None:
+        if backend.ejected_until:
+            backend.ejected_until = 0.0
             self._rebuild()
 
     def _rebuild(self) -> None:

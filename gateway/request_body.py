@@ -59,24 +59,38 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def routing_fields(kind: BodyKind, body: bytes, content_type: bytes | None) -> RoutingFields:
+def routing_fields(kind: BodyKind, body: bytes, content_type: bytes | None, max_depth: int = 64) -> RoutingFields:
     if kind is BodyKind.MULTIPART:
         return RoutingFields(model=_multipart_model(body, content_type), stream=False)
-    return _json_fields(body)
+    return _json_fields(body, max_depth)
 
 
-def _json_fields(body: bytes) -> RoutingFields:
+def _json_fields(body: bytes, max_depth: int) -> RoutingFields:
     try:
         data: Any = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    # Counting brackets is cheap and bounds the depth from above: most bodies never need the walk.
+    if body.count(b"[") + body.count(b"{") > max_depth and _deeper_than(data, max_depth):
+        raise InvalidRequest(f"The request body nests arrays and objects deeper than {max_depth} levels.")
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidRequest("`model` must be a string.", param="model")
     stream = data.get("stream", False)
     return RoutingFields(model=model or None, stream=stream is True, payload=data)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _multipart_model(body: bytes, content_type: bytes | None) -> str | None:

@@ -8,10 +8,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.asgi import Receive, Scope, Send
+from gateway.auth import KeyRing
 from gateway.errors import ModelNotFound
+from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
-from gateway.registry import Registry
+from gateway.registry import ModelCard, Registry
 from gateway.request_body import BodyKind
 
 # POST routes whose JSON body names the model.
@@ -47,11 +49,22 @@ class ProxyEndpoint:
         await self._proxy.handle(scope, receive, send, self._route, self._kind)
 
 
-def build_routes(proxy: Proxy, registry: Registry, metrics: Metrics) -> list[Route]:
+def build_routes(
+    proxy: Proxy, registry: Registry, metrics: Metrics, lifecycle: Lifecycle, keys: KeyRing
+) -> list[Route]:
+    def visible_cards(request: Request) -> list[ModelCard]:
+        cards = registry.cards()
+        if not keys.enabled:
+            return cards
+        principal = keys.authenticate(request.scope)
+        return [card for card in cards if principal.may_use(str(card["id"]))]
+
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request) -> Response:
+        if lifecycle.draining:
+            return JSONResponse({"status": "shutting down", "models": []}, status_code=503)
         if registry.ready():
             return JSONResponse({"status": "ready", "models": registry.served_models()})
         return JSONResponse({"status": "not ready", "models": []}, status_code=503)
@@ -62,11 +75,11 @@ def build_routes(proxy: Proxy, registry: Registry, metrics: Metrics) -> list[Rou
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def list_models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": registry.cards()})
+        return JSONResponse({"object": "list", "data": visible_cards(request)})
 
     async def get_model(request: Request) -> Response:
         model = request.path_params["model"]
-        for card in registry.cards():
+        for card in visible_cards(request):
             if card["id"] == model:
                 return JSONResponse(card)
         raise ModelNotFound(model)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
+from types import FrameType
 
 import uvicorn
 
 from gateway.app import create_app
 from gateway.errors import ConfigError
+from gateway.lifecycle import Lifecycle
 from gateway.settings import load_settings
 
 
@@ -34,17 +37,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"switchyard gateway: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
         http="httptools",
         lifespan="on",
-        access_log=False,  # one line per request is issue-6 work and must stay off the hot path by default
+        access_log=False,  # the gateway writes its own JSON access log (switchyard.access)
         log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown.grace_period) or None,
     )
-    return 0
+    server = DrainingServer(config, app.state.lifecycle, settings.shutdown.drain_delay)
+    server.run()
+    return 0 if server.started else 1
+
+
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT: /ready turns 503 at once and the listener stays open for
+    `drain_delay` seconds (so load balancers stop sending), then uvicorn's own graceful shutdown lets
+    in-flight requests finish. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_delay: float) -> None:
+        super().__init__(config)
+        self._lifecycle = lifecycle
+        self._drain_delay = drain_delay
+        self._exit_at: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._exit_at is not None or self._drain_delay <= 0:
+            self._lifecycle.draining = True
+            super().handle_exit(sig, frame)
+            return
+        logging.getLogger("switchyard").info("draining for %.1f s before shutdown", self._drain_delay)
+        self._lifecycle.draining = True
+        self._exit_at = time.monotonic() + self._drain_delay
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._exit_at is not None and time.monotonic() >= self._exit_at:
+            self.should_exit = True
+        return await super().on_tick(counter)
 
 
 if __name__ == "__main__":

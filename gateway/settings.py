@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.errors import ConfigError
@@ -101,6 +101,85 @@ class RetrySettings(_Strict):
     on_status: list[int] = Field(default_factory=lambda: [503], description="Backend statuses worth a retry.")
 
 
+class HealthSettings(_Strict):
+    """Active checks (GET /health on every backend) and passive outlier ejection."""
+
+    interval: float = Field(default=2.0, gt=0, description="Seconds between two /health checks of a backend.")
+    timeout: float = Field(default=1.0, gt=0, description="A check slower than this failed.")
+    unhealthy_threshold: int = Field(default=2, ge=1, description="Failed checks in a row that take a backend out.")
+    healthy_threshold: int = Field(default=1, ge=1, description="Passed checks in a row that bring it back.")
+    eject_after: int = Field(
+        default=3, ge=1, description="Connect errors or 5xx answers in a row that eject a backend (passive)."
+    )
+    eject_base: float = Field(default=2.0, gt=0, description="First ejection's length in seconds; doubles each time.")
+    eject_max: float = Field(default=60.0, gt=0, description="Longest ejection in seconds.")
+
+
+class ShutdownSettings(_Strict):
+    """What SIGTERM does: /ready turns 503 at once, the listener closes after `drain_delay` (time for a
+    Kubernetes endpoint to be removed), and in-flight requests get up to `grace_period` to finish."""
+
+    drain_delay: float = Field(default=0.0, ge=0)
+    grace_period: float = Field(default=30.0, ge=0)
+
+
+class ApiKeySettings(_Strict):
+    """One client key: who it is, which models it may use and how fast."""
+
+    name: str = Field(min_length=1, description="Shown in logs and metrics instead of the key itself.")
+    key: SecretStr | None = Field(default=None, description="The key (prefer key_env or keys_file).")
+    key_env: str | None = Field(default=None, description="Environment variable holding the key.")
+    models: list[str] = Field(default_factory=lambda: ["*"], description="Glob patterns of allowed model names.")
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    tokens_per_minute: int | None = Field(default=None, gt=0, description="Prompt + completion tokens (usage).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeySettings:
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError(f"key {self.name!r}: give exactly one of `key` and `key_env`")
+        if self.key_env is not None and not os.environ.get(self.key_env):
+            raise ValueError(f"key {self.name!r}: key_env names {self.key_env!r}, which is not set")
+        return self
+
+    def secret(self) -> str:
+        return self.key.get_secret_value() if self.key is not None else os.environ[self.key_env or ""]
+
+
+class AuthSettings(_Strict):
+    """Client API keys. With none configured the gateway is open (put it behind your own auth)."""
+
+    keys: list[ApiKeySettings] = Field(default_factory=list)
+    keys_file: Path | None = Field(
+        default=None, description="YAML file with more `keys` entries (e.g. a mounted Kubernetes Secret)."
+    )
+
+    @model_validator(mode="after")
+    def _load_file(self) -> AuthSettings:
+        if self.keys_file is not None:
+            try:
+                loaded = yaml.safe_load(self.keys_file.read_text()) or []
+            except (OSError, yaml.YAMLError) as exc:
+                raise ValueError(f"cannot read keys_file {self.keys_file}: {exc}") from exc
+            entries = loaded.get("keys", []) if isinstance(loaded, dict) else loaded
+            if not isinstance(entries, list):
+                raise ValueError(f"keys_file {self.keys_file} must hold a list of keys")
+            object.__setattr__(self, "keys", [*self.keys, *(ApiKeySettings.model_validate(e) for e in entries)])
+        names = [key.name for key in self.keys]
+        if len(set(names)) != len(names):
+            raise ValueError("key names must be unique")
+        if len({key.secret() for key in self.keys}) != len(self.keys):
+            raise ValueError("two entries hold the same key")
+        return self
+
+
+class LimitSettings(_Strict):
+    """Bounds on what one request may carry."""
+
+    max_header_count: int = Field(default=100, gt=0)
+    max_header_bytes: int = Field(default=64 * 1024, gt=0, description="All header names and values together.")
+    max_json_depth: int = Field(default=64, gt=0, description="Deepest nesting of arrays/objects in a JSON body.")
+
+
 class Settings(BaseSettings):
     """All gateway settings. Env vars use the prefix SWITCHYARD_ and `__` between nested keys."""
 
@@ -126,6 +205,10 @@ class Settings(BaseSettings):
     )
     retry_after: int = Field(default=1, ge=0, description="Retry-After seconds sent with a 503.")
     retries: RetrySettings = Field(default_factory=RetrySettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     access_log: bool = Field(default=True, description="One JSON line per request on the switchyard.access logger.")
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)

@@ -33,8 +33,12 @@ def echo_app(models: list[str]) -> Starlette:
             headers={"x-upstream": "echo", "Connection": "keep-alive", "Keep-Alive": "timeout=5"},
         )
 
+    async def health(request: Request) -> Response:
+        return Response(status_code=200)
+
     return Starlette(
         routes=[
+            Route("/health", health, methods=["GET"]),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/{path:path}", echo, methods=["POST"]),
         ]
