@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -14,38 +13,20 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from worker.sim.config import SimConfig
-from worker.sim.server import SimApp, create_sim_app
+from worker.sim.embedded import RunningSim, serve_sim
+
+__all__ = ["RunningSim", "SimFactory", "sim_process"]
 
 FAST: dict[str, Any] = {"decode_ms_per_token": 2.0, "prefill_ms_per_token": 0.01, "lora_load_ms": 1.0}
-
-
-class RunningSim:
-    def __init__(self, app: SimApp, url: str) -> None:
-        self.app = app
-        self.url = url
 
 
 @contextlib.asynccontextmanager
 async def run_sim(**overrides: Any) -> AsyncIterator[RunningSim]:
     config = SimConfig(**{"served_model_name": "sim", "port": 0, **FAST, **overrides})
-    app = create_sim_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
-                                          timeout_graceful_shutdown=1))  # fmt: skip
-    server.capture_signals = contextlib.nullcontext  # type: ignore[assignment,method-assign]
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.005)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield RunningSim(app, f"http://127.0.0.1:{port}")
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 5)
+    async with serve_sim(config) as running:
+        yield running
 
 
 SimFactory = Callable[..., contextlib.AbstractAsyncContextManager[RunningSim]]
