@@ -4,15 +4,26 @@ exact body bytes, path and query). It serves /v1/models like vLLM so the gateway
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 
-def echo_app(models: list[str]) -> Starlette:
+@dataclass
+class Behaviour:
+    """Switches a test flips while the upstream runs."""
+
+    health_status: int = 200
+    answer_status: int = 200
+
+
+def echo_app(models: list[str], behaviour: Behaviour | None = None) -> Starlette:
+    behaviour = behaviour or Behaviour()
     cards: list[dict[str, Any]] = [
         {"id": name, "object": "model", "owned_by": "vllm", "root": name, "parent": None} for name in models
     ]
@@ -30,11 +41,12 @@ def echo_app(models: list[str]) -> Starlette:
                 "body_sha256": hashlib.sha256(body).hexdigest(),
                 "body_len": len(body),
             },
+            status_code=behaviour.answer_status,
             headers={"x-upstream": "echo", "Connection": "keep-alive", "Keep-Alive": "timeout=5"},
         )
 
     async def health(request: Request) -> Response:
-        return Response(status_code=200)
+        return Response(status_code=behaviour.health_status)
 
     return Starlette(
         routes=[
@@ -43,3 +55,8 @@ def echo_app(models: list[str]) -> Starlette:
             Route("/{path:path}", echo, methods=["POST"]),
         ]
     )
+
+
+def forwarded_headers(response: httpx.Response) -> dict[str, str]:
+    """The headers the echo upstream received, lower-cased, from its answer."""
+    return {name.lower(): value for name, value in response.json()["headers"]}

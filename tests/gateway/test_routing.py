@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.gateway.echo_upstream import echo_app
+from tests.gateway.echo_upstream import echo_app, forwarded_headers
 from tests.gateway.test_request_body import BOUNDARY, CONTENT_TYPE, multipart
 from tests.servers import GatewayServer, ThreadedServer, free_port, gateway, wait_until
 
@@ -44,16 +44,12 @@ def post(gw: GatewayServer, path: str, **kwargs: object) -> httpx.Response:
     return httpx.post(gw.url + path, timeout=10, **kwargs)  # type: ignore[arg-type]
 
 
-def headers_of(response: httpx.Response) -> dict[str, str]:
-    return {k.lower(): v for k, v in response.json()["headers"]}
-
-
 def test_routes_by_model_to_the_backend_serving_it(gw: GatewayServer, upstreams: tuple[ThreadedServer, ...]) -> None:
     a = post(gw, "/v1/chat/completions", json={"model": "chat-a"})
     b = post(gw, "/v1/completions", json={"model": "chat-b"})
     assert a.status_code == b.status_code == 200
-    assert headers_of(a)["host"].endswith(str(upstreams[0].port))
-    assert headers_of(b)["host"].endswith(str(upstreams[1].port))
+    assert forwarded_headers(a)["host"].endswith(str(upstreams[0].port))
+    assert forwarded_headers(b)["host"].endswith(str(upstreams[1].port))
     assert a.json()["path"] == "/v1/chat/completions"
 
 
@@ -79,7 +75,7 @@ def test_headers_forwarded_and_filtered(gw: GatewayServer) -> None:
             "X-Custom": "kept",
         },
     )
-    seen = headers_of(response)
+    seen = forwarded_headers(response)
     assert seen["authorization"] == "Bearer sk-backend"  # the backend's key, never the client's
     assert seen["x-request-id"] == "req-123"
     assert seen["traceparent"].startswith("00-0af7651916cd43dd")
@@ -93,7 +89,7 @@ def test_headers_forwarded_and_filtered(gw: GatewayServer) -> None:
 
 def test_client_key_not_forwarded_when_backend_has_none(gw: GatewayServer) -> None:
     response = post(gw, "/v1/chat/completions", json={"model": "chat-b"}, headers={"Authorization": "Bearer c"})
-    assert "authorization" not in headers_of(response)
+    assert "authorization" not in forwarded_headers(response)
 
 
 def test_request_id_generated_when_absent_or_invalid(gw: GatewayServer) -> None:
@@ -101,7 +97,7 @@ def test_request_id_generated_when_absent_or_invalid(gw: GatewayServer) -> None:
     generated = response.headers["x-request-id"]
     assert len(generated) == 32
     assert generated != "bad id"
-    assert headers_of(response)["x-request-id"] == generated
+    assert forwarded_headers(response)["x-request-id"] == generated
 
 
 @pytest.mark.parametrize(
@@ -133,7 +129,7 @@ def test_multipart_routed_by_form_field(gw: GatewayServer, path: str) -> None:
     response = post(gw, path, content=body, headers={"content-type": CONTENT_TYPE.decode()})
     assert response.status_code == 200
     assert response.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
-    assert BOUNDARY.decode() in headers_of(response)["content-type"]
+    assert BOUNDARY.decode() in forwarded_headers(response)["content-type"]
 
 
 def test_models_merged_over_healthy_backends(gw: GatewayServer) -> None:
@@ -147,7 +143,7 @@ def test_models_merged_over_healthy_backends(gw: GatewayServer) -> None:
 
 
 def test_shared_model_spreads_over_both_backends(gw: GatewayServer, upstreams: tuple[ThreadedServer, ...]) -> None:
-    hosts = {headers_of(post(gw, "/v1/chat/completions", json={"model": "shared"}))["host"] for _ in range(30)}
+    hosts = {forwarded_headers(post(gw, "/v1/chat/completions", json={"model": "shared"}))["host"] for _ in range(30)}
     assert hosts == {f"127.0.0.1:{u.port}" for u in upstreams}
 
 
@@ -255,6 +251,6 @@ def test_unreachable_backend_falls_over_to_another() -> None:
         for _ in range(6):  # least-inflight would pick the dead one about half the time
             response = post(gw, "/v1/chat/completions", json={"model": "m"})
             assert response.status_code == 200
-            assert headers_of(response)["host"] == f"127.0.0.1:{survivor.port}"
+            assert forwarded_headers(response)["host"] == f"127.0.0.1:{survivor.port}"
         text = httpx.get(gw.url + "/metrics").text
         assert f'switchyard_upstream_errors_total{{backend="{doomed.url}",kind="connect"}}' in text

@@ -1,0 +1,125 @@
+"""Client API keys, per-key model access and rate limits, request-size limits."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.gateway.echo_upstream import echo_app, forwarded_headers
+from tests.servers import GatewayServer, ThreadedServer, gateway
+
+KEYS = [
+    {"name": "team-a", "key": "sk-team-a-0123456789", "models": ["chat-*"]},
+    {"name": "ops", "key": "sk-ops-0123456789", "models": ["*"], "requests_per_minute": 3},
+]
+
+
+@pytest.fixture(scope="module")
+def gw() -> Iterator[GatewayServer]:
+    with (
+        ThreadedServer(echo_app(["chat-small", "embed-large"])) as upstream,
+        gateway(upstream.url, auth={"keys": KEYS}) as server,
+    ):
+        yield server
+
+
+def call(
+    gw: GatewayServer, key: str | None, model: str = "chat-small", path: str = "/v1/completions"
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(gw.url + path, json={"model": model, "prompt": "x"}, headers=headers)
+
+
+def test_missing_or_wrong_key_401(gw: GatewayServer) -> None:
+    for response in (call(gw, None), call(gw, "sk-team-a-012345678"), call(gw, "sk-team-a-0123456789x")):
+        assert response.status_code == 401
+        assert response.json()["error"]["type"] == "authentication_error"
+    basic = httpx.post(gw.url + "/v1/completions", json={}, headers={"Authorization": "Basic c2stdGVhbS1h"})
+    assert basic.status_code == 401
+
+
+def test_valid_key_reaches_the_backend_without_the_client_key(gw: GatewayServer) -> None:
+    response = call(gw, "sk-team-a-0123456789")
+    assert response.status_code == 200
+    assert "authorization" not in forwarded_headers(response)
+
+
+def test_model_outside_the_keys_patterns_is_unknown(gw: GatewayServer) -> None:
+    response = call(gw, "sk-team-a-0123456789", model="embed-large")
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == "The model `embed-large` does not exist."
+    assert call(gw, "sk-team-a-0123456789", model="nope").json() == response.json() | {
+        "error": response.json()["error"] | {"message": "The model `nope` does not exist."}
+    }
+
+
+def test_models_list_shows_only_allowed_models(gw: GatewayServer) -> None:
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-team-a-0123456789", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["chat-small"]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("embed-large")
+    assert httpx.get(gw.url + "/v1/models").status_code == 401
+    ops = openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-ops-0123456789", max_retries=0)
+    assert [m.id for m in ops.models.list().data] == ["chat-small", "embed-large"]
+
+
+def test_request_rate_limit_429_with_headers(gw: GatewayServer) -> None:
+    answers = [call(gw, "sk-ops-0123456789") for _ in range(4)]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429]
+    assert answers[0].headers["x-ratelimit-limit-requests"] == "3"
+    assert answers[0].headers["x-ratelimit-remaining-requests"] == "2"
+    limited = answers[3]
+    assert int(limited.headers["retry-after"]) >= 1
+    assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    text = httpx.get(gw.url + "/metrics").text
+    assert 'switchyard_rejected_requests_total{model="chat-small",reason="rate_limit"} 1.0' in text
+
+
+def test_keys_never_logged(gw: GatewayServer, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG):
+        call(gw, "sk-team-a-0123456789")
+        call(gw, "sk-wrong-key-999")
+    assert "sk-team-a" not in caplog.text
+    assert "sk-wrong-key" not in caplog.text
+
+
+def test_token_rate_limit_charges_reported_usage() -> None:
+    from tests.servers import running_sims, sim
+
+    keys = [{"name": "small", "key": "sk-small-0123456789", "tokens_per_minute": 40}]
+    with running_sims(sim("m")) as (upstream,), gateway(upstream.url, auth={"keys": keys}) as gw:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-small-0123456789", max_retries=0)
+        client.completions.create(model="m", prompt="a long enough prompt to cost tokens", max_tokens=40)
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="m", prompt="again", max_tokens=1)
+
+
+def test_keys_from_a_mounted_file(tmp_path: Path) -> None:
+    secret = tmp_path / "keys.yaml"
+    secret.write_text("keys:\n  - name: mounted\n    key: sk-mounted-0123456789\n")
+    with ThreadedServer(echo_app(["m"])) as upstream, gateway(upstream.url, auth={"keys_file": str(secret)}) as gw:
+        assert call(gw, "sk-mounted-0123456789", model="m").status_code == 200
+        assert call(gw, "sk-other", model="m").status_code == 401
+
+
+def test_header_and_depth_limits() -> None:
+    limits = {"max_header_count": 20, "max_header_bytes": 2000, "max_json_depth": 8}
+    with ThreadedServer(echo_app(["m"])) as upstream, gateway(upstream.url, limits=limits) as gw:
+        many = {f"x-h{i}": "1" for i in range(30)}
+        assert httpx.post(gw.url + "/v1/completions", json={"model": "m"}, headers=many).status_code == 431
+        big = {"x-big": "a" * 3000}
+        assert httpx.post(gw.url + "/v1/completions", json={"model": "m"}, headers=big).status_code == 431
+        deep: object = "x"
+        for _ in range(10):
+            deep = [deep]
+        response = httpx.post(gw.url + "/v1/completions", json={"model": "m", "prompt": deep})
+        assert response.status_code == 400
+        assert "deeper than 8" in response.json()["error"]["message"]
+        flat_but_many = {"model": "m", "prompt": [[1], [2], [3], [4], [5], [6], [7], [8], [9], [10]]}
+        assert httpx.post(gw.url + "/v1/completions", json=flat_but_many).status_code == 200

@@ -1,0 +1,83 @@
+"""Active health checks and passive outlier ejection keep requests away from sick backends."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.gateway.echo_upstream import Behaviour, echo_app, forwarded_headers
+from tests.servers import ThreadedServer, gateway, wait_until
+
+
+def port_of(response: httpx.Response) -> int:
+    host = forwarded_headers(response)["host"]
+    return int(host.rsplit(":", 1)[1])
+
+
+def test_failing_health_check_takes_a_backend_out_and_back_in() -> None:
+    sick = Behaviour()
+    a, b = ThreadedServer(echo_app(["m"], sick)), ThreadedServer(echo_app(["m"]))
+    config = {"health": {"interval": 0.1, "unhealthy_threshold": 2, "healthy_threshold": 1}}
+    with a, b, gateway(a.url, b.url, **config) as gw:
+        sick.health_status = 503  # its engine died; /v1/models still answers
+        backend_a = next(x for x in gw.registry.backends if x.url == a.url)
+        wait_until(lambda: not backend_a.live, 5, what="health checks to fail")
+        ports = {port_of(httpx.post(gw.url + "/v1/completions", json={"model": "m"})) for _ in range(10)}
+        assert ports == {b.port}
+        assert gw.registry.candidates("m") == tuple(x for x in gw.registry.backends if x.url == b.url)
+        text = httpx.get(gw.url + "/metrics").text
+        assert f'switchyard_backend_up{{backend="{a.url}"}} 0.0' in text
+        sick.health_status = 200
+        wait_until(lambda: backend_a.live, 5, what="health checks to pass again")
+        ports = {port_of(httpx.post(gw.url + "/v1/completions", json={"model": "m"})) for _ in range(20)}
+        assert ports == {a.port, b.port}
+
+
+def test_all_backends_failing_health_makes_the_gateway_unready() -> None:
+    sick = Behaviour()
+    upstream = ThreadedServer(echo_app(["m"], sick))
+    with upstream, gateway(upstream.url, health={"interval": 0.1}) as gw:
+        assert httpx.get(gw.url + "/ready").status_code == 200
+        sick.health_status = 500
+        wait_until(lambda: httpx.get(gw.url + "/ready").status_code == 503, 5, what="unready")
+        assert httpx.get(gw.url + "/v1/models").json()["data"] == []
+        response = httpx.post(gw.url + "/v1/completions", json={"model": "m"})
+        assert response.status_code == 503
+
+
+def test_5xx_answers_eject_a_backend_and_are_retried() -> None:
+    broken = Behaviour(answer_status=503)
+    a, b = ThreadedServer(echo_app(["m"], broken)), ThreadedServer(echo_app(["m"]))
+    config = {"health": {"interval": 60, "eject_after": 3, "eject_base": 0.5}}
+    with a, b, gateway(a.url, b.url, **config) as gw:
+        for _ in range(12):  # every 503 is retried on the healthy backend: clients see no failure
+            response = httpx.post(gw.url + "/v1/completions", json={"model": "m"})
+            assert response.status_code == 200
+            assert port_of(response) == b.port
+        backend_a = next(x for x in gw.registry.backends if x.url == a.url)
+        assert backend_a.ejections >= 1
+        text = httpx.get(gw.url + "/metrics").text
+        assert 'switchyard_retries_total{model="m"}' in text
+        broken.answer_status = 200
+        wait_until(lambda: not backend_a.ejected_until, 3, what="re-admission after the back-off")
+        ports = {port_of(httpx.post(gw.url + "/v1/completions", json={"model": "m"})) for _ in range(20)}
+        assert a.port in ports
+
+
+def test_503_passes_through_when_no_other_backend_is_left() -> None:
+    upstream = ThreadedServer(echo_app(["m"], Behaviour(answer_status=503)))
+    with upstream, gateway(upstream.url) as gw:
+        response = httpx.post(gw.url + "/v1/completions", json={"model": "m"})
+        assert response.status_code == 503  # the backend's own answer, not a gateway-made 502
+        assert response.headers["x-upstream"] == "echo"
+
+
+def test_retry_budget_stops_a_retry_storm() -> None:
+    broken = Behaviour(answer_status=503)
+    a, b = ThreadedServer(echo_app(["m"], broken)), ThreadedServer(echo_app(["m"], broken))
+    config = {"retries": {"budget_ratio": 0.0}, "health": {"eject_after": 1000}}
+    with a, b, gateway(a.url, b.url, **config) as gw:
+        for _ in range(30):
+            httpx.post(gw.url + "/v1/completions", json={"model": "m"})
+        text = httpx.get(gw.url + "/metrics").text
+        retries = next(line for line in text.splitlines() if line.startswith('switchyard_retries_total{model="m"}'))
+        assert float(retries.rsplit(" ", 1)[1]) <= 10  # the initial allowance; no deposits at ratio 0
