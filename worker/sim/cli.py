@@ -26,15 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     p = argparse.ArgumentParser(
         prog="python -m worker.sim",
-        description="Simulated vLLM OpenAI-compatible server(s): vLLM's API, SSE framing and metrics, driven "
-        "by an engine model (continuous batching, prefix-cached KV blocks, LoRA slots). Step time = "
-        "decode_ms_per_token * (1 + decode_batch_factor * (batch - 1)) + prefill_ms_per_token * "
-        "uncached_prompt_tokens + lora_load_ms * adapter_loads. See worker/sim/README.md.",
+        description="Simulated vLLM OpenAI-compatible server(s): vLLM's routes, SSE framing, errors and "
+        "metrics, driven by an engine model (continuous batching, chunked prefill, prefix-cached KV blocks, "
+        "LoRA slots). Step time in ms = decode_ms_per_token * (1 + decode_batch_factor * (batch - 1)) + "
+        "prefill_ms_per_token * prompt_tokens_computed_in_the_step + lora_load_ms * adapters_loaded_in_the_step, "
+        "batch being the requests in the step; a step handles at most --max-num-batched-tokens tokens (1 per "
+        "decoding request, prompts are chunked). Tokens are ~4 characters. See worker/sim/README.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     a = p.add_argument
     a("--served-model-name", required=True, help="model name clients send as `model`")
-    a("--model", default=None, help="base model path shown as `root` in /v1/models (default: the served name)")
+    a("--model", default=None, help="base model path shown as `root` in /v1/models; unset: the served name")
     a("--lora", action="append", default=[], metavar="NAME[=PATH]", help="static LoRA adapter (repeatable)")
     a("--max-loras", type=int, default=d.max_loras, help="distinct adapters allowed in the running batch")
     a("--max-num-seqs", type=int, default=d.max_num_seqs, help="running requests at most; others wait FIFO")
@@ -53,10 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--allow-runtime-lora", action="store_true",
       help=f"enable /v1/load_lora_adapter and /v1/unload_lora_adapter (also: env {RUNTIME_LORA_ENV}=1)")  # fmt: skip
     a("--seed", type=int, default=d.seed, help="seed for unseeded sampling and fault draws")
-    a("--host", default=d.host, help="address to bind")
+    a("--host", default=d.host, help="address to bind (0.0.0.0 in a container)")
     a("--port", type=int, default=d.port, help="port to bind (0: any free port; printed at startup)")
     a("--count", type=int, default=1, help="run this many independent servers in this process")
-    a("--port-base", type=int, default=None, help="first port with --count (default: --port)")
+    a("--port-base", type=int, default=None, help="first port with --count; unset: --port")
     f = p.add_argument_group("fault injection")
     f.add_argument(
         "--fail-rate",
@@ -69,13 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--stall-after-tokens",
         type=int,
         default=None,
-        help="stream N tokens, then send nothing more and keep the connection open",
+        help="stream N tokens, then send nothing more and keep the connection open (non-streamed: no answer)",
     )
     f.add_argument(
         "--drop-after-tokens",
         type=int,
         default=None,
-        help="stream N tokens, then close the connection mid-response (no [DONE])",
+        help="stream N tokens, then close the connection mid-response, no [DONE] (non-streamed: half a body)",
     )
     f.add_argument(
         "--exit-after-requests",
