@@ -4,6 +4,8 @@ Raw ASGI under uvicorn (httptools + uvloop, no access log): nothing between the 
 so what the benchmark sees on top of it is the gateway's cost.
 
     GET  /v1/models             one vLLM-shaped model card (`--model`, default "bench-model")
+    GET  /health                200 with an empty body, as vLLM answers
+    GET  /metrics               vLLM's scheduler gauges (running, waiting, KV-cache usage), all zero
     POST /v1/chat/completions   non-stream: a fixed small chat.completion JSON (317 bytes);
     POST /v1/completions        "stream": true: `max_tokens` SSE chunks (default 16), each written with its
                                 own send() as fast as the event loop allows, then `data: [DONE]`
@@ -29,6 +31,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 DEFAULT_CHUNKS = 16
 JSON_HEADERS = [(b"content-type", b"application/json")]
+TEXT_HEADERS = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 NOT_FOUND = b'{"error":{"message":"not found","type":"invalid_request_error","param":null,"code":null}}'
 
@@ -75,6 +78,9 @@ class FastUpstream:
         self._models = orjson.dumps({"object": "list", "data": [card]})
         self._completion = _completion(model)
         self._chunk = _chunk(model)
+        labels = f'{{engine="0",model_name="{model}"}}'
+        gauges = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+        self._metrics = "".join(f"vllm:{name}{labels} 0.0\n" for name in gauges).encode()
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,6 +100,10 @@ class FastUpstream:
                 await _answer(send, 200, self._completion, JSON_HEADERS)
         elif method == "GET" and path == "/v1/models":
             await _answer(send, 200, self._models, JSON_HEADERS)
+        elif method == "GET" and path == "/health":
+            await _answer(send, 200, b"", [])
+        elif method == "GET" and path == "/metrics":
+            await _answer(send, 200, self._metrics, TEXT_HEADERS)
         else:
             await _answer(send, 404, NOT_FOUND, JSON_HEADERS)
 

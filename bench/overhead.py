@@ -520,6 +520,18 @@ class Bench:
         self.phases.append(phase)
         return phase
 
+    async def preflight(self) -> None:
+        """One plain and one streamed request on each path must succeed, or there is nothing to measure."""
+        stream_body = json.dumps({"model": MODEL, "messages": [], "stream": True, "max_tokens": 3}).encode()
+        async with aiohttp.ClientSession() as session:
+            for path, port in self.ports.items():
+                for body in (SMALL_BODY, stream_body):
+                    url = f"http://127.0.0.1:{port}{CHAT}"
+                    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+                        text = await response.read()
+                    if response.status != 200 or (body is stream_body and not text.endswith(b"data: [DONE]\n\n")):
+                        raise SystemExit(f"preflight: {path} answered {response.status}: {text[:500]!r}")
+
     async def run(self) -> None:
         args = self.args
         duration: float = args.duration
@@ -527,6 +539,7 @@ class Bench:
         rounds = 2  # wrk runs per path (whole seconds each)
         wrk_seconds = max(1, round(duration / rounds))
 
+        await self.preflight()
         print("warming up ...", file=sys.stderr, flush=True)
         for port in self.ports.values():
             await sequential(port, 0.3 if args.quick else 1.0)
@@ -573,6 +586,9 @@ def report(bench: Bench) -> dict[str, Any]:
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, --duration {args.duration:g} s per path per phase"
     )
     print(f"gateway code: {bench.revision}")
+    errors = sum(sample.errors for phase in bench.phases for sample in phase.samples.values())
+    if errors:
+        print(f"WARNING: {errors} requests failed (see the errors columns): the figures below are not valid")
     print()
     print("Latency of a small non-stream chat completion (ms); gateway CPU per request (µs)")
     row = "{:<26} {:<8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>12}"
@@ -657,9 +673,11 @@ def report(bench: Bench) -> dict[str, Any]:
             headline["stream_chunks_per_s_gateway"] = round(gateway.chunks / gateway.seconds, 1)
             headline["stream_chunks_per_s_direct"] = round(direct.chunks / direct.seconds, 1)
 
+    headline["errors"] = float(errors)
     print()
     print(
-        "Goal (notes/peers.md): added p50 <= 0.35 ms one request at a time, gateway CPU <= 200 µs per request. "
+        ("INVALID RUN (requests failed). " if errors else "")
+        + "Goal (notes/peers.md): added p50 <= 0.35 ms one request at a time, gateway CPU <= 200 µs per request. "
         f"Here: {headline.get('added_p50_ms_sequential', float('nan')):+.3f} ms, "
         f"{headline.get('gateway_cpu_us_per_request', float('nan')):.0f} µs."
     )
