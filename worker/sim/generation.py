@@ -61,8 +61,13 @@ class _Waiter:
 
 def _check_length(state: SimState, params: GenerationParams, prompt_len: int) -> int:
     limit = state.config.max_model_len
+    if prompt_len >= limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, your request has {prompt_len} "
+            "input tokens. Please reduce the length of the input messages."
+        )
     max_tokens = params.max_tokens if params.max_tokens is not None else limit - prompt_len
-    if prompt_len + max(max_tokens, 1) > limit:
+    if prompt_len + max_tokens > limit:
         raise bad_request(
             f"This model's maximum context length is {limit} tokens. However, you requested "
             f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the completion). "

@@ -169,3 +169,32 @@ def test_help_documents_every_flag() -> None:
                  "--decode-batch-factor", "--allow-runtime-lora", "--fail-rate", "--fail-status",
                  "--stall-after-tokens", "--drop-after-tokens", "--exit-after-requests", "--slow-start"):  # fmt: skip
         assert flag in out.stdout
+
+
+async def test_prefix_cache_over_http(sim_factory: SimFactory) -> None:
+    prompt = "a shared system prompt, long enough to fill many blocks. " * 30  # ~430 tokens
+    body = {"prompt": prompt, "max_tokens": 1}
+    async with sim_factory(prefill_ms_per_token=0.5) as sim, httpx.AsyncClient(base_url=sim.url) as http:
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            assert (await http.post("/v1/completions", json=body)).status_code == 200
+            times.append(time.perf_counter() - started)
+        text = (await http.get("/metrics")).text
+    assert metric(text, "vllm:prefix_cache_hits_total") > 400
+    assert times[0] > 0.2
+    assert times[1] < times[0] / 3
+
+
+async def test_lora_slot_wait_shows_in_metrics(sim_factory: SimFactory) -> None:
+    async with (
+        sim_factory(max_loras=1, loras={"a": "/a", "b": "/b"}) as sim,
+        httpx.AsyncClient(base_url=sim.url) as http,
+    ):
+        payloads = [{"model": m, "prompt": "x", "max_tokens": 20, "ignore_eos": True} for m in ("a", "b")]
+        jobs = [asyncio.create_task(http.post("/v1/completions", json=p)) for p in payloads]
+        await asyncio.sleep(0.02)
+        text = (await http.get("/metrics")).text
+        results = await asyncio.gather(*jobs)
+    assert [r.status_code for r in results] == [200, 200]
+    assert 'vllm:lora_requests_info{max_lora="1",running_lora_adapters="a",waiting_lora_adapters="b"}' in text
