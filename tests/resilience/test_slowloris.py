@@ -1,0 +1,95 @@
+"""Issue 8: 500 slowloris connections (a partial request, one more header byte every ~2 s, held open) must
+not delay other clients' requests by more than 10%.
+
+uvicorn's httptools parser keeps each such connection as a protocol object waiting for data; nothing in the
+event loop polls it, so the crowd should cost the other clients nothing. Latency is measured through the
+gateway to a simulator, rounds of without / with / with / without the crowd so machine noise hits both
+alike; the medians of all samples of each kind are compared."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.resilience.support import ESTABLISHED, ROOT, GatewayProcess, tcp_sockets
+from tests.servers import running_sims, sim
+
+CROWD = 500
+ROUNDS = 8
+PER_PHASE = 30  # each round: without, with, with, without (ABBA cancels a drifting machine load)
+
+
+class Crowd:
+    def __init__(self, port: int, count: int) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.resilience.slowloris_crowd", str(port), str(count)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def command(self, line: str) -> str:
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline().strip()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+
+
+@pytest.fixture
+def crowd_and_gateway() -> Iterator[tuple[Crowd, GatewayProcess, str]]:
+    with (
+        running_sims(sim("m", "--decode-ms-per-token", "1")) as (upstream,),
+        GatewayProcess({"backends": [{"url": upstream.url}]}) as gw,
+    ):
+        crowd = Crowd(gw.port, CROWD)
+        try:
+            yield crowd, gw, upstream.url
+        finally:
+            crowd.close()
+
+
+def timed_requests(client: httpx.Client, url: str, count: int) -> list[float]:
+    body = {"model": "m", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 2}
+    latencies = []
+    for _ in range(count):
+        started = time.perf_counter()
+        response = client.post(url + "/v1/chat/completions", json=body)
+        latencies.append(time.perf_counter() - started)
+        assert response.status_code == 200
+    return latencies
+
+
+def test_slowloris_crowd_does_not_delay_other_clients(crowd_and_gateway: tuple[Crowd, GatewayProcess, str]) -> None:
+    crowd, gw, _ = crowd_and_gateway
+    without: list[float] = []
+    with_crowd: list[float] = []
+    held: list[int] = []
+    with httpx.Client(timeout=10) as client:
+        timed_requests(client, gw.url, 50)  # warm-up
+        for _ in range(ROUNDS):
+            without += timed_requests(client, gw.url, PER_PHASE)
+            assert crowd.command("open") == f"open {CROWD}"
+            with_crowd += timed_requests(client, gw.url, 2 * PER_PHASE)
+            held.append(tcp_sockets(local_port=gw.port, states=(ESTABLISHED,)))
+            assert crowd.command("close") == f"closed {CROWD}"
+            without += timed_requests(client, gw.url, PER_PHASE)
+        assert client.get(gw.url + "/health").status_code == 200
+    base, loaded = statistics.median(without), statistics.median(with_crowd)
+    # the crowd was really there while the loaded rounds ran (the client's own connection is one more)
+    assert min(held) >= CROWD, f"the gateway held only {held} connections"
+    assert loaded <= base * 1.10, (
+        f"median latency {loaded * 1000:.2f} ms with {CROWD} slowloris connections vs {base * 1000:.2f} ms without"
+    )
