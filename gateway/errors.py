@@ -64,6 +64,12 @@ class ModelNotFound(GatewayError):
         super().__init__(f"The model `{model}` does not exist.", param="model")
 
 
+class ResponseNotFound(GatewayError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "response_not_found"
+
+
 class MethodNotAllowed(GatewayError):
     status = 405
     error_type = "invalid_request_error"

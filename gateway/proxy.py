@@ -29,6 +29,7 @@ from gateway.errors import (
     ModelRequired,
     NoHealthyBackend,
     RateLimited,
+    ResponseNotFound,
     UpstreamTimeout,
     UpstreamUnavailable,
     error_body,
@@ -39,6 +40,7 @@ from gateway.metrics import NO_MODEL, UNKNOWN_MODEL, Metrics
 from gateway.policies import Policy, RequestInfo
 from gateway.registry import Backend, Registry
 from gateway.request_body import BodyKind, ClientDisconnected, header, read_body, routing_fields
+from gateway.responses_api import ResponseDirectory
 from gateway.retry_budget import RetryBudget
 from gateway.settings import Settings
 from gateway.usage import (
@@ -86,6 +88,7 @@ DROP_RESPONSE_HEADERS = frozenset(
 REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
 access_log = logging.getLogger("switchyard.access")
 PRIORITY_HEADER = "x-switchyard-priority"
+RESPONSES_ROUTE = "/v1/responses"
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request", used in metrics only
 
 
@@ -119,10 +122,16 @@ class DisconnectWatch:
         self._task.cancel()
 
 
+NO_INFO = RequestInfo(model=NO_MODEL, route="")  # until the request has been read
+
+
 @dataclass(slots=True)
 class Outcome:
-    """What happened to one request: filled in along the way, logged and measured at the end."""
+    """One request's context and what happened to it: filled in along the way, logged and measured at the end."""
 
+    request_id: bytes
+    started: float
+    info: RequestInfo = NO_INFO
     status: int = 0
     backend: str | None = None
     retries: int = 0
@@ -156,16 +165,15 @@ class Proxy:
         self._access_log = access_log if settings.access_log else None
         self._keys = keys
         self._limits = settings.limits
+        self._responses = ResponseDirectory()
 
     def attach(self, session: aiohttp.ClientSession | None) -> None:
         """Give the proxy the lifespan-owned client session (None when the lifespan ends)."""
         self._session = session
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, route: str, kind: BodyKind) -> None:
-        started = perf_counter()
-        request_id = _request_id(scope)
+        outcome = Outcome(request_id=_request_id(scope), started=perf_counter())
         model_label = NO_MODEL
-        outcome = Outcome()
         principal: Principal | None = None
         try:
             self._check_headers(scope)
@@ -174,18 +182,25 @@ class Proxy:
             body = await read_body(scope, receive, self._settings.max_body_bytes)
             fields = routing_fields(kind, body, header(scope, b"content-type"), self._limits.max_json_depth)
             model_label = UNKNOWN_MODEL
-            model = self._resolve_model(fields.model, principal)
+            if kind is BodyKind.RESPONSE_ID:
+                candidates = await self._response_owner(scope["path_params"]["response_id"])
+                model = _base_model(candidates[0])
+            else:
+                model = self._resolve_model(fields.model, principal)
+                candidates = self._registry.candidates(model)
             model_label = model
             if principal is not None:
                 outcome.extra_headers = principal.admit()
-            candidates = self._registry.candidates(model)
             if not candidates:
                 raise NoHealthyBackend(
                     f"No healthy backend serves the model `{model}` right now.",
                     headers={"Retry-After": str(self._settings.retry_after)},
                 )
+            previous = fields.payload.get("previous_response_id") if fields.payload else None
+            if isinstance(previous, str) and route == RESPONSES_ROUTE:
+                candidates = await self._response_owner(previous, candidates)
             headers = _header_map(scope)
-            info = RequestInfo(
+            outcome.info = RequestInfo(
                 model=model,
                 route=route,
                 payload=fields.payload,
@@ -193,12 +208,12 @@ class Proxy:
                 tenant=principal.name if principal else _client_host(scope),
                 priority=headers.get(PRIORITY_HEADER, "normal"),
             )
-            await self._relay(scope, receive, send, body, info, candidates, request_id, outcome, started)
+            await self._relay(scope, receive, send, body, candidates, outcome)
         except RateLimited as exc:
             self._metrics.rejected.labels(model_label, "rate_limit").inc()
-            outcome.status = await self._send_error(send, exc, request_id)
+            outcome.status = await self._send_error(send, exc, outcome.request_id)
         except GatewayError as exc:
-            outcome.status = await self._send_error(send, exc, request_id)
+            outcome.status = await self._send_error(send, exc, outcome.request_id)
         except ClientDisconnected:
             outcome.status = CLIENT_CLOSED
         except UpstreamBrokeMidBody:
@@ -207,7 +222,16 @@ class Proxy:
         finally:
             if principal is not None and outcome.usage is not None:
                 principal.charge_tokens(outcome.usage.prompt_tokens + outcome.usage.completion_tokens)
-            self._record(model_label, route, request_id, outcome, perf_counter() - started)
+            self._record(model_label, route, outcome, perf_counter() - outcome.started)
+
+    async def _response_owner(self, response_id: str, candidates: Sequence[Backend] | None = None) -> Sequence[Backend]:
+        """The one backend holding a Responses API response, or ResponseNotFound."""
+        session = self._session
+        pool = self._registry.routable_backends() if candidates is None else candidates
+        owner = None if session is None else await self._responses.locate(response_id, pool, session)
+        if owner is None:
+            raise ResponseNotFound(f"Response with id '{response_id}' not found.", param="response_id")
+        return (owner,)
 
     async def _send_error(self, send: Send, error: GatewayError, request_id: bytes) -> int:
         status, headers, payload = error_parts(error)
@@ -222,7 +246,7 @@ class Proxy:
         if sum(len(name) + len(value) for name, value in headers) > self._limits.max_header_bytes:
             raise HeadersTooLarge(f"The request headers exceed {self._limits.max_header_bytes} bytes.")
 
-    def _record(self, model: str, route: str, request_id: bytes, outcome: Outcome, seconds: float) -> None:
+    def _record(self, model: str, route: str, outcome: Outcome, seconds: float) -> None:
         metrics = self._metrics
         metrics.observe(model, route, outcome.status, seconds)
         if outcome.ttft is not None:
@@ -237,7 +261,7 @@ class Proxy:
             self._access_log.info(
                 orjson.dumps(
                     {
-                        "request_id": request_id.decode("latin-1"),
+                        "request_id": outcome.request_id.decode("latin-1"),
                         "route": route,
                         "model": model,
                         "backend": outcome.backend,
@@ -274,18 +298,15 @@ class Proxy:
         receive: Receive,
         send: Send,
         body: bytes,
-        info: RequestInfo,
         candidates: Sequence[Backend],
-        request_id: bytes,
         outcome: Outcome,
-        started: float,
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
         watch = DisconnectWatch(receive, task)
         try:
-            async with self._admission.admit(info):
-                await self._attempts(scope, send, body, info, candidates, request_id, watch, outcome, started)
+            async with self._admission.admit(outcome.info):
+                await self._attempts(scope, send, body, candidates, watch, outcome)
         except asyncio.CancelledError:
             if watch.disconnected:
                 task.uncancel()
@@ -300,19 +321,17 @@ class Proxy:
         scope: Scope,
         send: Send,
         body: bytes,
-        info: RequestInfo,
         candidates: Sequence[Backend],
-        request_id: bytes,
         watch: DisconnectWatch,
         outcome: Outcome,
-        started: float,
     ) -> None:
+        info = outcome.info
         model = info.model
         hide_usage = wants_usage_injection(info.route, info.payload)
         if hide_usage:
             assert info.payload is not None
             body = inject_include_usage(body, info.payload)
-        headers = _upstream_headers(scope, request_id)
+        headers = _upstream_headers(scope, outcome.request_id)
         path = scope["raw_path"] or scope["path"].encode()
         query = scope["query_string"]
         target = path + b"?" + query if query else path
@@ -327,7 +346,7 @@ class Proxy:
             outcome.backend = backend.url
             try:
                 try:
-                    response = await self._open(backend, target, headers, body)
+                    response = await self._open(backend, scope["method"], target, headers, body)
                 except RetryableUpstreamError as exc:
                     self._outliers.failure(backend)
                     tried.append(backend)
@@ -352,7 +371,7 @@ class Proxy:
                         outcome.retries += 1
                         continue
                 outcome.status = response.status
-                await self._stream(response, send, request_id, backend, watch, outcome, started, hide_usage, model)
+                await self._stream(response, send, backend, watch, outcome, hide_usage)
                 return
             finally:
                 backend.inflight -= 1
@@ -368,7 +387,7 @@ class Proxy:
         return pool
 
     async def _open(
-        self, backend: Backend, target: bytes, headers: list[tuple[str, str]], body: bytes
+        self, backend: Backend, method: str, target: bytes, headers: list[tuple[str, str]], body: bytes
     ) -> aiohttp.ClientResponse:
         session = self._session
         if session is None:
@@ -379,7 +398,7 @@ class Proxy:
         errors = self._metrics.upstream_errors
         try:
             async with asyncio.timeout(self._first_byte_timeout):
-                return await session.post(url, data=body, headers=headers, allow_redirects=False)
+                return await session.request(method, url, data=body or None, headers=headers, allow_redirects=False)
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             errors.labels(backend.url, "connect").inc()
             raise RetryableUpstreamError(f"{backend.url}: {exc.__class__.__name__}: {exc}") from None
@@ -394,22 +413,21 @@ class Proxy:
         self,
         response: aiohttp.ClientResponse,
         send: Send,
-        request_id: bytes,
         backend: Backend,
         watch: DisconnectWatch,
         outcome: Outcome,
-        started: float,
         hide_usage: bool,
-        model: str,
     ) -> None:
+        started = outcome.started
         headers = [(name.lower(), value) for name, value in response.raw_headers]
         headers = [(name, value) for name, value in headers if name not in DROP_RESPONSE_HEADERS]
-        headers.append((b"x-request-id", request_id))
+        headers.append((b"x-request-id", outcome.request_id))
         headers += outcome.extra_headers
         is_sse = response.content_type == "text/event-stream"
         usage_filter = UsageChunkFilter() if hide_usage and is_sse else None
+        learn_response_id = outcome.info.route == RESPONSES_ROUTE and response.status == 200
         tail = UsageTail()
-        itl = self._metrics.itl.labels(model)
+        itl = self._metrics.itl.labels(outcome.info.model)
         loop = asyncio.get_running_loop()
         idle = self._idle_timeout
         content = response.content
@@ -427,6 +445,9 @@ class Proxy:
                             break
                         deadline.reschedule(None)  # a slow client is not an idle upstream
                         tail.feed(chunk)
+                        if learn_response_id:
+                            self._responses.learn(chunk, backend)
+                            learn_response_id = False
                         if is_sse:
                             tokens = count_content_events(chunk)
                             if tokens:
@@ -477,6 +498,11 @@ def _request_id(scope: Scope) -> bytes:
     if given is not None and REQUEST_ID.fullmatch(given):
         return given
     return uuid.uuid4().hex.encode()
+
+
+def _base_model(backend: Backend) -> str:
+    """The backend's base model (the card without a parent), for metric labels."""
+    return next((name for name, card in backend.models.items() if not card.get("parent")), UNKNOWN_MODEL)
 
 
 def _client_host(scope: Scope) -> str:

@@ -146,6 +146,9 @@ class Registry:
         """Backends that may take a new request for `model` now."""
         return self._routable.get(model, ())
 
+    def routable_backends(self) -> tuple[Backend, ...]:
+        return tuple(backend for backend in self._backends.values() if backend.routable)
+
     def is_known(self, model: str) -> bool:
         """True when some current backend served `model` at its last successful poll (even if down now)."""
         return model in self._known

@@ -22,6 +22,7 @@ class ClientDisconnected(Exception):
 class BodyKind(Enum):
     JSON = "json"
     MULTIPART = "multipart"
+    RESPONSE_ID = "response_id"  # GET /v1/responses/{id} and its cancel: routed by the id in the path
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,8 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 def routing_fields(kind: BodyKind, body: bytes, content_type: bytes | None, max_depth: int = 64) -> RoutingFields:
     if kind is BodyKind.MULTIPART:
         return RoutingFields(model=_multipart_model(body, content_type), stream=False)
+    if kind is BodyKind.RESPONSE_ID:
+        return RoutingFields(model=None, stream=False)
     return _json_fields(body, max_depth)
 
 

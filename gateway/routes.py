@@ -92,6 +92,15 @@ def build_routes(
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
     ]
     routes += [Route(path, ProxyEndpoint(proxy, path, BodyKind.JSON), methods=["POST"]) for path in JSON_ROUTES]
+    by_id = BodyKind.RESPONSE_ID
+    routes += [
+        Route("/v1/responses/{response_id}", ProxyEndpoint(proxy, "/v1/responses/{id}", by_id), methods=["GET"]),
+        Route(
+            "/v1/responses/{response_id}/cancel",
+            ProxyEndpoint(proxy, "/v1/responses/{id}/cancel", by_id),
+            methods=["POST"],
+        ),
+    ]
     routes += [
         Route(path, ProxyEndpoint(proxy, path, BodyKind.MULTIPART), methods=["POST"]) for path in MULTIPART_ROUTES
     ]
