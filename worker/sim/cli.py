@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--exit-after-requests",
         type=int,
         default=None,
-        help="serve N generation requests; the next one kills the process (os._exit(1))",
+        help="serve N generation requests, then exit at once (os._exit(1), like a crash)",
     )
     f.add_argument("--slow-start", type=float, default=0.0, metavar="S",
                    help="/health and /v1/models answer 503 for the first S seconds")  # fmt: skip

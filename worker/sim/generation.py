@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 
 import orjson
@@ -77,7 +78,18 @@ def _check_length(state: SimState, params: GenerationParams, prompt_len: int) ->
 
 
 async def handle_generation(state: SimState, receive: Receive, send: Send, body: bytes, chat: bool) -> None:
-    state.accept_generation()
+    last = state.accept_generation()
+    try:
+        await _generate(state, receive, send, body, chat)
+    except ApiError as err:
+        await send_error(send, err)  # here, so that it goes out before an --exit-after-requests exit
+    finally:
+        if last:  # --exit-after-requests: crash once this answer is on the wire
+            await asyncio.sleep(0.02)
+            os._exit(1)
+
+
+async def _generate(state: SimState, receive: Receive, send: Send, body: bytes, chat: bool) -> None:
     data = parse_json_object(body)
     if chat:
         params, messages = parse_chat(data)

@@ -37,12 +37,19 @@ class SimState:
             return name, name
         raise model_not_found(name)
 
-    def accept_generation(self) -> None:
-        """Count a generation request; `--exit-after-requests N` crashes on the (N+1)-th."""
+    def accept_generation(self) -> bool:
+        """Count a generation request; True for the last one `--exit-after-requests N` allows.
+
+        The process then exits (os._exit(1)) right after answering that N-th request; a request
+        that arrives beyond the N-th meanwhile kills it at once.
+        """
         self.accepted_requests += 1
         limit = self.config.exit_after_requests
-        if limit is not None and self.accepted_requests > limit:
+        if limit is None:
+            return False
+        if self.accepted_requests > limit:
             os._exit(1)
+        return self.accepted_requests == limit
 
     def should_fail(self) -> bool:
         return self.config.fail_rate > 0 and self.rng.random() < self.config.fail_rate
