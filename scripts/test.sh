@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The README's test command: lint, types, the whole suite over real sockets (gateway, simulators, a real
+# Prometheus, Helm's engine), then the end-to-end suite against real vLLM CPU workers.
+#
+#   scripts/test.sh             everything (needs scripts/setup.sh run first, and Prometheus for its tests)
+#   scripts/test.sh --no-e2e    skip the real-vLLM suite (no vLLM needed)
+#   scripts/test.sh -- ARGS     extra pytest arguments for the main suite (e.g. -k routing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+E2E=1
+PYTEST_ARGS=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --no-e2e) E2E=0 ;;
+        --) shift; PYTEST_ARGS=("$@"); break ;;
+        -h | --help) sed -n '2,8p' "$0"; exit 0 ;;
+        *) echo "test.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+[[ -x "$VENV/bin/python" ]] || { echo "test.sh: no $VENV; run scripts/setup.sh first" >&2; exit 2; }
+
+step() { printf '\n==> %s\n' "$*"; }
+t0=$SECONDS
+
+step "lint and types"
+"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
+"$VENV/bin/mypy"
+
+# pytest exits 5 when it collects nothing: with set -e that fails the run rather than passing silently.
+step "test suite"
+"$VENV/bin/python" -m pytest -q "${PYTEST_ARGS[@]}"
+
+if [[ $E2E == 1 ]]; then
+    "$VENV/bin/python" -c "import vllm" 2>/dev/null \
+        || { echo "test.sh: vLLM is not installed; run scripts/setup.sh (or pass --no-e2e)" >&2; exit 2; }
+    step "end-to-end suite against real vLLM workers"
+    "$VENV/bin/python" -m pytest -q -m e2e tests/e2e
+fi
+echo "all checks passed in $((SECONDS - t0)) s"
