@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable, Iterator
 
@@ -130,10 +131,22 @@ class _QuietUnfinished(logging.Filter):
         return "without completing response" not in record.getMessage()
 
 
-async def serve_all(configs: list[SimConfig]) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """Bind the listening socket up front, so a busy port is a clear error before anything starts."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+async def serve_all(configs: list[SimConfig], sockets: list[socket.socket]) -> None:
     servers = [
-        _Server(uvicorn.Config(create_sim_app(c), host=c.host, port=c.port, log_level="warning",
-                               access_log=False, lifespan="on", timeout_graceful_shutdown=1))
+        _Server(uvicorn.Config(create_sim_app(c), log_level="warning", access_log=False, lifespan="on",
+                               timeout_graceful_shutdown=1))
         for c in configs
     ]  # fmt: skip
     loop = asyncio.get_running_loop()
@@ -145,22 +158,22 @@ async def serve_all(configs: list[SimConfig]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop)
-    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    tasks = [asyncio.create_task(s.serve(sockets=[sock])) for s, sock in zip(servers, sockets, strict=True)]
     while not all(s.started for s in servers):
         if any(t.done() for t in tasks):
             stop()
             break
         await asyncio.sleep(0.01)
-    for s, c in zip(servers, configs, strict=True):
-        for srv in s.servers:
-            for sock in srv.sockets:
-                host, port = sock.getsockname()[:2]
-                print(f"worker.sim: serving {c.served_model_name!r} on http://{host}:{port}", flush=True)
+    else:
+        for c, sock in zip(configs, sockets, strict=True):
+            host, port = sock.getsockname()[:2]
+            print(f"worker.sim: serving {c.served_model_name!r} on http://{host}:{port}", flush=True)
     await asyncio.gather(*tasks)
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    sockets: list[socket.socket] = []
     try:
         base = config_from_args(ns)
         if ns.count < 1:
@@ -170,13 +183,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--count > 1 needs --port-base (or --port) > 0")
         configs = [base.replace(port=first + i) for i in range(ns.count)] if ns.count > 1 else [
             base.replace(port=first)]  # fmt: skip
+        for c in configs:
+            sockets.append(listen(c.host, c.port))
     except ConfigError as exc:
+        for sock in sockets:
+            sock.close()
         print(f"worker.sim: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("uvicorn.error").addFilter(_QuietUnfinished())
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(serve_all(configs))
+            runner.run(serve_all(configs, sockets))
     except KeyboardInterrupt:
         pass
     return 0

@@ -98,6 +98,8 @@ async def _generate(state: SimState, receive: Receive, send: Send, body: bytes, 
         params = parse_completion(data)
     model, lora = state.resolve_model(params.model)
     token_ids = params.prompt_token_ids or tokenize(params.prompt_text or "")
+    if not token_ids:
+        raise bad_request("The prompt cannot be empty.", "prompt")
     max_tokens = _check_length(state, params, len(token_ids))
     if state.should_fail():
         status = state.config.fail_status

@@ -157,6 +157,12 @@ async def test_errors_are_openai_shaped(sim: RunningSim, payload: dict[str, obje
     assert err["code"] == status
 
 
+async def test_empty_prompt_is_400(sim: RunningSim) -> None:
+    async with httpx.AsyncClient(base_url=sim.url) as http:
+        r = await http.post("/v1/completions", json={"prompt": "", "max_tokens": 2})
+    assert r.status_code == 400
+
+
 async def test_unknown_model_body_matches_vllm(sim: RunningSim) -> None:
     async with httpx.AsyncClient(base_url=sim.url) as http:
         r = await http.post("/v1/completions", json={"model": "X", "prompt": "a"})

@@ -164,6 +164,15 @@ def test_cli_rejects_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["--served-model-name", "m", "--count", "2", "--port", "0"]) == 2
 
 
+def test_busy_port_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli_main(["--served-model-name", "m", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
 def test_help_documents_every_flag() -> None:
     out = subprocess.run([sys.executable, "-m", "worker.sim", "--help"], capture_output=True, text=True, check=True)
     for flag in ("--embedding-dim", "--max-model-len", "--api-key", "--seed", "--lora-load-ms",
