@@ -6,7 +6,7 @@ Label values are bounded: `model` is a name some backend served, or one of the f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -118,6 +118,21 @@ class Metrics:
         )
         self.registry.register(RegistryCollector(registry))
 
+        # labels() takes a lock and validates on every call; label sets are bounded, so keep the children.
+        self._outcomes: dict[tuple[str, str, int], tuple[Callable[[], None], Callable[[float], None]]] = {}
+        self._inflight: dict[tuple[str, str], Gauge] = {}
+
     def observe(self, model: str, route: str, code: int, seconds: float) -> None:
-        self.requests.labels(model, route, str(code)).inc()
-        self.duration.labels(model, route).observe(seconds)
+        key = (model, route, code)
+        children = self._outcomes.get(key)
+        if children is None:
+            children = (self.requests.labels(model, route, str(code)).inc, self.duration.labels(model, route).observe)
+            self._outcomes[key] = children
+        children[0]()
+        children[1](seconds)
+
+    def inflight_gauge(self, model: str, backend: str) -> Gauge:
+        gauge = self._inflight.get((model, backend))
+        if gauge is None:
+            gauge = self._inflight[(model, backend)] = self.inflight.labels(model, backend)
+        return gauge

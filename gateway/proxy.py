@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
@@ -43,14 +43,8 @@ from gateway.request_body import BodyKind, ClientDisconnected, header, read_body
 from gateway.responses_api import ResponseDirectory
 from gateway.retry_budget import RetryBudget
 from gateway.settings import Settings
-from gateway.usage import (
-    Usage,
-    UsageChunkFilter,
-    UsageTail,
-    count_content_events,
-    inject_include_usage,
-    wants_usage_injection,
-)
+from gateway.stream_observer import ChunkObserver
+from gateway.usage import Usage, inject_include_usage, wants_usage_injection
 
 # Connection-level headers (RFC 9110 7.6.1) and those the gateway sets itself. The client's
 # Authorization is never forwarded: the backend's own key is sent instead.
@@ -102,24 +96,37 @@ class UpstreamBrokeMidBody(Exception):
 
 
 class DisconnectWatch:
-    """Waits for the client's http.disconnect and cancels the request task when it comes early."""
+    """Waits for the client's http.disconnect and cancels the request task when it comes early.
 
-    def __init__(self, receive: Receive, target: asyncio.Task[object]) -> None:
+    The watching task starts only after `delay`: most answers finish sooner and never pay for a task,
+    and uvicorn remembers a disconnect, so one that happened meanwhile is seen at once."""
+
+    def __init__(self, receive: Receive, target: asyncio.Task[object], delay: float = 0.05) -> None:
         self.disconnected = False
         self.finishing = False
-        self._task = asyncio.get_running_loop().create_task(self._watch(receive, target))
+        self._receive = receive
+        self._target = target
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(delay, self._start)
 
-    async def _watch(self, receive: Receive, target: asyncio.Task[object]) -> None:
+    def _start(self) -> None:
+        self._timer = None
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
         while True:
-            message = await receive()
+            message = await self._receive()
             if message["type"] == "http.disconnect":
                 if not self.finishing:
                     self.disconnected = True
-                    target.cancel()
+                    self._target.cancel()
                 return
 
     def stop(self) -> None:
-        self._task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 NO_INFO = RequestInfo(model=NO_MODEL, route="")  # until the request has been read
@@ -341,7 +348,7 @@ class Proxy:
         while True:
             backend = self._policy.pick(pool, info)
             backend.inflight += 1  # same step as the pick: no await in between
-            gauge = self._metrics.inflight.labels(model, backend.url)
+            gauge = self._metrics.inflight_gauge(model, backend.url)
             gauge.inc()
             outcome.backend = backend.url
             try:
@@ -418,86 +425,82 @@ class Proxy:
         outcome: Outcome,
         hide_usage: bool,
     ) -> None:
-        started = outcome.started
-        headers = [(name.lower(), value) for name, value in response.raw_headers]
-        headers = [(name, value) for name, value in headers if name not in DROP_RESPONSE_HEADERS]
+        drop = DROP_RESPONSE_HEADERS
+        headers = [(name, value) for name, value in response.raw_headers if name.lower() not in drop]
         headers.append((b"x-request-id", outcome.request_id))
         headers += outcome.extra_headers
         is_sse = response.content_type == "text/event-stream"
-        usage_filter = UsageChunkFilter() if hide_usage and is_sse else None
+        observer = ChunkObserver(is_sse, hide_usage, outcome.started, self._metrics.itl.labels(outcome.info.model))
         learn_response_id = outcome.info.route == RESPONSES_ROUTE and response.status == 200
-        tail = UsageTail()
-        itl = self._metrics.itl.labels(outcome.info.model)
-        loop = asyncio.get_running_loop()
-        idle = self._idle_timeout
-        content = response.content
-        last_chunk_at = 0.0
-        sent_tail = b"\n\n"
-        ended_cleanly = True
         try:
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
-            try:
-                async with asyncio.timeout(None) as deadline:
-                    while True:
-                        deadline.reschedule(loop.time() + idle)
-                        chunk = await content.readany()
-                        if not chunk:
-                            break
-                        deadline.reschedule(None)  # a slow client is not an idle upstream
-                        tail.feed(chunk)
-                        if learn_response_id:
-                            self._responses.learn(chunk, backend)
-                            learn_response_id = False
-                        if is_sse:
-                            tokens = count_content_events(chunk)
-                            if tokens:
-                                now = perf_counter()
-                                if outcome.ttft is None:
-                                    outcome.ttft = now - started
-                                    tokens -= 1
-                                elif tokens:
-                                    itl.observe(now - last_chunk_at)
-                                    tokens -= 1
-                                for _ in range(tokens):  # events that arrived together came with no gap
-                                    itl.observe(0.0)
-                                last_chunk_at = now
-                            if usage_filter is not None:
-                                chunk = usage_filter.feed(chunk)
-                                if not chunk:
-                                    continue
-                            sent_tail = chunk[-2:]
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except TimeoutError:
-                failure, kind = f"The backend sent nothing for {idle:g} s.", "idle_timeout"
-                ended_cleanly = False
-            except aiohttp.ClientError as exc:
-                failure, kind = f"The backend connection broke: {exc.__class__.__name__}.", "disconnect"
-                ended_cleanly = False
-            if ended_cleanly:
-                watch.finishing = True
-                rest = usage_filter.flush() if usage_filter is not None else b""
-                await send({"type": "http.response.body", "body": rest, "more_body": False})
-                outcome.usage = usage_filter.usage if usage_filter is not None else tail.usage()
-                return
+            failure = await self._relay_body(response.content, send, observer, watch, learn_response_id, backend)
         finally:
             response.close()  # no-op once released; drops the upstream connection when cut short
+            outcome.ttft = observer.ttft
+        if failure is None:
+            outcome.usage = observer.usage()
+            return
+        message, kind = failure
         outcome.status = 502
         self._metrics.upstream_errors.labels(backend.url, kind).inc()
         if not is_sse:
-            raise UpstreamBrokeMidBody(failure)
+            raise UpstreamBrokeMidBody(message)
         # The status line is gone: tell an SSE client in-band, then end the stream cleanly.
         watch.finishing = True
-        rest = usage_filter.flush() if usage_filter is not None else b""
-        separator = b"" if (rest or sent_tail).endswith(b"\n\n") else b"\n\n"
-        event = b"data: " + error_body(failure, "bad_gateway", None, 502) + b"\n\ndata: [DONE]\n\n"
+        rest = observer.flush()
+        separator = b"" if (rest or observer.sent_tail).endswith(b"\n\n") else b"\n\n"
+        event = b"data: " + error_body(message, "bad_gateway", None, 502) + b"\n\ndata: [DONE]\n\n"
         await send({"type": "http.response.body", "body": rest + separator + event, "more_body": False})
+
+    async def _relay_body(
+        self,
+        content: aiohttp.StreamReader,
+        send: Send,
+        observer: ChunkObserver,
+        watch: DisconnectWatch,
+        learn_response_id: bool,
+        backend: Backend,
+    ) -> tuple[str, str] | None:
+        """Copy the upstream body to the client; returns (message, kind) if the upstream failed."""
+        loop = asyncio.get_running_loop()
+        idle = self._idle_timeout
+        try:
+            async with asyncio.timeout(None) as deadline:
+                while True:
+                    chunk = content.read_nowait()  # already buffered: no timer to arm
+                    if not chunk:
+                        if content.at_eof():
+                            break
+                        deadline.reschedule(loop.time() + idle)
+                        chunk = await content.readany()
+                        deadline.reschedule(None)  # a slow client is not an idle upstream
+                        if not chunk:
+                            break
+                    if learn_response_id:
+                        self._responses.learn(chunk, backend)
+                        learn_response_id = False
+                    out = observer.feed(chunk)
+                    if content.at_eof():  # the last chunk ends the response: one send instead of two
+                        watch.finishing = True
+                        await send({"type": "http.response.body", "body": out + observer.flush(), "more_body": False})
+                        return None
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+        except TimeoutError:
+            return f"The backend sent nothing for {idle:g} s.", "idle_timeout"
+        except aiohttp.ClientError as exc:
+            return f"The backend connection broke: {exc.__class__.__name__}.", "disconnect"
+        watch.finishing = True
+        await send({"type": "http.response.body", "body": observer.flush(), "more_body": False})
+        return None
 
 
 def _request_id(scope: Scope) -> bytes:
     given = header(scope, b"x-request-id")
     if given is not None and REQUEST_ID.fullmatch(given):
         return given
-    return uuid.uuid4().hex.encode()
+    return os.urandom(16).hex().encode()
 
 
 def _base_model(backend: Backend) -> str:

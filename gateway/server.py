@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         http="httptools",
         lifespan="on",
         access_log=False,  # the gateway writes its own JSON access log (switchyard.access)
+        proxy_headers=False,  # trust no X-Forwarded-For by default; the peer address is the client
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown.grace_period) or None,
     )
