@@ -14,6 +14,9 @@ SSE event arrived (TTFT) and when `[DONE]` arrived (e2e).
 The prediction replays the same requests, at the same send times, through the engine model on a
 virtual clock (`worker.sim.replay`): it is what the model says the timings should be. A measured
 mean within 10% of the predicted mean means the HTTP layer and event loop keep up at that load.
+`lag` is the simulator's own view (sim:* metrics): how late, on average, its engine steps ended
+against the model's timeline during the level; a small lag with a large TTFT deviation points at
+the client (this process, on the same cores) rather than the server.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +153,16 @@ async def run_level(url: str, level: int, ns: argparse.Namespace, label: str) ->
         return samples, time.perf_counter() - start
 
 
+def server_lag(url: str) -> tuple[float, float]:
+    """(summed step lateness in s, steps) from the simulator's own sim:* metrics."""
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(("sim:step_lag_seconds_total", "sim:engine_steps_total")):
+            values[line.split("{", 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return values.get("sim:step_lag_seconds_total", 0.0), values.get("sim:engine_steps_total", 0.0)
+
+
 def predict(cfg: SimConfig, samples: list[Sample], max_tokens: int) -> list[SimRequest]:
     t0 = min(s.sent for s in samples)
     reqs = [SimRequest(str(i), tokenize(s.prompt), max_tokens) for i, s in enumerate(samples)]
@@ -172,19 +186,23 @@ def main() -> int:
           f"prefill={cfg.prefill_ms_per_token}ms/token batch_factor={cfg.decode_batch_factor}; "
           f"requests: {ns.prompt_tokens} prompt tokens, {ns.max_tokens} output tokens (ignore_eos)")  # fmt: skip
     header = (f"{'conc':>5} {'err%':>5} {'tok/s':>7} | {'TTFT pred':>9} {'meas':>7} {'Δ%':>6} | "
-              f"{'e2e pred':>8} {'meas':>7} {'Δ%':>6} | {'p90 e2e pred':>12} {'meas':>7} | within 10%")  # fmt: skip
+              f"{'e2e pred':>8} {'meas':>7} {'Δ%':>6} | {'p90 e2e pred':>12} {'meas':>7} | "
+              f"{'lag':>6} | within 10%")  # fmt: skip
     rows = [header, "-" * len(header)]
     with simulator(cfg, ns.url) as url:
         asyncio.run(run_level(url, 1, ns, "warm-up"))  # warm-up: first-call costs stay out of the table
         for level in levels:
             # small levels run several rounds (one after another) so each row averages >= 20 requests
             samples, wall, by_prompt = [], 0.0, {}
+            lag_before, steps_before = server_lag(url)
             for round_no in range(max(1, -(-20 // level))):
                 batch, took = asyncio.run(run_level(url, level, ns, f"level {level} round {round_no}"))
                 predicted = predict(cfg, batch, ns.max_tokens)
                 by_prompt.update({id(s): r for s, r in zip(batch, predicted, strict=True)})
                 samples += batch
                 wall += took
+            lag_after, steps_after = server_lag(url)
+            lag_ms = 1e3 * (lag_after - lag_before) / max(steps_after - steps_before, 1)
             ok = [s for s in samples if s.error is None and s.first is not None and s.done is not None]
             errors = 100.0 * (len(samples) - len(ok)) / len(samples)
             p_ttft = [(r.first_token_at or 0) - r.arrival for r in (by_prompt[id(s)] for s in ok)]
@@ -202,6 +220,7 @@ def main() -> int:
                 f"{level:>5} {errors:>5.1f} {tok_s:>7.0f} | {statistics.mean(p_ttft) * 1e3:>7.1f}ms "
                 f"{statistics.mean(m_ttft) * 1e3:>5.1f}ms {d_ttft:>+5.1f}% | {statistics.mean(p_e2e):>7.3f}s "
                 f"{statistics.mean(m_e2e):>6.3f}s {d_e2e:>+5.1f}% | {p90(p_e2e):>11.3f}s {p90(m_e2e):>6.3f}s | "
+                f"{lag_ms:>4.1f}ms | "
                 f"{within}"
             )  # fmt: skip
             print(rows[-1] if len(rows) > 3 else "\n".join(rows), flush=True)
