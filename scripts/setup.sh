@@ -20,8 +20,8 @@ for arg in "$@"; do
     esac
 done
 
-step() { printf '\n==> %s\n' "$*"; }
 t0=$SECONDS
+step() { printf '\n==> [%4d s] %s\n' "$((SECONDS - t0))" "$*"; }
 
 if [[ ! -x "$VENV/bin/python" ]]; then
     PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"

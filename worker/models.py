@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything comes from installed packages
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our one line per model is enough
+    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         prepare(root)
     except PrepareError as exc:
