@@ -6,24 +6,28 @@ relies on; unknown fields are ignored as vLLM does for most sampling knobs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import orjson
 
 JSON = dict[str, Any]
 
-_ERROR_TYPES = {
-    400: "BadRequestError",
-    401: "Unauthorized",
-    404: "NotFoundError",
-    408: "RequestTimeout",
-    429: "TooManyRequests",
-    500: "InternalServerError",
-    502: "BadGateway",
-    503: "ServiceUnavailable",
-    504: "GatewayTimeout",
-}
+_ERROR_TYPES: Mapping[int, str] = MappingProxyType(
+    {
+        400: "BadRequestError",
+        401: "Unauthorized",
+        404: "NotFoundError",
+        408: "RequestTimeout",
+        429: "TooManyRequests",
+        500: "InternalServerError",
+        502: "BadGateway",
+        503: "ServiceUnavailable",
+        504: "GatewayTimeout",
+    }
+)
 
 
 class ApiError(Exception):

@@ -36,14 +36,16 @@ from worker.sim.text import embedding, embedding_base64, render_chat, token_piec
 
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 AUTH_PREFIXES = ("/v1/", "/v2/", "/inference/")
-JSON_ROUTES = {
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/tokenize",
-    "/v1/load_lora_adapter",
-    "/v1/unload_lora_adapter",
-}
+JSON_ROUTES = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/tokenize",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+    }
+)
 
 Handler = Callable[[SimState, Receive, Send, bytes], Awaitable[None]]
 
