@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,7 @@ from worker.sim.text import tokenize
 @dataclass
 class Sample:
     prompt: str
+    url: str
     sent: float = 0.0
     first: float | None = None
     done: float | None = None
@@ -63,7 +65,15 @@ async def _body_sent(session: object, ctx: SimpleNamespace, params: object) -> N
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--url", default=None, help="use a simulator already running there (same engine flags!)")
+    p.add_argument(
+        "--url", default=None, help="use simulators already running there (comma-separated URLs; same engine flags!)"
+    )
+    p.add_argument(
+        "--count",
+        type=int,
+        default=1,
+        help="simulated servers in the one simulator process; streams are spread round-robin",
+    )
     p.add_argument("--levels", default="1,100,500,1000,2000", help="comma-separated concurrency levels")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -82,12 +92,29 @@ def sim_config(ns: argparse.Namespace) -> SimConfig:
                      decode_batch_factor=ns.decode_batch_factor)  # fmt: skip
 
 
+def free_port_run(count: int) -> int:
+    for base in range(21000, 60000, 101):
+        socks: list[socket.socket] = []
+        try:
+            for i in range(count):
+                socks.append(socket.socket())
+                socks[-1].bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise SystemExit("no run of free ports")
+
+
 @contextlib.contextmanager
-def simulator(cfg: SimConfig, url: str | None) -> Iterator[str]:
-    if url:
-        yield url
+def simulator(cfg: SimConfig, urls: str | None, count: int) -> Iterator[list[str]]:
+    if urls:
+        yield urls.split(",")
         return
-    cmd = [sys.executable, "-m", "worker.sim", "--served-model-name", cfg.served_model_name, "--port", "0",
+    ports = ["--port", "0"] if count == 1 else ["--count", str(count), "--port-base", str(free_port_run(count))]
+    cmd = [sys.executable, "-m", "worker.sim", "--served-model-name", cfg.served_model_name, *ports,
            "--max-num-seqs", str(cfg.max_num_seqs), "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
            "--decode-ms-per-token", str(cfg.decode_ms_per_token),
            "--prefill-ms-per-token", str(cfg.prefill_ms_per_token),
@@ -95,10 +122,10 @@ def simulator(cfg: SimConfig, url: str | None) -> Iterator[str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        match = re.search(r"on (http://\S+)", proc.stdout.readline())
-        if match is None:
+        found = [re.search(r"on (http://\S+)", proc.stdout.readline()) for _ in range(count)]
+        if not all(found):
             raise SystemExit("the simulator did not start")
-        yield match.group(1)
+        yield [m.group(1) for m in found if m is not None]
     finally:
         proc.terminate()
         proc.wait(10)
@@ -109,11 +136,11 @@ def make_prompt(label: str, i: int, tokens: int) -> str:
     return (head + "lorem ipsum dolor sit amet " * (tokens // 4 + 1))[: tokens * 4]
 
 
-async def one_stream(session: aiohttp.ClientSession, url: str, sample: Sample, max_tokens: int) -> None:
+async def one_stream(session: aiohttp.ClientSession, sample: Sample, max_tokens: int) -> None:
     body = {"model": "bench", "prompt": sample.prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
     sample.sent = time.perf_counter()
     try:
-        async with session.post(url + "/v1/completions", json=body, trace_request_ctx=sample) as resp:
+        async with session.post(sample.url + "/v1/completions", json=body, trace_request_ctx=sample) as resp:
             if resp.status != 200:
                 sample.error = f"HTTP {resp.status}"
                 return
@@ -135,38 +162,43 @@ async def one_stream(session: aiohttp.ClientSession, url: str, sample: Sample, m
         sample.error = type(exc).__name__
 
 
-async def run_level(url: str, level: int, ns: argparse.Namespace, label: str) -> tuple[list[Sample], float]:
+async def run_level(urls: list[str], level: int, ns: argparse.Namespace, label: str) -> tuple[list[Sample], float]:
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=120)
     timeout = aiohttp.ClientTimeout(total=600)
     tracing = aiohttp.TraceConfig()
     tracing.on_request_chunk_sent.append(_body_sent)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, trace_configs=[tracing]) as session:
 
-        async def warm() -> None:
+        async def warm(url: str) -> None:
             async with session.get(url + "/health") as r:
                 await r.read()
 
-        await asyncio.gather(*(warm() for _ in range(level)))  # open the keep-alive connections first
-        samples = [Sample(make_prompt(label, i, ns.prompt_tokens)) for i in range(level)]
+        samples = [Sample(make_prompt(label, i, ns.prompt_tokens), urls[i % len(urls)]) for i in range(level)]
+        await asyncio.gather(*(warm(s.url) for s in samples))  # open the keep-alive connections first
         start = time.perf_counter()
-        await asyncio.gather(*(one_stream(session, url, s, ns.max_tokens) for s in samples))
+        await asyncio.gather(*(one_stream(session, s, ns.max_tokens) for s in samples))
         return samples, time.perf_counter() - start
 
 
-def server_lag(url: str) -> tuple[float, float]:
-    """(summed step lateness in s, steps) from the simulator's own sim:* metrics."""
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith(("sim:step_lag_seconds_total", "sim:engine_steps_total")):
-            values[line.split("{", 1)[0]] = float(line.rsplit(" ", 1)[1])
+def server_lag(urls: list[str]) -> tuple[float, float]:
+    """(summed step lateness in s, steps) over all servers, from the simulator's own sim:* metrics."""
+    values: dict[str, float] = {}
+    for url in urls:
+        text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+        for line in text.splitlines():
+            if line.startswith(("sim:step_lag_seconds_total", "sim:engine_steps_total")):
+                name = line.split("{", 1)[0]
+                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return values.get("sim:step_lag_seconds_total", 0.0), values.get("sim:engine_steps_total", 0.0)
 
 
 def predict(cfg: SimConfig, samples: list[Sample], max_tokens: int) -> list[SimRequest]:
+    """The model's timings for `samples`, in order; each server is its own engine."""
     t0 = min(s.sent for s in samples)
     reqs = [SimRequest(str(i), tokenize(s.prompt), max_tokens) for i, s in enumerate(samples)]
-    return replay(cfg, [(s.sent - t0, r) for s, r in zip(samples, reqs, strict=True)])
+    for url in {s.url for s in samples}:
+        replay(cfg, [(s.sent - t0, r) for s, r in zip(samples, reqs, strict=True) if s.url == url])
+    return reqs
 
 
 def p90(xs: list[float]) -> float:
@@ -181,7 +213,8 @@ def main() -> int:
     ns = parse_args()
     cfg = sim_config(ns)
     levels = [int(x) for x in ns.levels.split(",")]
-    print(f"engine: max_num_seqs={cfg.max_num_seqs} max_num_batched_tokens={cfg.max_num_batched_tokens} "
+    print(f"{ns.count} server(s); engine: max_num_seqs={cfg.max_num_seqs} "
+          f"max_num_batched_tokens={cfg.max_num_batched_tokens} "
           f"decode={cfg.decode_ms_per_token}ms/token "
           f"prefill={cfg.prefill_ms_per_token}ms/token batch_factor={cfg.decode_batch_factor}; "
           f"requests: {ns.prompt_tokens} prompt tokens, {ns.max_tokens} output tokens (ignore_eos)")  # fmt: skip
@@ -189,19 +222,19 @@ def main() -> int:
               f"{'e2e pred':>8} {'meas':>7} {'Δ%':>6} | {'p90 e2e pred':>12} {'meas':>7} | "
               f"{'lag':>6} | within 10%")  # fmt: skip
     rows = [header, "-" * len(header)]
-    with simulator(cfg, ns.url) as url:
-        asyncio.run(run_level(url, 1, ns, "warm-up"))  # warm-up: first-call costs stay out of the table
+    with simulator(cfg, ns.url, ns.count) as urls:
+        asyncio.run(run_level(urls, len(urls), ns, "warm-up"))  # warm-up: first-call costs stay out of the table
         for level in levels:
             # small levels run several rounds (one after another) so each row averages >= 20 requests
             samples, wall, by_prompt = [], 0.0, {}
-            lag_before, steps_before = server_lag(url)
+            lag_before, steps_before = server_lag(urls)
             for round_no in range(max(1, -(-20 // level))):
-                batch, took = asyncio.run(run_level(url, level, ns, f"level {level} round {round_no}"))
+                batch, took = asyncio.run(run_level(urls, level, ns, f"level {level} round {round_no}"))
                 predicted = predict(cfg, batch, ns.max_tokens)
                 by_prompt.update({id(s): r for s, r in zip(batch, predicted, strict=True)})
                 samples += batch
                 wall += took
-            lag_after, steps_after = server_lag(url)
+            lag_after, steps_after = server_lag(urls)
             lag_ms = 1e3 * (lag_after - lag_before) / max(steps_after - steps_before, 1)
             ok = [s for s in samples if s.error is None and s.first is not None and s.done is not None]
             errors = 100.0 * (len(samples) - len(ok)) / len(samples)
