@@ -171,6 +171,24 @@ def test_promtool_checks_the_rules() -> None:
         assert "SUCCESS" in done.stdout
 
 
+def test_promtool_unit_tests_of_the_alerts() -> None:
+    """alerts-test.yaml: each alert fires only after its `for:`, on the faulty series only, with its
+    annotations rendered; healthy neighbours (a steady long queue, 4xx, a fast model) stay quiet."""
+    promtool = promtool_binary()
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package `prometheus`; run scripts/install-prometheus.sh)")
+    tests = Path(__file__).with_name("alerts-test.yaml")
+    done = subprocess.run(
+        [promtool, "test", "rules", tests.name], cwd=tests.parent, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+    tested = {
+        case["alertname"] for group in yaml.safe_load(tests.read_text())["tests"] for case in group["alert_rule_test"]
+    }
+    assert tested == {rule.name for rule in checks.alert_rules(ALERT_FILES)}
+
+
 def test_every_dashboard_has_a_preview() -> None:
     previews = REPO / "docs" / "dashboards"
     for path in DASHBOARDS:
