@@ -2,13 +2,15 @@
 
 Run (from the repository root, with the venv's Python):
 
-    .venv/bin/python bench/sim_capacity.py                      # levels 1,100,500,1000,2000 (~1 minute)
-    .venv/bin/python bench/sim_capacity.py --levels 2000 --max-tokens 64
+    .venv/bin/python bench/sim_capacity.py                      # levels 1,100,500,1000,2000 (~2 minutes)
+    .venv/bin/python bench/sim_capacity.py --levels 2000 --max-num-seqs 2048 --max-num-batched-tokens 8192
+    .venv/bin/python bench/sim_capacity.py --count 8 --levels 200,800   # 8 servers in one process
 
-It starts one `python -m worker.sim` child on a free loopback port (default engine settings unless
-overridden), then for each concurrency level N opens N keep-alive connections (aiohttp), sends N
-streamed /v1/completions requests at once (distinct prompts of --prompt-tokens, `ignore_eos` so
-each yields exactly --max-tokens tokens) and records, per request, when it was sent, when its first
+It starts one `python -m worker.sim` child on free loopback ports (default engine settings unless
+overridden; `--count K` servers, streams spread round-robin), then for each concurrency level N
+sends N streamed /v1/completions requests at once (aiohttp, one connection each; distinct prompts
+of --prompt-tokens, `ignore_eos` so each yields exactly --max-tokens tokens) and records, per
+request, when it was sent, when its first
 SSE event arrived (TTFT) and when `[DONE]` arrived (e2e).
 
 The prediction replays the same requests, at the same send times, through the engine model on a
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,13 +171,9 @@ async def run_level(urls: list[str], level: int, ns: argparse.Namespace, label: 
     tracing = aiohttp.TraceConfig()
     tracing.on_request_chunk_sent.append(_body_sent)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, trace_configs=[tracing]) as session:
-
-        async def warm(url: str) -> None:
-            async with session.get(url + "/health") as r:
-                await r.read()
-
+        # no pre-opened connections (the server closes idle ones after 5 s, as vLLM does): a request's
+        # clock starts when its body is written, after its connection is up
         samples = [Sample(make_prompt(label, i, ns.prompt_tokens), urls[i % len(urls)]) for i in range(level)]
-        await asyncio.gather(*(warm(s.url) for s in samples))  # open the keep-alive connections first
         start = time.perf_counter()
         await asyncio.gather(*(one_stream(session, s, ns.max_tokens) for s in samples))
         return samples, time.perf_counter() - start
@@ -242,8 +241,12 @@ def main() -> int:
             p_e2e = [(r.finished_at or 0) - r.arrival for r in (by_prompt[id(s)] for s in ok)]
             m_ttft = [(s.first or 0) - s.sent for s in ok]
             m_e2e = [(s.done or 0) - s.sent for s in ok]
+            ok_ids = {id(s) for s in ok}
+            failures = Counter(s.error or "no first token / [DONE]" for s in samples if id(s) not in ok_ids)
+            if failures:
+                print(f"level {level}: failures {dict(failures)}", flush=True)
             if not ok:
-                rows.append(f"{level:>5} {errors:>5.1f}  all requests failed: {samples[0].error}")
+                rows.append(f"{level:>5} {errors:>5.1f}  all requests failed: {failures.most_common(1)}")
                 continue
             d_ttft = pct(statistics.mean(m_ttft), statistics.mean(p_ttft))
             d_e2e = pct(statistics.mean(m_e2e), statistics.mean(p_e2e))
