@@ -189,9 +189,16 @@ def test_promtool_unit_tests_of_the_alerts() -> None:
     assert tested == {rule.name for rule in checks.alert_rules(ALERT_FILES)}
 
 
-def test_every_dashboard_has_a_preview() -> None:
+def test_every_dashboard_has_a_current_preview() -> None:
+    """docs/dashboards/<name>.png exists, and its size matches the dashboard's grid height (a stale preview
+    of a dashboard that grew or shrank fails here; the scale is the render script's: 64 px per column,
+    30 px per grid row, 90 px of header)."""
     previews = REPO / "docs" / "dashboards"
     for path in DASHBOARDS:
         preview = previews / f"{path.stem}.png"
         assert preview.is_file(), f"run scripts/render-dashboard-previews.py: {preview} is missing"
-        assert preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        head = preview.read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        rows = max(rect.y + rect.h for rect in grafana.rects(grafana.load(path)))
+        assert (width, height) == (24 * 64, rows * 30 + 90), f"{preview} is stale: re-run the render script"
