@@ -255,13 +255,22 @@ def check_variables(prom: Prometheus) -> None:
         "model": {"alpha", "alpha-lora", "beta", "gamma"},  # the gateway's label: adapters too
         "model_name": {"alpha", "beta", "gamma"},  # vLLM's: the first served name of each engine
     }
-    for path in grafana.dashboard_files():
-        variables = grafana.variable_queries(grafana.load(path))
-        assert set(variables) == {"namespace", "model"}, path.name
-        for name, query in variables.items():
-            match, label = grafana.parse_label_values(query)
-            values = set(prom.label_values(label, grafana.fill(match, {"namespace": ".*"}) if match else None))
-            assert expected[label] <= values, (path.name, name, values)
+    missing: list[tuple[str, str, set[str]]] = []
+    deadline = time.monotonic() + 15  # gamma's first answer may still be on its way
+    while True:
+        missing = []
+        for path in grafana.dashboard_files():
+            variables = grafana.variable_queries(grafana.load(path))
+            assert set(variables) == {"namespace", "model"}, path.name
+            for name, query in variables.items():
+                match, label = grafana.parse_label_values(query)
+                values = set(prom.label_values(label, grafana.fill(match, {"namespace": ".*"}) if match else None))
+                if not expected[label] <= values:
+                    missing.append((path.name, name, values))
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert missing == []
 
 
 def assert_traffic_mix(traffic: Traffic, prom: Prometheus) -> None:
