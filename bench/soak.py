@@ -207,24 +207,26 @@ async def soak(url: str, pid: int, args: argparse.Namespace, tally: Tally) -> tu
     return seconds, rss_warm, samples
 
 
+def gateway_sum(url: str, name: str) -> float:
+    """Sum of one metric over its label sets on the gateway's /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
 def wait_idle(url: str, timeout: float = 10.0) -> float:
     """Seconds until the gateway reports no request in flight."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
-            text = response.read().decode()
-        inflight = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("switchyard_inflight_requests{")
-        )
-        if inflight == 0:
+        if gateway_sum(url, "switchyard_inflight_requests") == 0:
             return time.monotonic() - started
         time.sleep(0.1)
     raise RuntimeError("the gateway still has requests in flight")
 
 
-def report(args: argparse.Namespace, tally: Tally, seconds: float, rss: dict[str, int], peak: int) -> bool:
+def report(
+    args: argparse.Namespace, tally: Tally, seconds: float, rss: dict[str, int], peak: int, upstream: dict[str, float]
+) -> bool:
     growth = rss["end"] / rss["warm"] - 1
     failures = sum(count for (_, outcome), count in tally.outcomes.items() if outcome in FAILURES)
     print()
@@ -240,6 +242,8 @@ def report(args: argparse.Namespace, tally: Tally, seconds: float, rss: dict[str
     print(f"| gateway RSS at end (idle) | {rss['end'] / 1024:.1f} MiB |")
     print(f"| RSS growth after warm-up | {growth * 100:+.1f}% (limit +10%) |")
     print(f"| failed requests | {failures} |")
+    print(f"| retries to another backend (warm-up included) | {upstream['retries']:,.0f} |")
+    print(f"| upstream errors seen by the gateway, all kinds | {upstream['errors']:,.0f} |")
     print()
     outcomes = sorted({outcome for _, outcome in tally.outcomes})
     print("| kind | " + " | ".join(outcomes) + " |")
@@ -292,7 +296,11 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_requests": args.warmup if args.warmup is not None else max(1, args.requests // 10),
         }
         peak = max([rss["end"], *(value for _, value in samples)])
-        return 0 if report(args, tally, seconds, rss, peak) else 1
+        upstream = {
+            "retries": gateway_sum(url, "switchyard_retries_total"),
+            "errors": gateway_sum(url, "switchyard_upstream_errors_total"),
+        }
+        return 0 if report(args, tally, seconds, rss, peak, upstream) else 1
 
 
 if __name__ == "__main__":

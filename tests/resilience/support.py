@@ -86,7 +86,8 @@ class GatewayProcess:
 
     def log(self) -> str:
         self._log.seek(0)
-        return self._log.read().decode(errors="replace")
+        text: bytes = self._log.read()
+        return text.decode(errors="replace")
 
     def rss_kib(self) -> int:
         return rss_kib(self.pid)

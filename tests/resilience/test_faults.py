@@ -149,24 +149,26 @@ def improper(results: list[Result]) -> list[Result]:
 
 def test_rolling_restart_under_steady_load_fails_no_request() -> None:
     fleet = [sim("roll") for _ in range(3)]
-    with running_sims(*fleet), gateway(*(s.url for s in fleet)) as gw, Load(gw.url, "roll", workers=4) as load:
-        wait_until(lambda: load.count() >= 50, 20, what="steady load")
-        for index, old in enumerate(fleet):
-            old.stop()  # SIGTERM: the simulator finishes its in-flight requests and exits
-            assert old.process is not None
-            assert old.process.returncode is not None
-            new = SimProcess(old.args, port=old.port)
-            fleet[index] = new  # running_sims stops whatever holds the port at the end
-            new.start()
-            wait_until(lambda new=new: routable(gw, new.url), 15, what=f"restarted backend {index} back in rotation")
-            served = load.count()
-            wait_until(lambda served=served: load.count() >= served + 30, 20, what="load after the restart")
-        load.stop()
-        results = load.snapshot()
-        for restarted in fleet:  # every restarted backend took part again
-            assert restarted.metric("vllm:request_success_total") > 0
-        for restarted in fleet:
-            restarted.stop()
+    try:
+        with running_sims(*fleet), gateway(*(s.url for s in fleet)) as gw, Load(gw.url, "roll", workers=4) as load:
+            wait_until(lambda: load.count() >= 50, 20, what="steady load")
+            for index, old in enumerate(fleet):
+                old.stop()  # SIGTERM: the simulator finishes its in-flight requests and exits
+                assert old.process is not None
+                assert old.process.returncode is not None
+                new = SimProcess(old.args, port=old.port)
+                fleet[index] = new
+                new.start()
+                wait_until(lambda new=new: routable(gw, new.url), 15, what=f"restarted backend {index} in rotation")
+                served = load.count()
+                wait_until(lambda served=served: load.count() >= served + 30, 20, what="load after the restart")
+            load.stop()
+            results = load.snapshot()
+            for restarted in fleet:  # every restarted backend took part again
+                assert restarted.metric("vllm:request_success_total") > 0
+    finally:
+        for process in fleet:  # the restarted ones are not known to running_sims
+            process.stop()
     failures = [result for result in results if result.verdict != "ok"]
     assert len(results) >= 150
     assert failures == [], f"{len(failures)} of {len(results)} requests failed, e.g. {failures[:3]}"
