@@ -5,8 +5,11 @@ Runs last in the suite (file order): it kills the embedding worker for good.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,9 +20,23 @@ from worker import procs
 pytestmark = pytest.mark.e2e
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
 def test_killed_worker_leaves_the_other_model_served_and_its_own_503(e2e: E2EStack) -> None:
     embed = next(c for c in e2e.stack.workers if c.name == "embed")
-    procs.signal_group(embed.process, signal.SIGKILL)  # launcher and vLLM together: a crashed pod
+    # A crashed pod: SIGKILL vLLM's process group (server and engine core), then the launcher's.
+    for pid in _children(embed.process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+    procs.signal_group(embed.process, signal.SIGKILL)
     embed.process.wait(30)
     with httpx.Client(base_url=e2e.gateway, timeout=30) as http:
         body = {"model": "minilm", "input": "hello"}

@@ -149,3 +149,11 @@ def test_argv_wins_over_the_environment() -> None:
 def test_bad_settings_name_the_option(argv: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_settings([*argv, "--engine", "cpu"], {})
+
+
+def test_vllm_does_not_outlive_a_killed_launcher(stand_in: Path, tmp_path: Path) -> None:
+    proc, port, _ = _launch(stand_in, tmp_path, "serve")
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 20, what="stand-in health")
+    proc.kill()  # SIGKILL: no chance to forward anything
+    proc.wait(10)
+    wait_until(lambda: not http_ok(f"http://127.0.0.1:{port}/health", timeout=0.5), 10, what="child gone")
