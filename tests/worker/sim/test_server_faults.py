@@ -208,3 +208,12 @@ async def test_lora_slot_wait_shows_in_metrics(sim_factory: SimFactory) -> None:
         results = await asyncio.gather(*jobs)
     assert [r.status_code for r in results] == [200, 200]
     assert 'vllm:lora_requests_info{max_lora="1",running_lora_adapters="a",waiting_lora_adapters="b"}' in text
+
+
+def test_lora_flags_and_switchyard_entry() -> None:
+    from gateway.cli import main as switchyard_main
+    from worker.sim.cli import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["--served-model-name", "m", "--lora", "a=/p/a", "--lora", "b"]))
+    assert cfg.loras == {"a": "/p/a", "b": "/sim/loras/b"}
+    assert switchyard_main(["sim", "--served-model-name", "m", "--max-num-seqs", "0"]) == 2
