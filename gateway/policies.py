@@ -150,6 +150,7 @@ class Affinity:
         self._session_header = settings.session_header.lower()
         self._factor = settings.load_factor
         self._slack = settings.load_slack
+        self._margin = settings.spill_margin
         self._queue_threshold = settings.queue_threshold
         self._lora_backends = settings.lora_backends
         self._stale_after = settings.stale_after
@@ -169,6 +170,9 @@ class Affinity:
         now = time.monotonic()
         limit = self._inflight_limit(candidates)
         ranked = sorted(candidates, key=lambda backend: rendezvous_score(key, backend.url), reverse=True)
+        first, second = ranked[0], ranked[1]
+        if first.inflight > second.inflight + self._margin and not self._overloaded(second, limit, now):
+            return second  # two choices: a key lives on its top two backends, the busier one yields
         for backend in ranked:
             if not self._overloaded(backend, limit, now):
                 return backend

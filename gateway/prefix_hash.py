@@ -64,7 +64,7 @@ def prompt_prefix(payload: Mapping[str, Any], limit: int) -> str:
         return "".join(parts)[:limit]
     for field in ("prompt", "input"):
         value = payload.get(field)
-        if isinstance(value, list) and value:
+        if isinstance(value, list) and value and isinstance(value[0], str | list):
             value = value[0]  # a batch: route by its first prompt
         if isinstance(value, str):
             return value[:limit]

@@ -53,6 +53,12 @@ class RoutingSettings(_Strict):
     load_slack: float = Field(
         default=4.0, ge=0, description="In-flight requests a preferred backend may carry above the bound."
     )
+    spill_margin: float = Field(
+        default=1.0,
+        ge=0,
+        description="Two choices: a key's second backend (by rendezvous) takes the request when the first has "
+        "more than this many in-flight requests above it. Large values make affinity strictly sticky.",
+    )
     queue_threshold: float = Field(
         default=4.0, ge=0, description="Bounded load: leave the preferred backend when its engine queue exceeds this."
     )
