@@ -137,7 +137,8 @@ def malformed_json(draw: st.DrawFn) -> bytes:
 @given(route=json_routes, body=malformed_json())
 def test_malformed_json(http: httpx.Client, gw: GatewayServer, upstream: SimProcess, route: str, body: bytes) -> None:
     response = check_post(http, gw, upstream, route, body)
-    assert response.status_code != 200 or route in ("/tokenize", "/detokenize") or body.lstrip().startswith(b"{")
+    if response.status_code == 200:  # only a body that is still a JSON object may get through
+        assert body.lstrip().startswith(b"{"), body[:200]
 
 
 @st.composite
@@ -314,7 +315,7 @@ def broken_multipart(draw: st.DrawFn) -> tuple[bytes, bytes]:
 @fuzz_settings(400)
 @given(route=st.sampled_from(MULTIPART_ROUTES), multipart=broken_multipart())
 def test_broken_multipart_on_audio_routes(
-    http: httpx.Client, gw: GatewayServer, upstream: SimProcess, route: str, multipart: tuple[bytes, bytes]
+    gw: GatewayServer, upstream: SimProcess, route: str, multipart: tuple[bytes, bytes]
 ) -> None:
     content_type, body = multipart
     check_raw(gw, upstream, raw_request(b"POST", route.encode(), [(b"content-type", content_type)], body))
