@@ -109,6 +109,7 @@ def test_5xx_burst_is_retried_and_the_failing_backend_ejected() -> None:
             if number == requests // 2 - 1:
                 halfway = upstream_errors(gw, bad.url, "status")
         total = upstream_errors(gw, bad.url, "status")
+        retries = metric_sum(httpx.get(gw.url + "/metrics").text, "switchyard_retries_total")
         served_by_good = good.metric("vllm:request_success_total")
     failed = [status for status in statuses if status != 200]
     assert failed == [], f"clients saw {len(failed)} failures: {sorted(set(failed))}"
@@ -117,6 +118,23 @@ def test_5xx_burst_is_retried_and_the_failing_backend_ejected() -> None:
     # before each ejection (3 in a row by default) and none while ejected.
     assert 1 <= total <= 12, f"the failing backend received {total:g} of {requests} requests"
     assert total - halfway <= 6, f"it still received {total - halfway:g} requests in the second half"
+    assert retries == total  # each 503 was retried once, on the other backend
+    assert retries <= 0.2 * requests + 10  # within the default budget: 20% of requests plus its initial reserve
+
+
+def test_failing_fleet_is_not_hammered_by_retries() -> None:
+    fleet = [sim("down", "--fail-rate", "1", "--fail-status", "503") for _ in range(3)]
+    requests = 100
+    with running_sims(*fleet), gateway(*(s.url for s in fleet)) as gw, httpx.Client(timeout=10) as client:
+        answers = [
+            client.post(gw.url + "/v1/completions", json={"model": "down", "prompt": f"{n}", "max_tokens": 2})
+            for n in range(requests)
+        ]
+        attempts = sum(upstream_errors(gw, s.url, "status") for s in fleet)
+    assert {answer.status_code for answer in answers} == {503}
+    assert all(is_gateway_error_body(answer.text) for answer in answers)
+    # at most 2 retries per request, and within the budget: 20% of requests plus its initial reserve of 10
+    assert attempts <= requests + 0.2 * requests + 10, f"{attempts:g} upstream attempts for {requests} requests"
 
 
 def test_slow_starting_backend_gets_requests_only_once_healthy() -> None:
