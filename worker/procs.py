@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,3 +99,23 @@ def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.5)
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def free_port_block(count: int, low: int = 20000, high: int = 32000) -> int:
+    """A base port with count consecutive ports nobody listens on, below Linux's ephemeral range: ports the
+    kernel hands out for bind(0) and outgoing connections (vLLM's internal sockets, other tests) stay clear."""
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(low, high - count)
+        if all(_port_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports in {low}-{high}")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

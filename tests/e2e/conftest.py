@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import random
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,7 +20,8 @@ import pytest
 from openai import OpenAI
 
 from worker.models import DemoModels, default_models_dir, prepare
-from worker.stack import Stack, port_in_use
+from worker.procs import free_port_block
+from worker.stack import Stack
 from worker.stack_file import GatewaySpec, StackSpec, WorkerSpec, demo_stack
 
 REFRESH_INTERVAL = 1.0  # the gateway's /v1/models polling period in this suite
@@ -57,20 +57,9 @@ class E2EStack:
         return total
 
 
-def _port_block(count: int) -> int:
-    """Free ports below the ephemeral range: vLLM's own internal sockets take ephemeral ports while it starts,
-    so a port picked by binding to 0 can be taken again before the server binds it."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 30000)
-        if all(not port_in_use("127.0.0.1", base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no block of free ports in 20000-30000")
-
-
 def _spec(models: Path) -> StackSpec:
     demo = demo_stack(models, runtime_lora=True)
-    port = _port_block(3)
+    port = free_port_block(3)
     chat, embed = demo.workers
     # Tool calls need a parser; with one set, named/required tool_choice is answered by guided decoding.
     chat_args = [*chat.args, "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from gateway.batch import finished_ids, parse_input
-from tests.servers import free_port_block
+from worker.procs import free_port_block
 from worker.stack import Stack
 from worker.stack_file import GatewaySpec, StackSpec, WorkerSpec
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port, wait_until
+from tests.servers import wait_until
 from worker.launcher import parse_settings
-from worker.procs import http_ok
+from worker.procs import free_port_block, http_ok
 
 STAND_IN = r"""
 import http.server, os, signal, sys, threading, time
@@ -52,7 +52,7 @@ def stand_in(tmp_path: Path) -> Path:
 def _launch(
     stand_in: Path, tmp_path: Path, mode: str, *extra: str, port: int | None = None
 ) -> tuple[subprocess.Popen[str], int, Path]:
-    port = port or free_port()
+    port = port or free_port_block(1)
     record = tmp_path / "record.txt"
     env = {**os.environ, "STAND_IN_MODE": mode, "STAND_IN_RECORD": str(record)}
     env.pop("OMP_NUM_THREADS", None)

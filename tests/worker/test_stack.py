@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.servers import free_port_block, wait_until
-from worker.procs import http_get, http_ok
+from tests.servers import wait_until
+from worker.procs import free_port_block, http_get, http_ok
 from worker.stack import gateway_config, worker_argv
 from worker.stack_file import StackFileError, demo_stack, load_stack, parse_stack
 

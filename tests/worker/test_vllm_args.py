@@ -86,9 +86,7 @@ def test_gpu_env_is_left_alone() -> None:
     assert build_vllm_env({"A": "b"}, WorkerOptions(model="/m"), "gpu") == {"A": "b"}
 
 
-@pytest.mark.parametrize(
-    ("spec", "expected"), [("a=/p", ("a", "/p")), (" a = /p=q ", ("a", "/p=q"))]
-)
+@pytest.mark.parametrize(("spec", "expected"), [("a=/p", ("a", "/p")), (" a = /p=q ", ("a", "/p=q"))])
 def test_parse_lora(spec: str, expected: tuple[str, str]) -> None:
     assert parse_lora(spec) == expected
 
