@@ -63,7 +63,7 @@ class RoutingSettings(_Strict):
         default=4.0, ge=0, description="Bounded load: leave the preferred backend when its engine queue exceeds this."
     )
     lora_backends: int = Field(
-        default=2, ge=1, description="Backends an adapter is kept on before it spills to others under load."
+        default=1, ge=1, description="Backends an adapter is kept on before it spills to others under load."
     )
     session_header: str = Field(default="x-session-id", description="Header that carries a session key.")
 
