@@ -49,12 +49,20 @@ class RegistryCollector(Collector):
             "vLLM's kv_cache_usage_perc (0..1) at the last scrape.",
             labels=["backend"],
         )
+        per_model = GaugeMetricFamily(
+            "switchyard_model_backends",
+            "Backends that may take a model's requests now (0: the model is known but nothing serves it).",
+            labels=["model"],
+        )
+        for model, count in self._registry.backends_per_model().items():
+            per_model.add_metric([model], float(count))
         for backend in self._registry.backends:
             if backend.engine is not None:
                 queue.add_metric([backend.url], backend.engine.waiting)
                 kv.add_metric([backend.url], backend.engine.kv_usage)
         yield up
         yield models
+        yield per_model
         yield queue
         yield kv
 

@@ -153,6 +153,10 @@ class Registry:
         """True when some current backend served `model` at its last successful poll (even if down now)."""
         return model in self._known
 
+    def backends_per_model(self) -> dict[str, int]:
+        """Every known model with how many backends may take its requests now (0: none)."""
+        return {model: len(self._routable.get(model, ())) for model in self._known}
+
     def served_models(self) -> list[str]:
         return sorted(self._routable)
 

@@ -23,6 +23,7 @@ def test_failing_health_check_takes_a_backend_out_and_back_in() -> None:
         wait_until(lambda: not backend_a.live, 5, what="health checks to fail")
         ports = {port_of(httpx.post(gw.url + "/v1/completions", json={"model": "m"})) for _ in range(10)}
         assert ports == {b.port}
+        assert 'switchyard_model_backends{model="m"} 1.0' in httpx.get(gw.url + "/metrics").text
         assert gw.registry.candidates("m") == tuple(x for x in gw.registry.backends if x.url == b.url)
         text = httpx.get(gw.url + "/metrics").text
         assert f'switchyard_backend_up{{backend="{a.url}"}} 0.0' in text
@@ -42,6 +43,7 @@ def test_all_backends_failing_health_makes_the_gateway_unready() -> None:
         assert httpx.get(gw.url + "/v1/models").json()["data"] == []
         response = httpx.post(gw.url + "/v1/completions", json={"model": "m"})
         assert response.status_code == 503
+        assert 'switchyard_model_backends{model="m"} 0.0' in httpx.get(gw.url + "/metrics").text
 
 
 def test_5xx_answers_eject_a_backend_and_are_retried() -> None:
