@@ -8,6 +8,7 @@ stops the gateway, then every worker group, escalating to SIGKILL after a grace 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -245,10 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     models = (args.models_dir or default_models_dir()).expanduser().resolve()
     try:
         spec = load_stack(args.stack, models) if args.stack else demo_stack(models, args.port)
+        local = any(w.url is None for w in spec.workers)
+        if not args.sim and local and importlib.util.find_spec("vllm") is None:
+            raise StackError("vLLM is not installed here: run scripts/setup.sh, or try the stack with --sim")
         if not args.sim and not args.stack and not DemoModels(models).ready():
             print(f"preparing the demo models in {models} (once)...", flush=True)
             prepare(models)
-    except (StackFileError, PrepareError) as exc:
+    except (StackFileError, PrepareError, StackError) as exc:
         print(f"switchyard up: {exc}", file=sys.stderr)
         return 2
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="switchyard-up-"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -163,3 +164,17 @@ def test_up_reports_a_worker_that_dies_while_starting(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "bad exited with code 2 while starting" in result.stderr
     assert "--no-such-flag" in result.stderr  # the tail of its log
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed in this environment")
+def test_up_without_vllm_says_how_to_get_it(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.stack", "--models-dir", str(tmp_path), "--port", str(free_port_block(3))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "scripts/setup.sh" in result.stderr
+    assert "--sim" in result.stderr
