@@ -134,7 +134,8 @@ def demo_stack(models: Path, gateway_port: int = 8000, runtime_lora: bool = Fals
         port=gateway_port + 1,
         max_model_len=2048,
         runtime_lora=runtime_lora,
-        args=["--max-lora-rank", "8"],
+        # Without a tool-call parser vLLM answers any request carrying `tools` (tool_choice auto) with a 400.
+        args=["--max-lora-rank", "8", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
     )
     embed = WorkerSpec(name="embed", model=str(demo.embed), served_model_names=["minilm"], port=gateway_port + 2)
     return StackSpec(gateway=GatewaySpec(port=gateway_port), workers=[chat, embed])

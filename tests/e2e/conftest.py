@@ -61,12 +61,10 @@ def _spec(models: Path) -> StackSpec:
     demo = demo_stack(models, runtime_lora=True)
     port = free_port_block(3)
     chat, embed = demo.workers
-    # Tool calls need a parser; with one set, named/required tool_choice is answered by guided decoding.
-    chat_args = [*chat.args, "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     return StackSpec(
         gateway=GatewaySpec(port=port, settings={"model_refresh_interval": REFRESH_INTERVAL}),
         workers=[
-            chat.model_copy(update={"port": port + 1, "args": chat_args}),
+            chat.model_copy(update={"port": port + 1}),
             embed.model_copy(update={"port": port + 2}),
         ],
     )

@@ -41,7 +41,8 @@ def test_worker_argv_for_vllm_and_for_the_simulator() -> None:
     real = worker_argv(chat, sim=False)
     assert real[1:5] == ["-m", "worker", "--model", "/m/smollm2-135m-instruct"]
     assert "--lora" in real
-    assert real[-3:] == ["--", "--max-lora-rank", "8"]
+    assert real[real.index("--") :][:3] == ["--", "--max-lora-rank", "8"]
+    assert "--tool-call-parser" in real
     fake = worker_argv(chat, sim=True)
     assert fake[1:3] == ["-m", "worker.sim"]
     assert "--max-lora-rank" not in fake
