@@ -48,8 +48,9 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, "BadRequestError", param)
 
 
-def model_not_found(name: str) -> ApiError:
-    return ApiError(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
+def model_not_found(name: str, served: str) -> ApiError:
+    # vLLM 0.32 names the server's own model after the sentence (seen against the real server).
+    return ApiError(404, f"The model `{name}` does not exist. Valid aliases: {served}.", "NotFoundError", "model")
 
 
 def parse_json_object(raw: bytes) -> JSON:

@@ -35,7 +35,7 @@ class SimState:
             return base, None
         if name in self.loras:
             return name, name
-        raise model_not_found(name)
+        raise model_not_found(name, base)
 
     def accept_generation(self) -> bool:
         """Count a generation request; True for the last one `--exit-after-requests N` allows.

@@ -168,7 +168,12 @@ async def test_unknown_model_body_matches_vllm(sim: RunningSim) -> None:
         r = await http.post("/v1/completions", json={"model": "X", "prompt": "a"})
     assert r.status_code == 404
     assert r.json() == {
-        "error": {"message": "The model `X` does not exist.", "type": "NotFoundError", "param": "model", "code": 404}
+        "error": {
+            "message": "The model `X` does not exist. Valid aliases: sim.",
+            "type": "NotFoundError",
+            "param": "model",
+            "code": 404,
+        }
     }
 
 
