@@ -21,13 +21,11 @@ import uvicorn
 from gateway.app import create_app
 from gateway.registry import Registry
 from gateway.settings import load_settings
+from worker.procs import free_port_block
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_port_block(1)
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> None:
@@ -121,15 +119,6 @@ def sim(model: str, *extra: str, count: int = 1, fast: bool = True) -> SimProces
     """A simulator definition serving `model`; `fast` makes generation quick for functional tests."""
     timing = ["--prefill-ms-per-token", "0.01", "--decode-ms-per-token", "2"] if fast else []
     return SimProcess(["--served-model-name", model, *timing, *extra], port=free_port_block(count), count=count)
-
-
-def free_port_block(count: int) -> int:
-    """A base port with `count` consecutive free ports (best effort on a quiet loopback)."""
-    for _ in range(50):
-        base = free_port()
-        if base + count < 65535 and all(not _listening(base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no block of free ports")
 
 
 class ThreadedServer:
