@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from gateway.prefix_hash import name_key, prefix_key, rendezvous_score, session_key
+from gateway.prefix_hash import name_key, prefix_key, rendezvous_score, session_key, url_hash
 from gateway.registry import Backend
 from gateway.routing_settings import PolicyName, RoutingSettings
 
@@ -154,6 +154,21 @@ class Affinity:
         self._queue_threshold = settings.queue_threshold
         self._lora_backends = settings.lora_backends
         self._stale_after = settings.stale_after
+        self._url_hashes: dict[str, int] = {}  # backend url -> its rendezvous hash, computed once
+
+    def _ranked(self, candidates: Sequence[Backend], key: int) -> list[Backend]:
+        """Candidates in rendezvous order for `key`: the same on every replica, whatever the listing order."""
+        hashes = self._url_hashes
+        if len(hashes) > 4 * len(candidates) + 64:
+            hashes.clear()  # backends come and go: keep the cache about the size of the fleet
+        scored = []
+        for backend in candidates:
+            h = hashes.get(backend.url)
+            if h is None:
+                h = hashes[backend.url] = url_hash(backend.url)
+            scored.append((rendezvous_score(key, h), backend))
+        scored.sort(key=_first, reverse=True)
+        return [backend for _, backend in scored]
 
     def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
         if len(candidates) == 1:
@@ -169,7 +184,7 @@ class Affinity:
             return self._least.pick(candidates, request)
         now = time.monotonic()
         limit = self._inflight_limit(candidates)
-        ranked = sorted(candidates, key=lambda backend: rendezvous_score(key, backend.url), reverse=True)
+        ranked = self._ranked(candidates, key)
         first, second = ranked[0], ranked[1]
         if first.inflight > second.inflight + self._margin and not self._overloaded(second, limit, now):
             return second  # two choices: a key lives on its top two backends, the busier one yields
@@ -179,15 +194,14 @@ class Affinity:
         return self._least.pick(candidates, request)
 
     def _pick_adapter(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
+        """Lowest (overloaded, tier, load, rank): an adapter goes where it already runs, else home."""
         adapter = request.model
-        key = name_key(adapter)
         now = time.monotonic()
         limit = self._inflight_limit(candidates)
-        loads = self._least.scores(candidates, now)
-        ranked = sorted(range(len(candidates)), key=lambda i: rendezvous_score(key, candidates[i].url), reverse=True)
+        ranked = self._ranked(candidates, name_key(adapter))
+        loads = self._least.scores(ranked, now)
         best: tuple[int, int, float, int] | None = None
-        for rank, i in enumerate(ranked):
-            backend = candidates[i]
+        for rank, backend in enumerate(ranked):
             sample = backend.engine
             fresh = sample is not None and now - sample.at <= self._stale_after
             if fresh and sample is not None and adapter in sample.running_adapters:
@@ -198,11 +212,11 @@ class Affinity:
                 tier = 2  # idle slots: loading costs little
             else:
                 tier = 3  # would wait for another adapter's slot
-            entry = (1 if self._overloaded(backend, limit, now) else 0, tier, loads[i], rank)
+            entry = (1 if self._overloaded(backend, limit, now) else 0, tier, loads[rank], rank)
             if best is None or entry < best:
                 best = entry
         assert best is not None
-        return candidates[ranked[best[3]]]
+        return ranked[best[3]]
 
     def _inflight_limit(self, candidates: Sequence[Backend]) -> float:
         total = 0
@@ -226,6 +240,10 @@ class PerModelPolicy:
 
     def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
         return self._by_model.get(request.model, self._default).pick(candidates, request)
+
+
+def _first(item: tuple[int, Backend]) -> int:
+    return item[0]
 
 
 def _is_adapter(backend: Backend, model: str) -> bool:
