@@ -474,12 +474,15 @@ def plot(plan: Plan, path: Path) -> str:
     except ImportError:
         return "matplotlib is not installed: no PNG (pip install matplotlib)"
     names = list(plan.workloads)
+    palette = plt.get_cmap("tab10").colors
+    everyone = list(dict.fromkeys(r.system for r in plan.rows))
+    colors = {system: palette[i % len(palette)] for i, system in enumerate(everyone)}  # same colour per row
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         systems = dict.fromkeys(r.system for r in plan.rows if r.workload == name)
         for system in systems:
             rows = [r for r in plan.rows if r.workload == name and r.system == system]
-            ax.plot([r.rate for r in rows], [r.ttft(0.9) for r in rows], marker="o", label=system)
+            ax.plot([r.rate for r in rows], [r.ttft(0.9) for r in rows], marker="o", label=system, color=colors[system])
         ax.axhline(2.0, linestyle="--", color="grey", linewidth=0.8)  # where the goals are measured
         ax.set_title(name)
         ax.set_xlabel("offered requests/s")

@@ -151,6 +151,7 @@ class Affinity:
         self._factor = settings.load_factor
         self._slack = settings.load_slack
         self._margin = settings.spill_margin
+        self._session_margin = settings.session_spill_margin
         self._queue_threshold = settings.queue_threshold
         self._lora_backends = settings.lora_backends
         self._stale_after = settings.stale_after
@@ -176,17 +177,19 @@ class Affinity:
         if self._adapters and _is_adapter(candidates[0], request.model):
             return self._pick_adapter(candidates, request)
         key = None
+        margin = self._session_margin
         if self._sessions:
             key = session_key(request.model, request.payload, request.headers, self._session_header)
         if key is None and self._prefixes:
             key = prefix_key(request.model, request.payload, self._prefix_chars, self._block_chars)
+            margin = self._margin
         if key is None:
             return self._least.pick(candidates, request)
         now = time.monotonic()
         limit = self._inflight_limit(candidates)
         ranked = self._ranked(candidates, key)
         first, second = ranked[0], ranked[1]
-        if first.inflight > second.inflight + self._margin and not self._overloaded(second, limit, now):
+        if first.inflight > second.inflight + margin and not self._overloaded(second, limit, now):
             return second  # two choices: a key lives on its top two backends, the busier one yields
         for backend in ranked:
             if not self._overloaded(backend, limit, now):

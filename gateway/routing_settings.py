@@ -54,10 +54,17 @@ class RoutingSettings(_Strict):
         default=4.0, ge=0, description="In-flight requests a preferred backend may carry above the bound."
     )
     spill_margin: float = Field(
-        default=1.0,
+        default=0.0,
         ge=0,
-        description="Two choices: a key's second backend (by rendezvous) takes the request when the first has "
-        "more than this many in-flight requests above it. Large values make affinity strictly sticky.",
+        description="Two choices for prefix keys: the key's second backend (by rendezvous) takes the request "
+        "when the first has more than this many in-flight requests above it. Both keep the prefix cached, "
+        "and unique prompts spread evenly.",
+    )
+    session_spill_margin: float = Field(
+        default=2.0,
+        ge=0,
+        description="The same for session keys; larger, since a conversation's history is cached only where "
+        "its previous turn ran.",
     )
     queue_threshold: float = Field(
         default=4.0, ge=0, description="Bounded load: leave the preferred backend when its engine queue exceeds this."

@@ -190,3 +190,18 @@ def test_a_pick_over_eight_backends_is_cheap(name: str) -> None:
             policy.pick(backends, request)
     per_pick = (time.perf_counter() - started) / 2000
     assert per_pick < 100e-6, f"{per_pick * 1e6:.1f} µs per pick"  # ~10 µs on a quiet core
+
+
+def test_sessions_are_stickier_than_prefixes_under_small_imbalances() -> None:
+    settings = RoutingSettings(spill_margin=0, session_spill_margin=2, load_slack=100)
+    policy = make_policy("affinity", settings)
+    backends = fleet()
+    by_session = chat("s", "q", user="alice")
+    home = policy.pick(backends, by_session)
+    home.inflight = 2  # two more than the session's second backend: within the session margin
+    assert policy.pick(backends, by_session) is home
+    home.inflight = 0
+    by_prefix = chat(SYSTEMS[9], "q")
+    first = policy.pick(backends, by_prefix)
+    first.inflight = 1  # any imbalance moves a prefix key to its second backend
+    assert policy.pick(backends, by_prefix) is not first
