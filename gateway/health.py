@@ -65,12 +65,17 @@ class OutlierDetector:
         backend.consecutive_failures += 1
         if backend.consecutive_failures < self._settings.eject_after or backend.ejected_until:
             return
+        if not self._others_remain(backend):
+            return  # ejecting the last backend of a model would turn its partial failure into a total one
         seconds = min(self._settings.eject_base * 2**backend.ejections, self._settings.eject_max)
         log.warning(
             "backend %s ejected for %.1f s after %d failures", backend.url, seconds, backend.consecutive_failures
         )
         self._registry.eject(backend, time.monotonic() + seconds)
         asyncio.get_running_loop().call_later(seconds, self._registry.readmit, backend)
+
+    def _others_remain(self, backend: Backend) -> bool:
+        return all(any(other is not backend for other in self._registry.candidates(model)) for model in backend.models)
 
     def success(self, backend: Backend) -> None:
         backend.consecutive_failures = 0

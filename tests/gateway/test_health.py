@@ -65,12 +65,14 @@ def test_5xx_answers_eject_a_backend_and_are_retried() -> None:
         assert a.port in ports
 
 
-def test_503_passes_through_when_no_other_backend_is_left() -> None:
+def test_the_last_backend_of_a_model_is_never_ejected() -> None:
     upstream = ThreadedServer(echo_app(["m"], Behaviour(answer_status=503)))
-    with upstream, gateway(upstream.url) as gw:
-        response = httpx.post(gw.url + "/v1/completions", json={"model": "m"})
-        assert response.status_code == 503  # the backend's own answer, not a gateway-made 502
-        assert response.headers["x-upstream"] == "echo"
+    with upstream, gateway(upstream.url, health={"eject_after": 2}) as gw:
+        for _ in range(6):
+            response = httpx.post(gw.url + "/v1/completions", json={"model": "m"})
+            assert response.status_code == 503  # the backend's own answer, not a gateway-made 502 or 503
+            assert response.headers["x-upstream"] == "echo"
+        assert gw.registry.backends[0].ejections == 0
 
 
 def test_retry_budget_stops_a_retry_storm() -> None:
