@@ -8,20 +8,16 @@ aiohttp's flow control), and a client disconnect cancels the upstream request at
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from time import perf_counter
 
 import aiohttp
-import orjson
 from yarl import URL
 
 from gateway.admission import Admission
 from gateway.asgi import Receive, Scope, Send, send_bytes
 from gateway.auth import KeyRing, Principal
+from gateway.disconnect import DisconnectWatch
 from gateway.errors import (
     GatewayError,
     HeadersTooLarge,
@@ -35,8 +31,17 @@ from gateway.errors import (
     error_body,
     error_parts,
 )
+from gateway.headers import (
+    DROP_RESPONSE_HEADERS,
+    PRIORITY_HEADER,
+    client_host,
+    header_map,
+    request_id,
+    upstream_headers,
+)
 from gateway.health import OutlierDetector
 from gateway.metrics import NO_MODEL, UNKNOWN_MODEL, Metrics
+from gateway.outcome import Outcome, Recorder
 from gateway.policies import Policy, RequestInfo
 from gateway.registry import Backend, Registry
 from gateway.request_body import BodyKind, ClientDisconnected, header, read_body, routing_fields
@@ -44,44 +49,8 @@ from gateway.responses_api import ResponseDirectory
 from gateway.retry_budget import RetryBudget
 from gateway.settings import Settings
 from gateway.stream_observer import ChunkObserver
-from gateway.usage import Usage, inject_include_usage, wants_usage_injection
+from gateway.usage import inject_include_usage, wants_usage_injection
 
-# Connection-level headers (RFC 9110 7.6.1) and those the gateway sets itself. The client's
-# Authorization is never forwarded: the backend's own key is sent instead.
-DROP_REQUEST_HEADERS = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-        b"content-length",
-        b"expect",
-        b"authorization",
-        b"x-request-id",
-    }
-)
-DROP_RESPONSE_HEADERS = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"server",
-        b"date",
-        b"x-request-id",
-    }
-)
-REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
-access_log = logging.getLogger("switchyard.access")
-PRIORITY_HEADER = "x-switchyard-priority"
 RESPONSES_ROUTE = "/v1/responses"
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request", used in metrics only
 
@@ -93,58 +62,6 @@ class RetryableUpstreamError(Exception):
 class UpstreamBrokeMidBody(Exception):
     """A non-stream answer broke after its headers went out: the connection must be dropped so the
     client sees a truncated response rather than a silently short one."""
-
-
-class DisconnectWatch:
-    """Waits for the client's http.disconnect and cancels the request task when it comes early.
-
-    The watching task starts only after `delay`: most answers finish sooner and never pay for a task,
-    and uvicorn remembers a disconnect, so one that happened meanwhile is seen at once."""
-
-    def __init__(self, receive: Receive, target: asyncio.Task[object], delay: float = 0.05) -> None:
-        self.disconnected = False
-        self.finishing = False
-        self._receive = receive
-        self._target = target
-        self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(delay, self._start)
-
-    def _start(self) -> None:
-        self._timer = None
-        self._task = asyncio.get_running_loop().create_task(self._watch())
-
-    async def _watch(self) -> None:
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                if not self.finishing:
-                    self.disconnected = True
-                    self._target.cancel()
-                return
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
-
-
-NO_INFO = RequestInfo(model=NO_MODEL, route="")  # until the request has been read
-
-
-@dataclass(slots=True)
-class Outcome:
-    """One request's context and what happened to it: filled in along the way, logged and measured at the end."""
-
-    request_id: bytes
-    started: float
-    info: RequestInfo = NO_INFO
-    status: int = 0
-    backend: str | None = None
-    retries: int = 0
-    ttft: float | None = None
-    usage: Usage | None = None
-    extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # e.g. x-ratelimit-*
 
 
 class Proxy:
@@ -169,7 +86,7 @@ class Proxy:
         self._idle_timeout = settings.timeouts.idle
         self._retry_statuses = frozenset(settings.retries.on_status)
         self._budget = RetryBudget(settings.retries.budget_ratio)
-        self._access_log = access_log if settings.access_log else None
+        self._recorder = Recorder(metrics, settings.access_log)
         self._keys = keys
         self._limits = settings.limits
         self._responses = ResponseDirectory()
@@ -179,7 +96,7 @@ class Proxy:
         self._session = session
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, route: str, kind: BodyKind) -> None:
-        outcome = Outcome(request_id=_request_id(scope), started=perf_counter())
+        outcome = Outcome(request_id=request_id(scope), started=perf_counter())
         model_label = NO_MODEL
         principal: Principal | None = None
         try:
@@ -206,13 +123,13 @@ class Proxy:
             previous = fields.payload.get("previous_response_id") if fields.payload else None
             if isinstance(previous, str) and route == RESPONSES_ROUTE:
                 candidates = await self._response_owner(previous, candidates)
-            headers = _header_map(scope)
+            headers = header_map(scope)
             outcome.info = RequestInfo(
                 model=model,
                 route=route,
                 payload=fields.payload,
                 headers=headers,
-                tenant=principal.name if principal else _client_host(scope),
+                tenant=principal.name if principal else client_host(scope),
                 priority=headers.get(PRIORITY_HEADER, "normal"),
             )
             await self._relay(scope, receive, send, body, candidates, outcome)
@@ -229,7 +146,7 @@ class Proxy:
         finally:
             if principal is not None and outcome.usage is not None:
                 principal.charge_tokens(outcome.usage.prompt_tokens + outcome.usage.completion_tokens)
-            self._record(model_label, route, outcome, perf_counter() - outcome.started)
+            self._recorder.record(model_label, route, outcome, perf_counter() - outcome.started)
 
     async def _response_owner(self, response_id: str, candidates: Sequence[Backend] | None = None) -> Sequence[Backend]:
         """The one backend holding a Responses API response, or ResponseNotFound."""
@@ -252,35 +169,6 @@ class Proxy:
             raise HeadersTooLarge(f"The request has more than {self._limits.max_header_count} headers.")
         if sum(len(name) + len(value) for name, value in headers) > self._limits.max_header_bytes:
             raise HeadersTooLarge(f"The request headers exceed {self._limits.max_header_bytes} bytes.")
-
-    def _record(self, model: str, route: str, outcome: Outcome, seconds: float) -> None:
-        metrics = self._metrics
-        metrics.observe(model, route, outcome.status, seconds)
-        if outcome.ttft is not None:
-            metrics.ttft.labels(model).observe(outcome.ttft)
-        if outcome.usage is not None:
-            metrics.tokens.labels(model, "prompt").inc(outcome.usage.prompt_tokens)
-            metrics.tokens.labels(model, "completion").inc(outcome.usage.completion_tokens)
-        if outcome.retries:
-            metrics.retries.labels(model).inc(outcome.retries)
-        if self._access_log is not None and self._access_log.isEnabledFor(logging.INFO):
-            usage = outcome.usage
-            self._access_log.info(
-                orjson.dumps(
-                    {
-                        "request_id": outcome.request_id.decode("latin-1"),
-                        "route": route,
-                        "model": model,
-                        "backend": outcome.backend,
-                        "status": outcome.status,
-                        "duration_ms": round(seconds * 1000, 3),
-                        "ttft_ms": None if outcome.ttft is None else round(outcome.ttft * 1000, 3),
-                        "prompt_tokens": usage.prompt_tokens if usage else None,
-                        "completion_tokens": usage.completion_tokens if usage else None,
-                        "retries": outcome.retries,
-                    }
-                ).decode()
-            )
 
     def _resolve_model(self, model: str | None, principal: Principal | None) -> str:
         if model is None:
@@ -338,7 +226,7 @@ class Proxy:
         if hide_usage:
             assert info.payload is not None
             body = inject_include_usage(body, info.payload)
-        headers = _upstream_headers(scope, outcome.request_id)
+        headers = upstream_headers(scope, outcome.request_id)
         path = scope["raw_path"] or scope["path"].encode()
         query = scope["query_string"]
         target = path + b"?" + query if query else path
@@ -496,34 +384,6 @@ class Proxy:
         return None
 
 
-def _request_id(scope: Scope) -> bytes:
-    given = header(scope, b"x-request-id")
-    if given is not None and REQUEST_ID.fullmatch(given):
-        return given
-    return os.urandom(16).hex().encode()
-
-
 def _base_model(backend: Backend) -> str:
     """The backend's base model (the card without a parent), for metric labels."""
     return next((name for name, card in backend.models.items() if not card.get("parent")), UNKNOWN_MODEL)
-
-
-def _client_host(scope: Scope) -> str:
-    client = scope.get("client")
-    return str(client[0]) if client else ""
-
-
-def _header_map(scope: Scope) -> dict[str, str]:
-    return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
-
-
-def _upstream_headers(scope: Scope, request_id: bytes) -> list[tuple[str, str]]:
-    drop = DROP_REQUEST_HEADERS
-    connection = header(scope, b"connection")
-    if connection:  # headers named in Connection are hop-by-hop too
-        drop = drop | {token.strip().lower() for token in connection.split(b",")}
-    headers = [
-        (name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"] if name not in drop
-    ]
-    headers.append(("X-Request-Id", request_id.decode("latin-1")))
-    return headers
