@@ -25,9 +25,7 @@ step() { printf '\n==> %s\n' "$*"; }
 t0=$SECONDS
 
 step "lint and types"
-"$VENV/bin/ruff" check .
-"$VENV/bin/ruff" format --check .
-"$VENV/bin/mypy"
+VENV="$VENV" scripts/check.sh
 
 # pytest exits 5 when it collects nothing: with set -e that fails the run rather than passing silently.
 step "test suite"
