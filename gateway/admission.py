@@ -102,7 +102,7 @@ class Admission:
     # -- decisions ------------------------------------------------------------------------------------
 
     def _band_of(self, request: RequestInfo) -> int:
-        value = request.headers.get(self._header, request.priority).strip().lower()
+        value = request.headers.get(self._header, "normal").strip().lower()
         return PRIORITIES.index(value) if value in PRIORITIES else 1
 
     def _limit(self, model: str) -> int | None:

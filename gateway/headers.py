@@ -42,7 +42,6 @@ DROP_RESPONSE_HEADERS = frozenset(
     }
 )
 REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
-PRIORITY_HEADER = "x-switchyard-priority"
 
 
 def request_id(scope: Scope) -> bytes:

@@ -31,7 +31,6 @@ class RequestInfo:
     payload: Mapping[str, Any] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
     tenant: str = ""  # API key name, or the client address when no keys are configured
-    priority: str = "normal"
 
 
 class Policy(Protocol):

@@ -33,7 +33,6 @@ from gateway.errors import (
 )
 from gateway.headers import (
     DROP_RESPONSE_HEADERS,
-    PRIORITY_HEADER,
     client_host,
     header_map,
     request_id,
@@ -123,14 +122,12 @@ class Proxy:
             previous = fields.payload.get("previous_response_id") if fields.payload else None
             if isinstance(previous, str) and route == RESPONSES_ROUTE:
                 candidates = await self._response_owner(previous, candidates)
-            headers = header_map(scope)
             outcome.info = RequestInfo(
                 model=model,
                 route=route,
                 payload=fields.payload,
-                headers=headers,
+                headers=header_map(scope),
                 tenant=principal.name if principal else client_host(scope),
-                priority=headers.get(PRIORITY_HEADER, "normal"),
             )
             await self._relay(scope, receive, send, body, candidates, outcome)
         except RateLimited as exc:
