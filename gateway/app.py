@@ -29,6 +29,7 @@ from gateway.proxy import Proxy
 from gateway.registry import Registry
 from gateway.routes import ProxyEndpoint, build_routes
 from gateway.settings import Settings
+from gateway.upstream import UpstreamPool
 
 
 def _discovery(settings: Settings) -> Discovery:
@@ -112,11 +113,13 @@ def create_app(settings: Settings) -> Starlette:
             tasks.append(asyncio.create_task(scraper.run(), name="engine-scraper"))
             checker = HealthChecker(registry, session, settings.health)
             tasks.append(asyncio.create_task(checker.run(), name="health-checker"))
-            proxy.attach(session)
+            pool = UpstreamPool(settings.upstream_keepalive, settings.timeouts.connect)
+            proxy.attach(session, pool)
             try:
                 yield
             finally:
-                proxy.attach(None)
+                proxy.attach(None, None)
+                pool.close()
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)

@@ -60,13 +60,11 @@ def header_map(scope: Scope) -> dict[str, str]:
     return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
 
 
-def upstream_headers(scope: Scope, request_id: bytes) -> list[tuple[str, str]]:
+def upstream_headers(scope: Scope, request_id: bytes) -> list[tuple[bytes, bytes]]:
     drop = DROP_REQUEST_HEADERS
     connection = header(scope, b"connection")
     if connection:  # headers named in Connection are hop-by-hop too
         drop = drop | {token.strip().lower() for token in connection.split(b",")}
-    headers = [
-        (name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"] if name not in drop
-    ]
-    headers.append(("X-Request-Id", request_id.decode("latin-1")))
+    headers = [(name, value) for name, value in scope["headers"] if name not in drop]
+    headers.append((b"x-request-id", request_id))
     return headers

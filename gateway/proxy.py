@@ -1,8 +1,8 @@
 """The hot path: route one request by model, forward its bytes, relay the answer as it arrives.
 
 Pure ASGI on purpose: the request body is read once and forwarded as received, each upstream chunk is
-written to the client as soon as it is read (backpressure flows both ways through uvicorn's and
-aiohttp's flow control), and a client disconnect cancels the upstream request at once.
+written to the client as soon as it is read (backpressure flows both ways through uvicorn's flow control
+and the upstream pool's), and a client disconnect cancels the upstream request at once.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from time import perf_counter
 
 import aiohttp
-from yarl import URL
 
 from gateway.admission import Admission
 from gateway.asgi import Receive, Scope, Send, send_bytes
@@ -48,6 +47,7 @@ from gateway.responses_api import ResponseDirectory
 from gateway.retry_budget import RetryBudget
 from gateway.settings import Settings
 from gateway.stream_observer import ChunkObserver
+from gateway.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamResponse
 from gateway.usage import inject_include_usage, wants_usage_injection
 
 RESPONSES_ROUTE = "/v1/responses"
@@ -81,6 +81,7 @@ class Proxy:
         self._admission = admission
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
         self._first_byte_timeout = settings.timeouts.first_byte
         self._idle_timeout = settings.timeouts.idle
         self._retry_statuses = frozenset(settings.retries.on_status)
@@ -90,9 +91,11 @@ class Proxy:
         self._limits = settings.limits
         self._responses = ResponseDirectory()
 
-    def attach(self, session: aiohttp.ClientSession | None) -> None:
-        """Give the proxy the lifespan-owned client session (None when the lifespan ends)."""
+    def attach(self, session: aiohttp.ClientSession | None, pool: UpstreamPool | None) -> None:
+        """Give the proxy the lifespan-owned clients (None when the lifespan ends): the pool relays requests,
+        the session asks backends about Responses API ids."""
         self._session = session
+        self._pool = pool
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, route: str, kind: BodyKind) -> None:
         outcome = Outcome(request_id=request_id(scope), started=perf_counter())
@@ -227,6 +230,7 @@ class Proxy:
         path = scope["raw_path"] or scope["path"].encode()
         query = scope["query_string"]
         target = path + b"?" + query if query else path
+        method = scope["method"].encode()
         self._budget.deposit()
         tried: list[Backend] = []
         pool = candidates
@@ -238,7 +242,7 @@ class Proxy:
             outcome.backend = backend.url
             try:
                 try:
-                    response = await self._open(backend, scope["method"], target, headers, body)
+                    response = await self._open(backend, method, target, headers, body)
                 except RetryableUpstreamError as exc:
                     self._outliers.failure(backend)
                     tried.append(backend)
@@ -279,31 +283,30 @@ class Proxy:
         return pool
 
     async def _open(
-        self, backend: Backend, method: str, target: bytes, headers: list[tuple[str, str]], body: bytes
-    ) -> aiohttp.ClientResponse:
-        session = self._session
-        if session is None:
+        self, backend: Backend, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> UpstreamResponse:
+        pool = self._pool
+        if pool is None:
             raise UpstreamUnavailable("The gateway is shutting down.")
         if backend.api_key:
-            headers = [*headers, ("Authorization", f"Bearer {backend.api_key}")]
-        url = URL(backend.url + target.decode("latin-1"), encoded=True)
+            headers = [*headers, (b"authorization", b"Bearer " + backend.api_key.encode("latin-1"))]
         errors = self._metrics.upstream_errors
         try:
             async with asyncio.timeout(self._first_byte_timeout):
-                return await session.request(method, url, data=body or None, headers=headers, allow_redirects=False)
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                return await pool.request(backend.url, method, target, headers, body)
+        except ConnectFailed as exc:
             errors.labels(backend.url, "connect").inc()
-            raise RetryableUpstreamError(f"{backend.url}: {exc.__class__.__name__}: {exc}") from None
+            raise RetryableUpstreamError(f"{backend.url}: {exc}") from None
         except TimeoutError:
             errors.labels(backend.url, "timeout").inc()
             raise UpstreamTimeout(f"The backend did not answer within {self._first_byte_timeout:g} s.") from None
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             errors.labels(backend.url, "protocol").inc()
-            raise UpstreamUnavailable(f"The backend failed: {exc.__class__.__name__}: {exc}") from None
+            raise UpstreamUnavailable(f"The backend failed: {exc}") from None
 
     async def _stream(
         self,
-        response: aiohttp.ClientResponse,
+        response: UpstreamResponse,
         send: Send,
         backend: Backend,
         watch: DisconnectWatch,
@@ -314,12 +317,12 @@ class Proxy:
         headers = [(name, value) for name, value in response.raw_headers if name.lower() not in drop]
         headers.append((b"x-request-id", outcome.request_id))
         headers += outcome.extra_headers
-        is_sse = response.content_type == "text/event-stream"
+        is_sse = response.content_type == b"text/event-stream"
         observer = ChunkObserver(is_sse, hide_usage, outcome.started, self._metrics.itl.labels(outcome.info.model))
         learn_response_id = outcome.info.route == RESPONSES_ROUTE and response.status == 200
         try:
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
-            failure = await self._relay_body(response.content, send, observer, watch, learn_response_id, backend)
+            failure = await self._relay_body(response, send, observer, watch, learn_response_id, backend)
         finally:
             response.close()  # no-op once released; drops the upstream connection when cut short
             outcome.ttft = observer.ttft
@@ -340,7 +343,7 @@ class Proxy:
 
     async def _relay_body(
         self,
-        content: aiohttp.StreamReader,
+        content: UpstreamResponse,
         send: Send,
         observer: ChunkObserver,
         watch: DisconnectWatch,
@@ -374,8 +377,8 @@ class Proxy:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
         except TimeoutError:
             return f"The backend sent nothing for {idle:g} s.", "idle_timeout"
-        except aiohttp.ClientError as exc:
-            return f"The backend connection broke: {exc.__class__.__name__}.", "disconnect"
+        except UpstreamError as exc:
+            return f"The backend connection broke: {exc}.", "disconnect"
         watch.finishing = True
         await send({"type": "http.response.body", "body": observer.flush(), "more_body": False})
         return None
