@@ -7,6 +7,7 @@ Label values are bounded: `model` is a name some backend served, or one of the f
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -23,6 +24,17 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 30, 60)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSeries:
+    """One model's children of the per-model collectors, looked up once."""
+
+    ttft: Histogram
+    itl: Histogram
+    prompt_tokens: Counter
+    completion_tokens: Counter
+    retries: Counter
 
 
 class RegistryCollector(Collector):
@@ -129,6 +141,7 @@ class Metrics:
         # labels() takes a lock and validates on every call; label sets are bounded, so keep the children.
         self._outcomes: dict[tuple[str, str, int], tuple[Callable[[], None], Callable[[float], None]]] = {}
         self._inflight: dict[tuple[str, str], Gauge] = {}
+        self._models: dict[str, ModelSeries] = {}
 
     def observe(self, model: str, route: str, code: int, seconds: float) -> None:
         key = (model, route, code)
@@ -138,6 +151,18 @@ class Metrics:
             self._outcomes[key] = children
         children[0]()
         children[1](seconds)
+
+    def model_series(self, model: str) -> ModelSeries:
+        series = self._models.get(model)
+        if series is None:
+            series = self._models[model] = ModelSeries(
+                ttft=self.ttft.labels(model),
+                itl=self.itl.labels(model),
+                prompt_tokens=self.tokens.labels(model, "prompt"),
+                completion_tokens=self.tokens.labels(model, "completion"),
+                retries=self.retries.labels(model),
+            )
+        return series
 
     def inflight_gauge(self, model: str, backend: str) -> Gauge:
         gauge = self._inflight.get((model, backend))

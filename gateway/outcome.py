@@ -39,13 +39,15 @@ class Recorder:
     def record(self, model: str, route: str, outcome: Outcome, seconds: float) -> None:
         metrics = self._metrics
         metrics.observe(model, route, outcome.status, seconds)
-        if outcome.ttft is not None:
-            metrics.ttft.labels(model).observe(outcome.ttft)
-        if outcome.usage is not None:
-            metrics.tokens.labels(model, "prompt").inc(outcome.usage.prompt_tokens)
-            metrics.tokens.labels(model, "completion").inc(outcome.usage.completion_tokens)
-        if outcome.retries:
-            metrics.retries.labels(model).inc(outcome.retries)
+        if outcome.ttft is not None or outcome.usage is not None or outcome.retries:
+            series = metrics.model_series(model)
+            if outcome.ttft is not None:
+                series.ttft.observe(outcome.ttft)
+            if outcome.usage is not None:
+                series.prompt_tokens.inc(outcome.usage.prompt_tokens)
+                series.completion_tokens.inc(outcome.usage.completion_tokens)
+            if outcome.retries:
+                series.retries.inc(outcome.retries)
         if self._log is not None and self._log.isEnabledFor(logging.INFO):
             usage = outcome.usage
             self._log.info(

@@ -47,7 +47,7 @@ from gateway.responses_api import ResponseDirectory
 from gateway.retry_budget import RetryBudget
 from gateway.settings import Settings
 from gateway.stream_observer import ChunkObserver
-from gateway.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamResponse
+from gateway.upstream import ConnectFailed, HeadTimeout, IdleTimeout, UpstreamError, UpstreamPool, UpstreamResponse
 from gateway.usage import inject_include_usage, wants_usage_injection
 
 RESPONSES_ROUTE = "/v1/responses"
@@ -199,9 +199,15 @@ class Proxy:
         task = asyncio.current_task()
         assert task is not None
         watch = DisconnectWatch(receive, task)
+        admission = self._admission
+        info = outcome.info
         try:
-            async with self._admission.admit(outcome.info):
+            if not admission.try_enter(info):
+                await admission.enter(info)
+            try:
                 await self._attempts(scope, send, body, candidates, watch, outcome)
+            finally:
+                admission.leave(info.model)
         except asyncio.CancelledError:
             if watch.disconnected:
                 task.uncancel()
@@ -292,12 +298,11 @@ class Proxy:
             headers = [*headers, (b"authorization", b"Bearer " + backend.api_key.encode("latin-1"))]
         errors = self._metrics.upstream_errors
         try:
-            async with asyncio.timeout(self._first_byte_timeout):
-                return await pool.request(backend.url, method, target, headers, body)
+            return await pool.request(backend.url, method, target, headers, body, self._first_byte_timeout)
         except ConnectFailed as exc:
             errors.labels(backend.url, "connect").inc()
             raise RetryableUpstreamError(f"{backend.url}: {exc}") from None
-        except TimeoutError:
+        except HeadTimeout:
             errors.labels(backend.url, "timeout").inc()
             raise UpstreamTimeout(f"The backend did not answer within {self._first_byte_timeout:g} s.") from None
         except UpstreamError as exc:
@@ -318,7 +323,9 @@ class Proxy:
         headers.append((b"x-request-id", outcome.request_id))
         headers += outcome.extra_headers
         is_sse = response.content_type == b"text/event-stream"
-        observer = ChunkObserver(is_sse, hide_usage, outcome.started, self._metrics.itl.labels(outcome.info.model))
+        observer = ChunkObserver(
+            is_sse, hide_usage, outcome.started, self._metrics.model_series(outcome.info.model).itl
+        )
         learn_response_id = outcome.info.route == RESPONSES_ROUTE and response.status == 200
         try:
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
@@ -351,31 +358,26 @@ class Proxy:
         backend: Backend,
     ) -> tuple[str, str] | None:
         """Copy the upstream body to the client; returns (message, kind) if the upstream failed."""
-        loop = asyncio.get_running_loop()
         idle = self._idle_timeout
         try:
-            async with asyncio.timeout(None) as deadline:
-                while True:
-                    chunk = content.read_nowait()  # already buffered: no timer to arm
+            while True:
+                chunk = content.read_nowait()  # already buffered: no timer to arm
+                if not chunk:
+                    # the idle timer runs only while waiting on the backend: a slow client is not an idle upstream
+                    chunk = await content.readany(idle)
                     if not chunk:
-                        if content.at_eof():
-                            break
-                        deadline.reschedule(loop.time() + idle)
-                        chunk = await content.readany()
-                        deadline.reschedule(None)  # a slow client is not an idle upstream
-                        if not chunk:
-                            break
-                    if learn_response_id:
-                        self._responses.learn(chunk, backend)
-                        learn_response_id = False
-                    out = observer.feed(chunk)
-                    if content.at_eof():  # the last chunk ends the response: one send instead of two
-                        watch.finishing = True
-                        await send({"type": "http.response.body", "body": out + observer.flush(), "more_body": False})
-                        return None
-                    if out:
-                        await send({"type": "http.response.body", "body": out, "more_body": True})
-        except TimeoutError:
+                        break
+                if learn_response_id:
+                    self._responses.learn(chunk, backend)
+                    learn_response_id = False
+                out = observer.feed(chunk)
+                if content.at_eof():  # the last chunk ends the response: one send instead of two
+                    watch.finishing = True
+                    await send({"type": "http.response.body", "body": out + observer.flush(), "more_body": False})
+                    return None
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+        except IdleTimeout:
             return f"The backend sent nothing for {idle:g} s.", "idle_timeout"
         except UpstreamError as exc:
             return f"The backend connection broke: {exc}.", "disconnect"

@@ -39,6 +39,14 @@ class BodyBroken(UpstreamError):
     """The response head arrived, then the connection broke or went bad before the body ended."""
 
 
+class HeadTimeout(UpstreamError):
+    """The request went out; the response head did not come in time."""
+
+
+class IdleTimeout(UpstreamError):
+    """The response body stalled: no bytes for longer than the reader allowed."""
+
+
 class Origin:
     """One backend base URL: where to connect and the idle connections kept for it."""
 
@@ -68,11 +76,18 @@ class UpstreamPool:
         self._closed = False
 
     async def request(
-        self, base_url: str, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes
+        self,
+        base_url: str,
+        method: bytes,
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        head_timeout: float,
     ) -> UpstreamResponse:
         """Send one request and return once the response head is in; the body is read from the response.
 
-        Cancelling this (a client that left, a timeout) aborts the connection, which tells the backend."""
+        No head within `head_timeout` seconds of sending raises HeadTimeout. Cancelling this (a client
+        that left) or a timeout aborts the connection, which tells the backend to stop."""
         if self._closed:
             raise ConnectFailed("the connection pool is closed")
         origin = self._origins.get(base_url)
@@ -84,13 +99,13 @@ class UpstreamPool:
             if not connection.take():
                 continue
             try:
-                return await connection.exchange(head, body)
+                return await connection.exchange(head, body, head_timeout)
             except ConnectFailed:
                 # A kept-alive connection the backend closed just as it was reused: nothing came back, so
                 # the request is sent again once, on a new connection (what browsers and urllib3 do too).
                 break
         connection = await self._connect(origin)
-        return await connection.exchange(head, body)
+        return await connection.exchange(head, body, head_timeout)
 
     async def _connect(self, origin: Origin) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -189,18 +204,24 @@ class UpstreamResponse:
             self._connection.resume()
         return data
 
-    async def readany(self) -> bytes:
-        """The next bytes of the body, waiting for them; b"" once the body ended. Raises BodyBroken."""
+    async def readany(self, idle_limit: float | None = None) -> bytes:
+        """The next bytes of the body, waiting for them; b"" once the body ended.
+
+        Raises BodyBroken, or IdleTimeout when nothing came for `idle_limit` seconds."""
         while not self._buffer:
             if self.complete:
                 return b""
             if self._error is not None:
                 raise self._error
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = None if idle_limit is None else loop.call_later(idle_limit, _expire, waiter, idle_limit)
             try:
-                await self._waiter
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         return self.read_nowait()
 
     def close(self) -> None:
@@ -269,11 +290,12 @@ class _Connection(asyncio.Protocol):
             idle.remove(self)
         self.abort()
 
-    async def exchange(self, head: bytes, body: bytes) -> UpstreamResponse:
+    async def exchange(self, head: bytes, body: bytes, head_timeout: float) -> UpstreamResponse:
         transport = self._transport
         assert transport is not None
         assert self._response is None
-        started = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        started = loop.create_future()
         response = UpstreamResponse(self, started)
         self._response = response
         self._received = False
@@ -281,14 +303,24 @@ class _Connection(asyncio.Protocol):
             transport.write(head + body)
         else:
             transport.writelines((head, body))
+        # A timer, not asyncio.timeout(): it costs a fraction as much, and this runs for every request.
+        timer = loop.call_later(head_timeout, self._head_timed_out, response, head_timeout)
         try:
             await started
         except BaseException:
-            if self._response is response:  # cancelled or timed out while the backend works: tell it
+            if self._response is response:  # cancelled while the backend works: tell it
                 self._response = None
                 self.abort()
             raise
+        finally:
+            timer.cancel()
         return response
+
+    def _head_timed_out(self, response: UpstreamResponse, seconds: float) -> None:
+        if self._response is response:
+            self._response = None
+            self.abort()
+            response._fail(HeadTimeout(f"no response within {seconds:g} s"))
 
     def abort(self) -> None:
         self._closed = True
@@ -371,6 +403,11 @@ class _Connection(asyncio.Protocol):
         self.resume()
         if not (self._parser.should_keep_alive() and self._pool.release(self, self._origin)):
             self.abort()
+
+
+def _expire(waiter: asyncio.Future[None], seconds: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(IdleTimeout(f"the backend sent nothing for {seconds:g} s"))
 
 
 def _broken(response: UpstreamResponse, message: str) -> UpstreamError:

@@ -8,7 +8,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.upstream import HIGH_WATER, BadResponse, BodyBroken, ConnectFailed, UpstreamPool, UpstreamResponse
+from gateway.upstream import (
+    HIGH_WATER,
+    BadResponse,
+    BodyBroken,
+    ConnectFailed,
+    HeadTimeout,
+    IdleTimeout,
+    UpstreamPool,
+    UpstreamResponse,
+)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
@@ -74,9 +83,11 @@ async def read_all(response: UpstreamResponse) -> bytes:
     return b"".join(parts)
 
 
-async def post(upstream: UpstreamPool, url: str, body: bytes = b'{"model":"m"}') -> UpstreamResponse:
+async def post(
+    upstream: UpstreamPool, url: str, body: bytes = b'{"model":"m"}', head_timeout: float = 5.0
+) -> UpstreamResponse:
     headers = [(b"content-type", b"application/json"), (b"x-request-id", b"r1")]
-    return await upstream.request(url, b"POST", b"/v1/chat/completions?x=1", headers, body)
+    return await upstream.request(url, b"POST", b"/v1/chat/completions?x=1", headers, body, head_timeout)
 
 
 async def test_a_request_goes_out_as_written_and_the_connection_is_reused() -> None:
@@ -222,6 +233,37 @@ async def test_cancelling_while_the_backend_works_closes_the_connection() -> Non
                 await post(upstream, server.url)
         await asyncio.wait_for(gone.wait(), 2)
         assert upstream.idle_connections() == 0
+
+
+async def test_a_late_head_times_out_and_the_backend_is_told() -> None:
+    gone = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        await reader.read()
+        gone.set()
+
+    async with RawServer(slow) as server, pool() as upstream:
+        with pytest.raises(HeadTimeout, match=r"no response within 0\.2 s"):
+            await post(upstream, server.url, head_timeout=0.2)
+        await asyncio.wait_for(gone.wait(), 2)
+
+
+async def test_a_stalled_body_times_out_only_while_waiting_on_the_backend() -> None:
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\none\r\n")
+        await asyncio.sleep(0.4)
+        writer.write(b"3\r\ntwo\r\n")
+        await reader.read()
+
+    async with RawServer(stall) as server, pool() as upstream:
+        response = await post(upstream, server.url)
+        await asyncio.sleep(0.6)  # a slow reader: "two" is buffered by now, so no timeout applies
+        assert await response.readany(idle_limit=0.1) == b"onetwo"
+        with pytest.raises(IdleTimeout, match=r"nothing for 0\.1 s"):
+            await response.readany(idle_limit=0.1)
+        response.close()
 
 
 async def test_closing_a_response_mid_body_aborts_its_connection() -> None:
