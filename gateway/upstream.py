@@ -48,20 +48,21 @@ class IdleTimeout(UpstreamError):
 
 
 class Origin:
-    """One backend base URL: where to connect and the idle connections kept for it."""
+    """One backend base URL: where to connect, and its connections."""
 
-    __slots__ = ("host", "host_header", "idle", "port", "ssl")
+    __slots__ = ("base_url", "host", "host_header", "idle", "open", "port", "secure")
 
     def __init__(self, base_url: str) -> None:
         parts = urlsplit(base_url)
-        secure = parts.scheme == "https"
         if parts.hostname is None:
             raise ValueError(f"no host in {base_url!r}")
+        self.base_url = base_url
+        self.secure = parts.scheme == "https"
         self.host = parts.hostname
-        self.port = parts.port or (443 if secure else 80)
-        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if secure else None
+        self.port = parts.port or (443 if self.secure else 80)
         self.host_header = parts.netloc.rpartition("@")[2].encode("idna")
         self.idle: list[_Connection] = []  # most recently released last: reuse the warmest first
+        self.open = 0  # connections, idle or in use
 
 
 class UpstreamPool:
@@ -72,7 +73,8 @@ class UpstreamPool:
     def __init__(self, keepalive: float, connect_timeout: float) -> None:
         self._keepalive = keepalive
         self._connect_timeout = connect_timeout
-        self._origins: dict[str, Origin] = {}
+        self._origins: dict[str, Origin] = {}  # backends with open connections (pods come and go)
+        self._tls: ssl.SSLContext | None = None
         self._closed = False
 
     async def request(
@@ -104,19 +106,26 @@ class UpstreamPool:
                 # A kept-alive connection the backend closed just as it was reused: nothing came back, so
                 # the request is sent again once, on a new connection (what browsers and urllib3 do too).
                 break
-        connection = await self._connect(origin)
+        try:
+            connection = await self._connect(origin)
+        except BaseException:
+            self._forget_if_unused(origin)
+            raise
         return await connection.exchange(head, body, head_timeout)
 
     async def _connect(self, origin: Origin) -> _Connection:
         loop = asyncio.get_running_loop()
+        tls = None
+        if origin.secure:
+            tls = self._tls = self._tls or ssl.create_default_context()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, connection = await loop.create_connection(
                     lambda: _Connection(self, origin),
                     origin.host,
                     origin.port,
-                    ssl=origin.ssl,
-                    server_hostname=origin.host if origin.ssl else None,
+                    ssl=tls,
+                    server_hostname=origin.host if tls else None,
                 )
         except TimeoutError:
             raise ConnectFailed(f"connect timed out after {self._connect_timeout:g} s") from None
@@ -132,6 +141,17 @@ class UpstreamPool:
         connection.idle_timer = asyncio.get_running_loop().call_later(self._keepalive, connection.expire)
         return True
 
+    def opened(self, origin: Origin) -> None:
+        origin.open += 1
+
+    def closed(self, origin: Origin) -> None:
+        origin.open -= 1
+        self._forget_if_unused(origin)
+
+    def _forget_if_unused(self, origin: Origin) -> None:
+        if origin.open == 0 and self._origins.get(origin.base_url) is origin:
+            del self._origins[origin.base_url]
+
     def close(self) -> None:
         """Close every idle connection; connections in use close when their response ends."""
         self._closed = True
@@ -141,6 +161,13 @@ class UpstreamPool:
 
     def idle_connections(self) -> int:
         return sum(len(origin.idle) for origin in self._origins.values())
+
+    def open_connections(self) -> int:
+        return sum(origin.open for origin in self._origins.values())
+
+    def origins(self) -> int:
+        """Backends the pool holds state for (only those with open connections)."""
+        return len(self._origins)
 
 
 def request_head(
@@ -336,6 +363,7 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self._pool.opened(self._origin)
 
     def data_received(self, data: bytes) -> None:
         self._received = True
@@ -356,6 +384,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._pool.closed(self._origin)
         if self.idle_timer is not None:
             self.expire()
         response = self._response

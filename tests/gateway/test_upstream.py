@@ -56,15 +56,19 @@ class RawServer:
             writer.close()
 
     async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        request = await self.read_request_from(reader)
+        self.requests.append(request)
+        return request
+
+    @staticmethod
+    async def read_request_from(reader: asyncio.StreamReader) -> bytes:
         head = await reader.readuntil(b"\r\n\r\n")
         length = 0
         for line in head.split(b"\r\n"):
             name, _, value = line.partition(b":")
             if name.lower() == b"content-length":
                 length = int(value)
-        request = head + await reader.readexactly(length)
-        self.requests.append(request)
-        return request
+        return head + await reader.readexactly(length)
 
 
 @contextlib.asynccontextmanager
@@ -88,6 +92,12 @@ async def post(
 ) -> UpstreamResponse:
     headers = [(b"content-type", b"application/json"), (b"x-request-id", b"r1")]
     return await upstream.request(url, b"POST", b"/v1/chat/completions?x=1", headers, body, head_timeout)
+
+
+async def answer_ok_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        await RawServer.read_request_from(reader)
+        writer.write(OK)
 
 
 async def test_a_request_goes_out_as_written_and_the_connection_is_reused() -> None:
@@ -122,10 +132,21 @@ async def test_idle_connections_close_after_the_keepalive() -> None:
 
     async with RawServer(handler) as server, pool(keepalive=0.2) as upstream:
         await read_all(await post(upstream, server.url))
-        assert upstream.idle_connections() == 1
+        assert (upstream.idle_connections(), upstream.open_connections(), upstream.origins()) == (1, 1, 1)
         await asyncio.sleep(0.5)
-        assert upstream.idle_connections() == 0
         assert server.open == 0
+        # nothing is kept for a backend without connections: pods come and go for months
+        assert (upstream.idle_connections(), upstream.open_connections(), upstream.origins()) == (0, 0, 0)
+
+
+async def test_a_backend_that_cannot_be_reached_leaves_nothing_behind() -> None:
+    async with RawServer(answer_ok_forever) as server:
+        gone = server.url
+    async with pool() as upstream:
+        for _ in range(3):
+            with pytest.raises(ConnectFailed):
+                await post(upstream, gone)
+        assert upstream.origins() == 0
 
 
 async def test_a_kept_alive_connection_the_backend_closed_is_replaced_without_an_error() -> None:
