@@ -11,6 +11,7 @@ from types import FrameType
 import uvicorn
 
 from gateway.app import create_app
+from gateway.client_protocol import with_header_timeout
 from gateway.errors import ConfigError
 from gateway.lifecycle import Lifecycle
 from gateway.settings import load_settings
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=with_header_timeout(settings.limits.header_timeout),
         lifespan="on",
         access_log=False,  # the gateway writes its own JSON access log (switchyard.access)
         proxy_headers=False,  # trust no X-Forwarded-For by default; the peer address is the client

@@ -178,6 +178,12 @@ class LimitSettings(_Strict):
     max_header_count: int = Field(default=100, gt=0)
     max_header_bytes: int = Field(default=64 * 1024, gt=0, description="All header names and values together.")
     max_json_depth: int = Field(default=64, gt=0, description="Deepest nesting of arrays/objects in a JSON body.")
+    header_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a connection has to send a complete request head, from connecting or from the "
+        "first byte of its next request; slower ones are closed (nginx's client_header_timeout).",
+    )
 
 
 class Settings(BaseSettings):

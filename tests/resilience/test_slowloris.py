@@ -8,6 +8,7 @@ alike; the medians of all samples of each kind are compared."""
 
 from __future__ import annotations
 
+import socket
 import statistics
 import subprocess
 import sys
@@ -93,3 +94,27 @@ def test_slowloris_crowd_does_not_delay_other_clients(crowd_and_gateway: tuple[C
     assert loaded <= base * 1.10, (
         f"median latency {loaded * 1000:.2f} ms with {CROWD} slowloris connections vs {base * 1000:.2f} ms without"
     )
+
+
+def test_connections_that_send_no_complete_head_in_time_are_closed() -> None:
+    """What the crowd above costs is file descriptors: limits.header_timeout takes them back."""
+    with (
+        running_sims(sim("m")) as (upstream,),
+        GatewayProcess({"backends": [{"url": upstream.url}], "limits": {"header_timeout": 1.0}}) as gw,
+    ):
+        silent = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(5)]
+        trickling = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(5)]
+        for conn in trickling:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nX-Slow: ")
+        with httpx.Client(timeout=10) as client:
+            for _ in range(3):  # a client with a complete head is served throughout, on one connection
+                timed_requests(client, gw.url, 1)
+                for conn in trickling:
+                    conn.sendall(b"a")
+                time.sleep(0.5)
+            timed_requests(client, gw.url, 1)
+        for conn in silent + trickling:
+            conn.settimeout(2)
+            assert conn.recv(1024) == b"", "the gateway kept a connection without a complete request head"
+            conn.close()
+        assert tcp_sockets(local_port=gw.port, states=(ESTABLISHED,)) == 0

@@ -1,0 +1,54 @@
+"""uvicorn's httptools protocol with a deadline on request heads (nginx's client_header_timeout).
+
+uvicorn times out idle keep-alive connections, but not one that connected and sent nothing, nor one that
+trickles a request head a byte at a time: each would hold a file descriptor for as long as the client likes.
+Here every connection must deliver a complete request head within `header_timeout` seconds of connecting
+or of sending the first byte of its next request, or it is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+class HeadDeadlineProtocol(HttpToolsProtocol):
+    header_timeout = 30.0  # set per server by with_header_timeout()
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._disarm_head_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def with_header_timeout(seconds: float) -> type[HeadDeadlineProtocol]:
+    """The protocol class for uvicorn.Config(http=...), with this server's head deadline."""
+    return type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), {"header_timeout": seconds})
