@@ -28,7 +28,8 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     step "creating $VENV with $PYTHON"
     "$PYTHON" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+# constraints.txt pins every package (direct and transitive) to what the last green CI run installed
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --constraint constraints.txt)
 
 if [[ $WITH_VLLM == 0 ]]; then
     step "installing Switchyard with dev extras"
