@@ -428,6 +428,27 @@ def test_the_shipped_dashboards_and_alerts_render() -> None:
             json.loads(text)
 
 
+def test_alert_thresholds_come_from_values(tmp_path: Path) -> None:
+    values = load_values(CHART / "ci" / "monitoring-values.yaml")
+    thresholds = {"errorRatio": 0.1, "ttftP95Seconds": 1.5, "engineQueue": 20}
+    values["metrics"]["prometheusRule"]["thresholds"] = thresholds
+    (rules,) = of_kind(render(values), "PrometheusRule")
+    expressions = {rule["alert"]: rule["expr"] for group in rules["spec"]["groups"] for rule in group["rules"]}
+    assert expressions["SwitchyardHighErrorRatio"].rstrip().endswith("> 0.1")
+    assert expressions["SwitchyardHighTimeToFirstToken"].rstrip().endswith(") > 1.5")
+    assert "(vllm:num_requests_waiting) > 20\nand" in expressions["SwitchyardEngineQueueGrowing"]
+    (defaults,) = of_kind(render(load_values(CHART / "ci" / "monitoring-values.yaml")), "PrometheusRule")
+    shipped = yaml.safe_load((CHART / "alerts" / "switchyard.yaml").read_text())
+    assert defaults["spec"]["groups"] == shipped["groups"], "default thresholds must render the file unchanged"
+
+    # a rule file edited so the threshold is no longer where the chart looks fails the render, naming it
+    chart = _chart_copy(tmp_path)
+    edited = (CHART / "alerts" / "switchyard.yaml").read_text().replace("> 0.05", ">= 0.05")
+    (chart / "alerts" / "switchyard.yaml").write_text(edited)
+    with pytest.raises(Exception, match="SwitchyardHighErrorRatio no longer contains"):
+        render(values, chart=chart)
+
+
 BAD_VALUES: list[tuple[Obj, str]] = [
     ({"gateway": {"replcas": 3}}, "replcas"),
     ({"service": {"type": "Nodeport"}}, "/service/type"),
@@ -438,6 +459,8 @@ BAD_VALUES: list[tuple[Obj, str]] = [
     ({"workerDefaults": {"cache": {"type": "hostPath"}}}, "/workerDefaults/cache/type"),
     ({"models": [{"name": "a", "source": {"huggingface": {"id": "x/y"}}}]}, "huggingface"),
     ({"metrics": {"serviceMonitor": {"enable": True}}}, "enable"),
+    ({"metrics": {"prometheusRule": {"thresholds": {"errorRatio": 5}}}}, "errorRatio"),
+    ({"metrics": {"prometheusRule": {"thresholds": {"ttft": 1}}}}, "ttft"),
     (
         {"models": [{"name": "a", "simulator": True, "autoscaling": {"minReplicas": 0}}]},
         "/models/0/autoscaling/minReplicas",
