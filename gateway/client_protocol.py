@@ -22,6 +22,13 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._arm_head_timer()
 
+    def data_received(self, data: bytes) -> None:
+        # Between requests, any byte stops uvicorn's keep-alive timer, even a bare CRLF that the parser
+        # skips without beginning a message: the head deadline takes over from there.
+        if self.cycle is None or self.cycle.response_complete:
+            self._arm_head_timer()
+        super().data_received(data)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._arm_head_timer()
@@ -45,6 +52,10 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            # a response is still going out (a client that pipelined its next head): judge after it
+            self._arm_head_timer()
+            return
         if not self.transport.is_closing():
             self.transport.close()
 

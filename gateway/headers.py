@@ -41,6 +41,7 @@ DROP_RESPONSE_HEADERS = frozenset(
         b"x-request-id",
     }
 )
+DROP_RESPONSE_HEADERS_AND_LENGTH = DROP_RESPONSE_HEADERS | {b"content-length"}  # for a body the gateway rewrites
 REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
 
 

@@ -32,6 +32,7 @@ from gateway.errors import (
 )
 from gateway.headers import (
     DROP_RESPONSE_HEADERS,
+    DROP_RESPONSE_HEADERS_AND_LENGTH,
     client_host,
     header_map,
     request_id,
@@ -318,11 +319,12 @@ class Proxy:
         outcome: Outcome,
         hide_usage: bool,
     ) -> None:
-        drop = DROP_RESPONSE_HEADERS
+        is_sse = response.content_type == b"text/event-stream"
+        # Hiding the usage event shortens the body: a length the backend declared would no longer hold.
+        drop = DROP_RESPONSE_HEADERS_AND_LENGTH if hide_usage and is_sse else DROP_RESPONSE_HEADERS
         headers = [(name, value) for name, value in response.raw_headers if name.lower() not in drop]
         headers.append((b"x-request-id", outcome.request_id))
         headers += outcome.extra_headers
-        is_sse = response.content_type == b"text/event-stream"
         observer = ChunkObserver(
             is_sse, hide_usage, outcome.started, self._metrics.model_series(outcome.info.model).itl
         )

@@ -7,6 +7,7 @@ instead of being ignored.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,19 @@ ENV_PREFIX = "SWITCHYARD_"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+UPSTREAM_KEY = re.compile(r"[\x21-\x7e]+")  # what may follow "Authorization: Bearer " on the wire
+
+
+def _check_key_env(name: str | None) -> None:
+    if name is None:
+        return
+    if name not in os.environ:
+        raise ValueError(f"api_key_env names {name!r}, which is not set in the environment")
+    if not UPSTREAM_KEY.fullmatch(os.environ[name]):
+        # checked here, once: a newline would inject header lines, a non-ASCII byte fail every request
+        raise ValueError(f"the key in {name} must be printable ASCII without spaces (it goes into a header)")
 
 
 class BackendSettings(_Strict):
@@ -44,8 +58,7 @@ class BackendSettings(_Strict):
 
     @model_validator(mode="after")
     def _check_key_env(self) -> BackendSettings:
-        if self.api_key_env is not None and self.api_key_env not in os.environ:
-            raise ValueError(f"api_key_env names {self.api_key_env!r}, which is not set in the environment")
+        _check_key_env(self.api_key_env)
         return self
 
     def api_key(self) -> str | None:
@@ -75,8 +88,7 @@ class KubernetesSettings(_Strict):
 
     @model_validator(mode="after")
     def _check_key_env(self) -> KubernetesSettings:
-        if self.api_key_env is not None and self.api_key_env not in os.environ:
-            raise ValueError(f"api_key_env names {self.api_key_env!r}, which is not set in the environment")
+        _check_key_env(self.api_key_env)
         return self
 
     def api_key(self) -> str | None:

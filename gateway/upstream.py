@@ -50,7 +50,7 @@ class IdleTimeout(UpstreamError):
 class Origin:
     """One backend base URL: where to connect, and its connections."""
 
-    __slots__ = ("base_url", "host", "host_header", "idle", "open", "port", "secure")
+    __slots__ = ("base_url", "host", "host_header", "idle", "open", "port", "prefix", "secure")
 
     def __init__(self, base_url: str) -> None:
         parts = urlsplit(base_url)
@@ -61,8 +61,11 @@ class Origin:
         self.host = parts.hostname
         self.port = parts.port or (443 if self.secure else 80)
         self.host_header = parts.netloc.rpartition("@")[2].encode("idna")
+        self.prefix = parts.path.rstrip("/").encode()  # a backend behind a path, e.g. http://host/team-a
         self.idle: list[_Connection] = []  # most recently released last: reuse the warmest first
-        self.open = 0  # connections, idle or in use
+        # Connections being made, idle or in use: the origin is forgotten only when none is left, so no
+        # connection ever belongs to an origin the pool no longer knows.
+        self.open = 0
 
 
 class UpstreamPool:
@@ -92,45 +95,49 @@ class UpstreamPool:
         that left) or a timeout aborts the connection, which tells the backend to stop."""
         if self._closed:
             raise ConnectFailed("the connection pool is closed")
-        origin = self._origins.get(base_url)
-        if origin is None:
-            origin = self._origins[base_url] = Origin(base_url)
-        head = request_head(method, target, origin.host_header, headers, body)
+        origin = self._origin(base_url)
+        head = request_head(method, origin.prefix + target, origin.host_header, headers, body)
         while origin.idle:
             connection = origin.idle.pop()
             if not connection.take():
                 continue
             try:
-                return await connection.exchange(head, body, head_timeout)
+                return await connection.exchange(head, body, head_timeout, method == b"HEAD")
             except ConnectFailed:
                 # A kept-alive connection the backend closed just as it was reused: nothing came back, so
                 # the request is sent again once, on a new connection (what browsers and urllib3 do too).
                 break
-        try:
-            connection = await self._connect(origin)
-        except BaseException:
-            self._forget_if_unused(origin)
-            raise
-        return await connection.exchange(head, body, head_timeout)
+        connection = await self._connect(base_url)
+        return await connection.exchange(head, body, head_timeout, method == b"HEAD")
 
-    async def _connect(self, origin: Origin) -> _Connection:
-        loop = asyncio.get_running_loop()
+    def _origin(self, base_url: str) -> Origin:
+        origin = self._origins.get(base_url)
+        if origin is None:
+            origin = self._origins[base_url] = Origin(base_url)
+        return origin
+
+    async def _connect(self, base_url: str) -> _Connection:
+        origin = self._origin(base_url)  # again: the last connection of the one looked up may have closed
+        origin.open += 1
         tls = None
         if origin.secure:
             tls = self._tls = self._tls or ssl.create_default_context()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, connection = await loop.create_connection(
+                _, connection = await asyncio.get_running_loop().create_connection(
                     lambda: _Connection(self, origin),
                     origin.host,
                     origin.port,
                     ssl=tls,
                     server_hostname=origin.host if tls else None,
                 )
-        except TimeoutError:
-            raise ConnectFailed(f"connect timed out after {self._connect_timeout:g} s") from None
-        except OSError as exc:
-            raise ConnectFailed(f"connect failed: {exc.strerror or exc}") from None
+        except BaseException as exc:
+            self.closed(origin)
+            if isinstance(exc, TimeoutError):
+                raise ConnectFailed(f"connect timed out after {self._connect_timeout:g} s") from None
+            if isinstance(exc, OSError):
+                raise ConnectFailed(f"connect failed: {exc.strerror or exc}") from None
+            raise
         return connection
 
     def release(self, connection: _Connection, origin: Origin) -> bool:
@@ -140,9 +147,6 @@ class UpstreamPool:
         origin.idle.append(connection)
         connection.idle_timer = asyncio.get_running_loop().call_later(self._keepalive, connection.expire)
         return True
-
-    def opened(self, origin: Origin) -> None:
-        origin.open += 1
 
     def closed(self, origin: Origin) -> None:
         origin.open -= 1
@@ -298,6 +302,7 @@ class _Connection(asyncio.Protocol):
         self._response: UpstreamResponse | None = None
         self._received = False  # a byte of the current response arrived
         self._framed = True  # the current response's body has a length or chunks (else it ends at close)
+        self._bodiless = False  # the current request is HEAD
         self._paused = False
         self._closed = False
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -311,21 +316,26 @@ class _Connection(asyncio.Protocol):
         return not self._closed and self._transport is not None and not self._transport.is_closing()
 
     def expire(self) -> None:
-        self.idle_timer = None
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()  # a no-op when the timer itself called
+            self.idle_timer = None
         idle = self._origin.idle
         if self in idle:
             idle.remove(self)
         self.abort()
 
-    async def exchange(self, head: bytes, body: bytes, head_timeout: float) -> UpstreamResponse:
+    async def exchange(self, head: bytes, body: bytes, head_timeout: float, bodiless: bool) -> UpstreamResponse:
         transport = self._transport
         assert transport is not None
         assert self._response is None
+        if self._closed:
+            raise ConnectFailed("the connection closed before the request went out")
         loop = asyncio.get_running_loop()
         started = loop.create_future()
         response = UpstreamResponse(self, started)
         self._response = response
         self._received = False
+        self._bodiless = bodiless
         if len(body) <= _SINGLE_WRITE:
             transport.write(head + body)
         else:
@@ -344,7 +354,8 @@ class _Connection(asyncio.Protocol):
         return response
 
     def _head_timed_out(self, response: UpstreamResponse, seconds: float) -> None:
-        if self._response is response:
+        # The head may have come in while the loop was busy, before exchange() could cancel this timer.
+        if self._response is response and not response._head.done():
             self._response = None
             self.abort()
             response._fail(HeadTimeout(f"no response within {seconds:g} s"))
@@ -363,7 +374,6 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
-        self._pool.opened(self._origin)
 
     def data_received(self, data: bytes) -> None:
         self._received = True
@@ -372,12 +382,15 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             response = self._response
             self._response = None
             self.abort()
             if response is not None:
-                response._fail(_broken(response, f"invalid HTTP from the backend: {exc}"))
+                problem = (
+                    "a protocol upgrade" if isinstance(exc, httptools.HttpParserUpgrade) else f"invalid HTTP: {exc}"
+                )
+                response._fail(_broken(response, f"the backend answered with {problem}"))
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows
@@ -391,21 +404,27 @@ class _Connection(asyncio.Protocol):
         if response is None:
             return
         self._response = None
-        if response.status and not self._framed:
-            response._finish()  # a body without length or chunks ends when the connection does
+        if response.status and not self._framed and exc is None:
+            response._finish()  # a body without length or chunks ends when the connection closes (not resets)
         elif not self._received:
             response._fail(ConnectFailed("the backend closed the connection before answering"))
         else:
             response._fail(_broken(response, "the backend closed the connection mid-response"))
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._response is None:  # a response nobody asked for (extra bytes after the last one)
+            self.abort()
+
+    # Each callback ignores what comes after abort(): the parser goes on with the bytes it was given.
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self._response is not None
-        self._response.raw_headers.append((name, value))
+        if self._response is not None:
+            self._response.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         response = self._response
-        assert response is not None
+        if response is None:
+            return
         status = self._parser.get_status_code()
         if status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real head follows
             response.raw_headers.clear()
@@ -415,10 +434,17 @@ class _Connection(asyncio.Protocol):
             name.lower() in (b"content-length", b"transfer-encoding") for name, _ in response.raw_headers
         )
         response._head.set_result(None)
+        if self._bodiless:
+            # The answer to HEAD has no body, whatever its headers say; httptools cannot be told to skip
+            # one, so the connection, its parser now expecting a body, is not reused.
+            self._response = None
+            response._finish()
+            self.abort()
 
     def on_body(self, body: bytes) -> None:
         response = self._response
-        assert response is not None
+        if response is None:
+            return
         if response._feed(body) and not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()

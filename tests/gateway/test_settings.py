@@ -56,6 +56,18 @@ def test_api_key_env_must_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert settings.backends[0].api_key() == "sk-upstream"
 
 
+@pytest.mark.parametrize("key", ["sk-1\r\nX-Injected: 1", "sk 1", "clé"])
+@pytest.mark.parametrize(
+    "where", ["backends: [{url: 'http://x:1', api_key_env: WORKER_KEY}]", "kubernetes: {api_key_env: WORKER_KEY}"]
+)
+def test_an_upstream_key_that_cannot_go_into_a_header_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str, where: str
+) -> None:
+    monkeypatch.setenv("WORKER_KEY", key)
+    with pytest.raises(ConfigError, match="WORKER_KEY must be printable ASCII"):
+        load_settings(write(tmp_path, where))
+
+
 def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SWITCHYARD_PORT", "9100")
     monkeypatch.setenv("SWITCHYARD_TIMEOUTS__IDLE", "7.5")

@@ -1,9 +1,14 @@
-"""The proxy's upstream client against real TCP servers that answer with exactly the bytes each case needs."""
+"""The proxy's upstream client against real TCP servers that answer with exactly the bytes each case needs.
+
+Every case runs on asyncio's loop and on uvloop (tests/gateway/conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -159,12 +164,62 @@ async def test_a_kept_alive_connection_the_backend_closed_is_replaced_without_an
             # as a backend does that closes an idle connection while a request is on its way
             with contextlib.suppress(asyncio.IncompleteReadError):
                 await reader.readuntil(b"\r\n\r\n")
+            return
+        while True:  # later connections serve on
+            await server.read_request(reader)
+            writer.write(OK)
 
     async with RawServer(handler) as server, pool() as upstream:
         await read_all(await post(upstream, server.url))
         response = await post(upstream, server.url)
         assert await read_all(response) == b"{}"
         assert server.connections == 2
+        # the new connection is the pool's like any other: counted, reused, closed with the pool
+        assert (upstream.open_connections(), upstream.idle_connections()) == (1, 1)
+        await read_all(await post(upstream, server.url))
+        assert server.connections == 2
+    await asyncio.sleep(0.1)
+    assert server.open == 0
+
+
+async def test_a_backend_behind_a_path_gets_its_prefix() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(OK)
+        await reader.read()
+
+    async with RawServer(handler) as server, pool() as upstream:
+        await read_all(await post(upstream, server.url + "/team-a/llama/"))
+    assert server.requests[0].startswith(b"POST /team-a/llama/v1/chat/completions?x=1 HTTP/1.1\r\n")
+
+
+async def test_the_answer_to_head_has_no_body_and_its_connection_is_not_reused() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 31\r\nallow: GET\r\n\r\n")
+        await reader.read()
+
+    async with RawServer(handler) as server, pool() as upstream:
+        response = await upstream.request(server.url, b"HEAD", b"/v1/responses/r1", [], b"", 5.0)
+        assert (response.status, await response.readany(idle_limit=1.0), response.complete) == (405, b"", True)
+        assert upstream.idle_connections() == 0
+    assert server.requests[0].startswith(b"HEAD /v1/responses/r1 HTTP/1.1\r\n")
+    assert b"content-length" not in server.requests[0]
+
+
+async def test_a_head_that_came_while_the_loop_was_busy_is_not_timed_out() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\ndata: \r\n")
+        await writer.drain()
+        time.sleep(0.4)  # noqa: ASYNC251 -- blocks the loop past the 0.2 s deadline, the head on its way
+        await asyncio.sleep(0.05)
+        writer.write(b"4\r\nrest\r\n0\r\n\r\n")
+        await reader.read()
+
+    async with RawServer(handler) as server, pool() as upstream:
+        response = await post(upstream, server.url, head_timeout=0.2)
+        assert await read_all(response) == b"data: rest"
 
 
 async def test_chunked_bodies_arrive_chunk_by_chunk_and_interim_answers_are_skipped() -> None:
@@ -224,8 +279,26 @@ async def test_bytes_that_are_not_http_are_a_bad_response() -> None:
         await reader.read()
 
     async with RawServer(garbage) as server, pool() as upstream:
-        with pytest.raises(BadResponse, match="invalid HTTP"):
+        with pytest.raises(BadResponse, match="the backend answered with invalid HTTP"):
             await post(upstream, server.url)
+
+
+async def test_a_body_without_length_cut_by_a_reset_is_broken_not_complete() -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\npart")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+        writer.transport.abort()
+
+    async with RawServer(reset) as server, pool() as upstream:
+        response = await post(upstream, server.url)
+        assert await response.readany() == b"part"
+        with pytest.raises(BodyBroken):
+            await response.readany()
+        assert not response.complete
 
 
 async def test_a_body_cut_short_raises_after_the_bytes_that_came() -> None:

@@ -96,12 +96,32 @@ def test_slowloris_crowd_does_not_delay_other_clients(crowd_and_gateway: tuple[C
     )
 
 
+def read_response(conn: socket.socket) -> bytes:
+    """One whole response with a Content-Length, however the segments fall."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
 def test_connections_that_send_no_complete_head_in_time_are_closed() -> None:
     """What the crowd above costs is file descriptors: limits.header_timeout takes them back."""
     with (
         running_sims(sim("m")) as (upstream,),
         GatewayProcess({"backends": [{"url": upstream.url}], "limits": {"header_timeout": 1.0}}) as gw,
     ):
+        # one request answered, then a bare CRLF: it stops uvicorn's keep-alive timer without beginning a
+        # request, which must not leave the connection unguarded
+        after_crlf = socket.create_connection(("127.0.0.1", gw.port))
+        after_crlf.sendall(b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        assert read_response(after_crlf).startswith(b"HTTP/1.1 200")
+        after_crlf.sendall(b"\r\n")
         silent = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(5)]
         trickling = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(5)]
         for conn in trickling:
@@ -113,7 +133,7 @@ def test_connections_that_send_no_complete_head_in_time_are_closed() -> None:
                     conn.sendall(b"a")
                 time.sleep(0.5)
             timed_requests(client, gw.url, 1)
-        for conn in silent + trickling:
+        for conn in [after_crlf, *silent, *trickling]:
             conn.settimeout(2)
             assert conn.recv(1024) == b"", "the gateway kept a connection without a complete request head"
             conn.close()
