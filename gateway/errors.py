@@ -76,6 +76,14 @@ class MethodNotAllowed(GatewayError):
     code = "method_not_allowed"
 
 
+class BodyTimeout(GatewayError):
+    """The client stopped sending its request body (a slow-body slowloris, or a stalled upload)."""
+
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     error_type = "invalid_request_error"

@@ -106,7 +106,7 @@ class Proxy:
             self._check_headers(scope)
             if self._keys.enabled:
                 principal = self._keys.authenticate(scope)
-            body = await read_body(scope, receive, self._settings.max_body_bytes)
+            body = await read_body(scope, receive, self._settings.max_body_bytes, self._limits.body_timeout)
             fields = routing_fields(kind, body, header(scope, b"content-type"), self._limits.max_json_depth)
             model_label = UNKNOWN_MODEL
             if kind is BodyKind.RESPONSE_ID:

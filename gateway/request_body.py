@@ -5,6 +5,7 @@ The body is kept as the bytes received; it is parsed only to learn `model` and `
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import orjson
 
 from gateway.asgi import Receive, Scope
-from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.errors import BodyTimeout, InvalidRequest, PayloadTooLarge
 
 
 class ClientDisconnected(Exception):
@@ -39,14 +40,19 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+async def read_body(scope: Scope, receive: Receive, limit: int, stall_timeout: float) -> bytes:
+    """The whole body, within `limit` bytes; BodyTimeout when the client sends nothing for `stall_timeout`."""
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body of {int(declared)} bytes exceeds the limit of {limit} bytes.")
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
+        try:
+            async with asyncio.timeout(stall_timeout):
+                message = await receive()
+        except TimeoutError:
+            raise BodyTimeout(f"The request body stalled: nothing arrived for {stall_timeout:g} s.") from None
         if message["type"] == "http.disconnect":
             raise ClientDisconnected
         chunk: bytes = message.get("body", b"")

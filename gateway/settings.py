@@ -196,6 +196,11 @@ class LimitSettings(_Strict):
         description="Seconds a connection has to send a complete request head, from connecting or from the "
         "first byte of its next request; slower ones are closed (nginx's client_header_timeout).",
     )
+    body_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest silence while a request body arrives; then 408 (nginx's client_body_timeout).",
+    )
 
 
 class Settings(BaseSettings):

@@ -8,6 +8,7 @@ alike; the medians of all samples of each kind are compared."""
 
 from __future__ import annotations
 
+import json
 import socket
 import statistics
 import subprocess
@@ -138,3 +139,22 @@ def test_connections_that_send_no_complete_head_in_time_are_closed() -> None:
             assert conn.recv(1024) == b"", "the gateway kept a connection without a complete request head"
             conn.close()
         assert tcp_sockets(local_port=gw.port, states=(ESTABLISHED,)) == 0
+
+
+@pytest.mark.parametrize("sent", [b"", b'{"model": "m", "mess'])
+def test_a_body_that_stalls_gets_408(sent: bytes) -> None:
+    with (
+        running_sims(sim("m")) as (upstream,),
+        GatewayProcess({"backends": [{"url": upstream.url}], "limits": {"body_timeout": 0.5}}) as gw,
+        socket.create_connection(("127.0.0.1", gw.port), timeout=5) as conn,
+    ):
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+        started = time.monotonic()
+        conn.sendall(head + b"Content-Length: 100\r\n\r\n" + sent)
+        response = read_response(conn)
+        waited = time.monotonic() - started
+        assert response.startswith(b"HTTP/1.1 408 "), response[:200]
+        error = json.loads(response.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "request_timeout"
+        assert "nothing arrived for 0.5 s" in error["message"]
+        assert 0.5 <= waited < 3
