@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -29,10 +33,12 @@ OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\
 
 
 class RawServer:
-    """A TCP server on 127.0.0.1 that counts connections and hands each to `handler`."""
+    """A TCP server on 127.0.0.1 (TLS when given a context) that counts connections and hands each to
+    `handler`."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, tls: ssl.SSLContext | None = None) -> None:
         self.handler = handler
+        self.tls = tls
         self.connections = 0
         self.open = 0
         self.requests: list[bytes] = []
@@ -40,9 +46,9 @@ class RawServer:
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -409,3 +415,39 @@ async def test_a_reader_that_falls_behind_pauses_the_backend() -> None:
         await asyncio.sleep(0.2)
         assert sent > before, "reading did not resume the flow"
         response.close()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A self-signed certificate for 127.0.0.1, key included (cert.pem, key.pem)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    files = ["-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem")]
+    command = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", *subject, *files]
+    subprocess.run(command, check=True, capture_output=True)
+    return folder
+
+
+async def test_an_https_backend_is_reached_with_its_certificate_verified(
+    certificate: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(certificate / "cert.pem", certificate / "key.pem")
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(OK)
+        await reader.read()
+
+    async with RawServer(handler, tls) as server:
+        async with pool() as untrusting:  # the system's CAs do not know this certificate
+            with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+                await post(untrusting, server.url)
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificate / "cert.pem"))  # how a private CA is trusted
+        async with pool() as trusting:
+            response = await post(trusting, server.url)
+            assert (response.status, await read_all(response)) == (200, b"{}")
+    assert server.requests[-1].startswith(b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: 127.0.0.1:")
