@@ -45,6 +45,18 @@ class RawServer:
         self.url = ""
         self._server: asyncio.Server | None = None
 
+    @classmethod
+    def replying(cls, answer: bytes, tls: ssl.SSLContext | None = None) -> RawServer:
+        """A server that reads one request per connection, writes `answer` and waits for the client to close."""
+
+        async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(answer)
+            await reader.read()
+
+        server = cls(reply, tls)
+        return server
+
     async def __aenter__(self) -> RawServer:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         port = self._server.sockets[0].getsockname()[1]
@@ -136,12 +148,7 @@ async def test_a_request_goes_out_as_written_and_the_connection_is_reused() -> N
 
 
 async def test_idle_connections_close_after_the_keepalive() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(OK)
-        await reader.read()  # until the client closes
-
-    async with RawServer(handler) as server, pool(keepalive=0.2) as upstream:
+    async with RawServer.replying(OK) as server, pool(keepalive=0.2) as upstream:
         await read_all(await post(upstream, server.url))
         assert (upstream.idle_connections(), upstream.open_connections(), upstream.origins()) == (1, 1, 1)
         await asyncio.sleep(0.5)
@@ -189,23 +196,16 @@ async def test_a_kept_alive_connection_the_backend_closed_is_replaced_without_an
 
 
 async def test_a_backend_behind_a_path_gets_its_prefix() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(OK)
-        await reader.read()
-
-    async with RawServer(handler) as server, pool() as upstream:
+    async with RawServer.replying(OK) as server, pool() as upstream:
         await read_all(await post(upstream, server.url + "/team-a/llama/"))
     assert server.requests[0].startswith(b"POST /team-a/llama/v1/chat/completions?x=1 HTTP/1.1\r\n")
 
 
 async def test_the_answer_to_head_has_no_body_and_its_connection_is_not_reused() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 31\r\nallow: GET\r\n\r\n")
-        await reader.read()
-
-    async with RawServer(handler) as server, pool() as upstream:
+    async with (
+        RawServer.replying(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 31\r\nallow: GET\r\n\r\n") as server,
+        pool() as upstream,
+    ):
         response = await upstream.request(server.url, b"HEAD", b"/v1/responses/r1", [], b"", 5.0)
         assert (response.status, await response.readany(idle_limit=1.0), response.complete) == (405, b"", True)
         assert upstream.idle_connections() == 0
@@ -279,12 +279,7 @@ async def test_failures_before_the_answer_are_connect_failures() -> None:
 
 
 async def test_bytes_that_are_not_http_are_a_bad_response() -> None:
-    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-        await reader.read()
-
-    async with RawServer(garbage) as server, pool() as upstream:
+    async with RawServer.replying(b"SSH-2.0-OpenSSH_9.6\r\n\r\n") as server, pool() as upstream:
         with pytest.raises(BadResponse, match="the backend answered with invalid HTTP"):
             await post(upstream, server.url)
 
@@ -437,12 +432,7 @@ async def test_an_https_backend_is_reached_with_its_certificate_verified(
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(certificate / "cert.pem", certificate / "key.pem")
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(OK)
-        await reader.read()
-
-    async with RawServer(handler, tls) as server:
+    async with RawServer.replying(OK, tls) as server:
         async with pool() as untrusting:  # the system's CAs do not know this certificate
             with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
                 await post(untrusting, server.url)
