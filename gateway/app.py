@@ -92,8 +92,10 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # The control plane's client (model polls, health checks, metric scrapes, Responses id lookups);
+        # proxied requests go through the UpstreamPool below.
         connector = aiohttp.TCPConnector(
-            limit=0,  # the gateway's own admission decides concurrency, not the pool
+            limit=0,  # a few connections per backend at most (one per background loop): no cap needed
             keepalive_timeout=settings.upstream_keepalive,
             enable_cleanup_closed=True,
         )
@@ -101,7 +103,7 @@ def create_app(settings: Settings) -> Starlette:
         async with aiohttp.ClientSession(
             connector=connector,
             timeout=timeout,
-            auto_decompress=False,  # relay bytes untouched
+            auto_decompress=False,  # vLLM never compresses; nothing to undo
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         ) as session:
             poller = ModelPoller(registry, session, settings.model_refresh_interval, settings.model_refresh_timeout)

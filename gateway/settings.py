@@ -28,7 +28,7 @@ class _Strict(BaseModel):
 UPSTREAM_KEY = re.compile(r"[\x21-\x7e]+")  # what may follow "Authorization: Bearer " on the wire
 
 
-def _check_key_env(name: str | None) -> None:
+def _require_header_safe_key(name: str | None) -> None:
     if name is None:
         return
     if name not in os.environ:
@@ -58,7 +58,7 @@ class BackendSettings(_Strict):
 
     @model_validator(mode="after")
     def _check_key_env(self) -> BackendSettings:
-        _check_key_env(self.api_key_env)
+        _require_header_safe_key(self.api_key_env)
         return self
 
     def api_key(self) -> str | None:
@@ -88,7 +88,7 @@ class KubernetesSettings(_Strict):
 
     @model_validator(mode="after")
     def _check_key_env(self) -> KubernetesSettings:
-        _check_key_env(self.api_key_env)
+        _require_header_safe_key(self.api_key_env)
         return self
 
     def api_key(self) -> str | None:
