@@ -14,27 +14,27 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.admission import Admission
-from gateway.auth import KeyRing
-from gateway.discovery import Discovery
-from gateway.discovery.static import StaticDiscovery
-from gateway.engine_metrics import EngineScraper
 from gateway.errors import GatewayError, error_parts, from_http_status
-from gateway.health import HealthChecker, OutlierDetector
+from gateway.fleet.discovery import Discovery
+from gateway.fleet.discovery.static import StaticDiscovery
+from gateway.fleet.engine_metrics import EngineScraper
+from gateway.fleet.health import HealthChecker, OutlierDetector
+from gateway.fleet.model_poller import ModelPoller
+from gateway.fleet.registry import Registry
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
-from gateway.model_poller import ModelPoller
-from gateway.policies import build_policy
-from gateway.proxy import Proxy
-from gateway.registry import Registry
+from gateway.proxy.handler import Proxy
+from gateway.proxy.upstream import UpstreamPool
 from gateway.routes import ProxyEndpoint, build_routes
+from gateway.routing.admission import Admission
+from gateway.routing.policies import build_policy
 from gateway.settings import Settings
-from gateway.upstream import UpstreamPool
+from gateway.tenancy.auth import KeyRing
 
 
 def _discovery(settings: Settings) -> Discovery:
     if settings.discovery == "kubernetes":
-        from gateway.discovery.kubernetes import KubernetesDiscovery
+        from gateway.fleet.discovery.kubernetes import KubernetesDiscovery
 
         return KubernetesDiscovery(settings.kubernetes)
     return StaticDiscovery(settings.backends)

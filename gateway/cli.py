@@ -12,7 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker.launcher", "run a real vLLM server for one model (same as python -m worker)"),
     "models": ("worker.models", "prepare the bundled demo models (switchyard models prepare)"),
     "up": ("worker.stack", "start workers and the gateway on this machine"),
-    "batch": ("gateway.batch", "send an OpenAI Batch-format JSONL file through the gateway"),
+    "batch": ("gateway.clients.batch", "send an OpenAI Batch-format JSONL file through the gateway"),
 }
 
 

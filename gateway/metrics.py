@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.registry import Registry
+from gateway.fleet.registry import Registry
 
 UNKNOWN_MODEL = "__unknown__"  # a name no backend serves (answered 404)
 NO_MODEL = "__none__"  # rejected before a model was known (bad body, too large)

@@ -8,13 +8,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.asgi import Receive, Scope, Send
-from gateway.auth import KeyRing
 from gateway.errors import ModelNotFound
+from gateway.fleet.registry import ModelCard, Registry
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
-from gateway.proxy import Proxy
-from gateway.registry import ModelCard, Registry
-from gateway.request_body import BodyKind
+from gateway.proxy.handler import Proxy
+from gateway.proxy.request_body import BodyKind
+from gateway.tenancy.auth import KeyRing
 
 # POST routes whose JSON body names the model.
 JSON_ROUTES = (

@@ -11,9 +11,9 @@ from types import FrameType
 import uvicorn
 
 from gateway.app import create_app
-from gateway.client_protocol import with_header_timeout
 from gateway.errors import ConfigError
 from gateway.lifecycle import Lifecycle
+from gateway.proxy.client_protocol import with_header_timeout
 from gateway.settings import load_settings
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.errors import ConfigError
-from gateway.routing_settings import AdmissionSettings, RoutingSettings
+from gateway.routing.settings import AdmissionSettings, RoutingSettings
 
 ENV_PREFIX = "SWITCHYARD_"
 

@@ -19,7 +19,7 @@ import httpx
 import uvicorn
 
 from gateway.app import create_app
-from gateway.registry import Registry
+from gateway.fleet.registry import Registry
 from gateway.settings import load_settings
 from worker.procs import free_port_block
 

@@ -10,7 +10,7 @@ import uvloop
 
 # Modules whose every case runs on both loops: code that talks to transports and timers directly, where
 # uvloop (what the gateway runs on) and asyncio differ.
-BOTH_LOOPS = frozenset({"tests.gateway.test_upstream"})
+BOTH_LOOPS = frozenset({"tests.gateway.proxy.test_upstream"})
 
 
 def pytest_asyncio_loop_factories(

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.gateway.echo_upstream import echo_app, forwarded_headers
-from tests.gateway.test_request_body import BOUNDARY, CONTENT_TYPE, multipart
+from tests.gateway.proxy.test_request_body import BOUNDARY, CONTENT_TYPE, multipart
 from tests.servers import GatewayServer, ThreadedServer, free_port, gateway, wait_until
 
 

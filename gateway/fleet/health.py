@@ -1,0 +1,83 @@
+"""Backend health: active GET /health checks and passive outlier ejection with a growing back-off.
+
+Active checks catch a backend whose engine died while its HTTP server still answers; passive ejection
+reacts within a few requests to one that refuses connections or answers 5xx, long before the next check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+
+from gateway.fleet.registry import Backend, Registry
+from gateway.settings import HealthSettings
+
+log = logging.getLogger("switchyard.health")
+
+
+class HealthChecker:
+    def __init__(self, registry: Registry, session: aiohttp.ClientSession, settings: HealthSettings) -> None:
+        self._registry = registry
+        self._session = session
+        self._settings = settings
+        self._timeout = aiohttp.ClientTimeout(total=settings.timeout)
+        self._streaks: dict[str, int] = {}  # url -> passes (> 0) or failures (< 0) in a row
+
+    async def run(self) -> None:
+        while True:
+            backends = self._registry.backends
+            await asyncio.gather(*(self._check(backend) for backend in backends))
+            live = {backend.url for backend in backends}
+            for url in [url for url in self._streaks if url not in live]:
+                del self._streaks[url]
+            await asyncio.sleep(self._settings.interval)
+
+    async def _check(self, backend: Backend) -> None:
+        try:
+            async with self._session.get(f"{backend.url}/health", timeout=self._timeout) as response:
+                passed = response.status == 200
+                reason = f"/health answered {response.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            passed, reason = False, f"/health failed: {exc.__class__.__name__}"
+        streak = self._streaks.get(backend.url, 0)
+        streak = max(streak, 0) + 1 if passed else min(streak, 0) - 1
+        self._streaks[backend.url] = streak
+        if passed and not backend.live and streak >= self._settings.healthy_threshold:
+            log.info("backend %s passes health checks again", backend.url)
+            self._registry.set_live(backend, True)
+            self._registry.changed.set()  # learn its models again at once
+        elif not passed and backend.live and -streak >= self._settings.unhealthy_threshold:
+            log.warning("backend %s failed %d health checks: %s", backend.url, -streak, reason)
+            self._registry.set_live(backend, False)
+
+
+class OutlierDetector:
+    """Counts consecutive failures per backend as requests see them and ejects repeat offenders."""
+
+    def __init__(self, registry: Registry, settings: HealthSettings) -> None:
+        self._registry = registry
+        self._settings = settings
+
+    def failure(self, backend: Backend) -> None:
+        backend.consecutive_failures += 1
+        if backend.consecutive_failures < self._settings.eject_after or backend.ejected_until:
+            return
+        if not self._others_remain(backend):
+            return  # ejecting the last backend of a model would turn its partial failure into a total one
+        seconds = min(self._settings.eject_base * 2**backend.ejections, self._settings.eject_max)
+        log.warning(
+            "backend %s ejected for %.1f s after %d failures", backend.url, seconds, backend.consecutive_failures
+        )
+        self._registry.eject(backend, time.monotonic() + seconds)
+        asyncio.get_running_loop().call_later(seconds, self._registry.readmit, backend)
+
+    def _others_remain(self, backend: Backend) -> bool:
+        return all(any(other is not backend for other in self._registry.candidates(model)) for model in backend.models)
+
+    def success(self, backend: Backend) -> None:
+        backend.consecutive_failures = 0
+        if backend.ejections and not backend.ejected_until:
+            backend.ejections = 0

@@ -1,0 +1,71 @@
+"""Which headers cross the gateway, and the few the gateway reads or sets itself."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from gateway.asgi import Scope
+from gateway.proxy.request_body import header
+
+# Connection-level headers (RFC 9110 7.6.1) and those the gateway sets itself. The client's
+# Authorization is never forwarded: the backend's own key is sent instead.
+DROP_REQUEST_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"expect",
+        b"authorization",
+        b"x-request-id",
+    }
+)
+DROP_RESPONSE_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"server",
+        b"date",
+        b"x-request-id",
+    }
+)
+DROP_RESPONSE_HEADERS_AND_LENGTH = DROP_RESPONSE_HEADERS | {b"content-length"}  # for a body the gateway rewrites
+REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
+
+
+def request_id(scope: Scope) -> bytes:
+    given = header(scope, b"x-request-id")
+    if given is not None and REQUEST_ID.fullmatch(given):
+        return given
+    return os.urandom(16).hex().encode()
+
+
+def client_host(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else ""
+
+
+def header_map(scope: Scope) -> dict[str, str]:
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+
+
+def upstream_headers(scope: Scope, request_id: bytes) -> list[tuple[bytes, bytes]]:
+    drop = DROP_REQUEST_HEADERS
+    connection = header(scope, b"connection")
+    if connection:  # headers named in Connection are hop-by-hop too
+        drop = drop | {token.strip().lower() for token in connection.split(b",")}
+    headers = [(name, value) for name, value in scope["headers"] if name not in drop]
+    headers.append((b"x-request-id", request_id))
+    return headers

@@ -1,0 +1,68 @@
+"""One request's context and what happened to it, and where that ends up: metrics and the access log."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import orjson
+
+from gateway.metrics import NO_MODEL, Metrics
+from gateway.proxy.usage import Usage
+from gateway.routing.policies import RequestInfo
+
+NO_INFO = RequestInfo(model=NO_MODEL, route="")  # until the request has been read
+
+
+@dataclass(slots=True)
+class Outcome:
+    """One request's context and what happened to it: filled in along the way, logged and measured at the end."""
+
+    request_id: bytes
+    started: float
+    info: RequestInfo = NO_INFO
+    status: int = 0
+    backend: str | None = None
+    retries: int = 0
+    ttft: float | None = None
+    usage: Usage | None = None
+    extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # e.g. x-ratelimit-*
+
+
+class Recorder:
+    """Turns a finished request's Outcome into metrics and one JSON access-log line."""
+
+    def __init__(self, metrics: Metrics, access_log: bool) -> None:
+        self._metrics = metrics
+        self._log = logging.getLogger("switchyard.access") if access_log else None
+
+    def record(self, model: str, route: str, outcome: Outcome, seconds: float) -> None:
+        metrics = self._metrics
+        metrics.observe(model, route, outcome.status, seconds)
+        if outcome.ttft is not None or outcome.usage is not None or outcome.retries:
+            series = metrics.model_series(model)
+            if outcome.ttft is not None:
+                series.ttft.observe(outcome.ttft)
+            if outcome.usage is not None:
+                series.prompt_tokens.inc(outcome.usage.prompt_tokens)
+                series.completion_tokens.inc(outcome.usage.completion_tokens)
+            if outcome.retries:
+                series.retries.inc(outcome.retries)
+        if self._log is not None and self._log.isEnabledFor(logging.INFO):
+            usage = outcome.usage
+            self._log.info(
+                orjson.dumps(
+                    {
+                        "request_id": outcome.request_id.decode("latin-1"),
+                        "route": route,
+                        "model": model,
+                        "backend": outcome.backend,
+                        "status": outcome.status,
+                        "duration_ms": round(seconds * 1000, 3),
+                        "ttft_ms": None if outcome.ttft is None else round(outcome.ttft * 1000, 3),
+                        "prompt_tokens": usage.prompt_tokens if usage else None,
+                        "completion_tokens": usage.completion_tokens if usage else None,
+                        "retries": outcome.retries,
+                    }
+                ).decode()
+            )

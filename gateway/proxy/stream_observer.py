@@ -1,0 +1,56 @@
+"""Per-response bookkeeping on the chunks that pass through: time to first token, inter-token gaps,
+usage, and what the client was last sent. The bytes are only looked at, except for the usage-only event
+the gateway itself asked for, which is removed."""
+
+from __future__ import annotations
+
+from time import perf_counter
+
+from prometheus_client import Histogram
+
+from gateway.proxy.usage import Usage, UsageChunkFilter, UsageTail, count_content_events
+
+
+class ChunkObserver:
+    def __init__(self, is_sse: bool, hide_usage: bool, started: float, itl: Histogram) -> None:
+        self.ttft: float | None = None
+        self.sent_tail = b"\n\n"  # last bytes sent: does an injected event need a separator first?
+        self._sse = is_sse
+        self._started = started
+        self._itl = itl
+        self._last_token_at = 0.0
+        self._tail = UsageTail()
+        self._filter = UsageChunkFilter() if hide_usage and is_sse else None
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Observe an upstream chunk; return the bytes to send the client (possibly none)."""
+        self._tail.feed(chunk)
+        if not self._sse:
+            return chunk
+        tokens = count_content_events(chunk)
+        if tokens:
+            now = perf_counter()
+            if self.ttft is None:
+                self.ttft = now - self._started
+            else:
+                self._itl.observe(now - self._last_token_at)
+            for _ in range(tokens - 1):  # events that arrived together came with no gap between them
+                self._itl.observe(0.0)
+            self._last_token_at = now
+        if self._filter is not None:
+            chunk = self._filter.feed(chunk)
+        if chunk:
+            self.sent_tail = chunk[-2:]
+        return chunk
+
+    def flush(self) -> bytes:
+        """Bytes held back (an unfinished event) when the upstream ends."""
+        rest = self._filter.flush() if self._filter is not None else b""
+        if rest:
+            self.sent_tail = rest[-2:]
+        return rest
+
+    def usage(self) -> Usage | None:
+        if self._filter is not None:
+            return self._filter.usage
+        return self._tail.usage()

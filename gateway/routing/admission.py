@@ -1,0 +1,282 @@
+"""Admission control: whether a request may go upstream now, wait at the gateway, or be turned away.
+
+A request runs at once when the gateway-wide and per-model in-flight limits have room and the model's
+pool is not saturated (mean over its backends of max(queue / queue_norm, kv / kv_norm), from fresh
+scrapes). Otherwise it waits in a bounded queue: strict priority between bands (high, normal, low),
+round robin between tenants inside a band, FIFO inside a tenant. Low priority sheds first: it is
+refused outright while the pool is saturated, and once the queue is `low_priority_queue_share` full.
+A full queue makes room for a higher-priority arrival by shedding the newest lowest-priority waiter.
+Every refusal is a 429 with Retry-After and the reason in `X-Switchyard-Reject-Reason`; 503 stays
+reserved for "no backend serves the model" (raised by the proxy before admission).
+
+Everything runs on one event loop: a slot is taken in the same step as the decision (or handed
+over to a waiter in the same step as the release), so limits are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from gateway.errors import GatewayError
+from gateway.fleet.registry import Registry
+from gateway.metrics import Metrics
+from gateway.routing.policies import RequestInfo
+from gateway.routing.settings import AdmissionSettings
+
+PRIORITIES = ("high", "normal", "low")
+RECHECK_S = 0.05  # how often waiters blocked only by saturation look at the scrapes again
+
+
+class Overloaded(GatewayError):
+    """The gateway turned the request away to protect the backends (429)."""
+
+    status = 429
+    error_type = "rate_limit_exceeded"
+
+    def __init__(self, message: str, reason: str, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after), "X-Switchyard-Reject-Reason": reason})
+        self.code = reason
+        self.reason = reason
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    model: str
+    tenant: str
+    band: int
+    future: asyncio.Future[None]
+    rejection: Overloaded | None = None
+
+
+@dataclass(slots=True)
+class _Band:
+    """One priority's waiters: tenant -> FIFO, tenants in rotation order."""
+
+    tenants: OrderedDict[str, deque[_Waiter]] = field(default_factory=OrderedDict)
+    size: int = 0
+
+
+class Admission:
+    def __init__(self, settings: AdmissionSettings, registry: Registry, metrics: Metrics) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._metrics = metrics
+        self._header = settings.priority_header.lower()
+        self._global_limit = settings.max_inflight
+        self._inflight = 0
+        self._by_model: dict[str, int] = {}  # models with requests in flight (entries leave at zero)
+        self._bands = tuple(_Band() for _ in PRIORITIES)
+        self._waiting = 0
+        self._ticker: asyncio.Task[None] | None = None
+        self._low_limit = int(settings.queue_size * settings.low_priority_queue_share)
+
+    # -- public ---------------------------------------------------------------------------------------
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    @contextlib.asynccontextmanager
+    async def admit(self, request: RequestInfo) -> AsyncIterator[None]:
+        """Hold an admission slot for the request's whole life upstream (released on any exit)."""
+        if not self.try_enter(request):
+            await self.enter(request)
+        try:
+            yield
+        finally:
+            self.leave(request.model)
+
+    # The same in three calls, for the proxy's hot path: most requests take a slot at once, without the
+    # cost of an async context manager.
+    def try_enter(self, request: RequestInfo) -> bool:
+        """Take a slot now when the request may run at once; False when it has to go through `enter`."""
+        if self._waiting == 0 and self._has_room(request.model):
+            self._take(request.model)
+            return True
+        return False
+
+    async def enter(self, request: RequestInfo) -> None:
+        """Wait in the queue for a slot; raises Overloaded when turned away. Pair with `leave`."""
+        await self._wait(request.model, request.tenant, self._band_of(request))
+
+    def leave(self, model: str) -> None:
+        """Give back the slot taken by `try_enter` or `enter`."""
+        self._release(model)
+
+    # -- decisions ------------------------------------------------------------------------------------
+
+    def _band_of(self, request: RequestInfo) -> int:
+        value = request.headers.get(self._header, "normal").strip().lower()
+        return PRIORITIES.index(value) if value in PRIORITIES else 1
+
+    def _limit(self, model: str) -> int | None:
+        return self._settings.models.get(model, self._settings.max_inflight_per_model)
+
+    def _has_room(self, model: str) -> bool:
+        if self._global_limit is not None and self._inflight >= self._global_limit:
+            return False
+        limit = self._limit(model)
+        if limit is not None and self._by_model.get(model, 0) >= limit:
+            return False
+        return not self.saturated(model)
+
+    def saturation(self, model: str) -> float:
+        """Mean over the model's backends with a fresh scrape of max(queue/queue_norm, kv/kv_norm)."""
+        now = time.monotonic()
+        total = 0.0
+        count = 0
+        queue_norm = self._settings.queue_norm
+        kv_norm = self._settings.kv_norm
+        stale_after = self._settings.stale_after
+        for backend in self._registry.candidates(model):
+            sample = backend.engine
+            if sample is None or now - sample.at > stale_after:
+                continue
+            total += max(sample.waiting / queue_norm, sample.kv_usage / kv_norm)
+            count += 1
+        return total / count if count else 0.0
+
+    def saturated(self, model: str) -> bool:
+        threshold = self._settings.saturation
+        return threshold is not None and self.saturation(model) >= threshold
+
+    def _take(self, model: str) -> None:
+        self._inflight += 1
+        self._by_model[model] = self._by_model.get(model, 0) + 1
+
+    def _release(self, model: str) -> None:
+        self._inflight -= 1
+        left = self._by_model[model] - 1
+        if left:
+            self._by_model[model] = left
+        else:
+            del self._by_model[model]
+        if self._waiting:
+            self._dispatch()
+
+    # -- the queue ------------------------------------------------------------------------------------
+
+    async def _wait(self, model: str, tenant: str, band: int) -> None:
+        settings = self._settings
+        if band == 2 and (self.saturated(model) or self._waiting >= self._low_limit):
+            self._reject(model, "saturated" if self.saturated(model) else "queue_full")
+        if self._waiting >= settings.queue_size and not self._shed_below(band):
+            self._reject(model, "queue_full")
+        waiter = _Waiter(model, tenant, band, asyncio.get_running_loop().create_future())
+        queue = self._bands[band].tenants.setdefault(tenant, deque())
+        queue.append(waiter)
+        self._bands[band].size += 1
+        self._waiting += 1
+        self._dispatch()  # it may run at once: what blocked the fast path may concern other models only
+        if not waiter.future.done():
+            self._start_ticker()
+        try:
+            async with asyncio.timeout(settings.queue_timeout):
+                await waiter.future
+        except TimeoutError:
+            if not self._granted(waiter):
+                self._remove(waiter)
+                self._reject(model, "queue_timeout")
+        except asyncio.CancelledError:
+            if self._granted(waiter):
+                self._release(model)  # the slot was handed over as the client left
+            else:
+                self._remove(waiter)
+            raise
+        if waiter.rejection is not None:
+            raise waiter.rejection
+
+    @staticmethod
+    def _granted(waiter: _Waiter) -> bool:
+        future = waiter.future
+        return future.done() and not future.cancelled() and waiter.rejection is None
+
+    def _reject(self, model: str, reason: str) -> None:
+        raise self._rejection(model, reason)
+
+    def _rejection(self, model: str, reason: str) -> Overloaded:
+        self._metrics.rejected.labels(model, reason).inc()
+        messages = {
+            "saturated": "The model's backends are saturated; low-priority requests are shed first.",
+            "queue_full": "Too many requests are waiting for this model; retry later.",
+            "queue_timeout": "The request waited too long for a free slot; retry later.",
+            "shed": "The request was shed from the wait queue to make room for a higher-priority one.",
+        }
+        return Overloaded(messages[reason], reason, self._settings.retry_after)
+
+    def _shed_below(self, band: int) -> bool:
+        """Reject the newest waiter of the lowest band below `band`; False when there is none."""
+        for lower in range(len(self._bands) - 1, band, -1):
+            queues = self._bands[lower].tenants
+            if not queues:
+                continue
+            tenant = next(reversed(queues))  # the tenant rotated in last
+            victim = queues[tenant][-1]
+            self._remove(victim)
+            victim.rejection = self._rejection(victim.model, "shed")
+            victim.future.set_result(None)
+            return True
+        return False
+
+    def _remove(self, waiter: _Waiter) -> None:
+        band = self._bands[waiter.band]
+        queue = band.tenants.get(waiter.tenant)
+        if queue is None or waiter not in queue:
+            return
+        queue.remove(waiter)
+        if not queue:
+            del band.tenants[waiter.tenant]
+        band.size -= 1
+        self._waiting -= 1
+
+    def _dispatch(self) -> None:
+        """Hand free slots to waiters: bands in priority order, tenants in rotation, FIFO per tenant."""
+        saturated: dict[str, bool] = {}
+        for band in self._bands:
+            progress = True
+            while band.size and progress:
+                progress = False
+                for tenant in list(band.tenants):
+                    queue = band.tenants[tenant]
+                    for waiter in queue:
+                        model = waiter.model
+                        if model not in saturated:
+                            saturated[model] = self.saturated(model)
+                        if saturated[model] or not self._has_limit_room(model):
+                            continue
+                        self._remove(waiter)
+                        self._take(model)
+                        waiter.future.set_result(None)
+                        if tenant in band.tenants:
+                            band.tenants.move_to_end(tenant)  # next grant goes to the next tenant
+                        progress = True
+                        break
+                    if progress:
+                        break
+            if self._global_limit is not None and self._inflight >= self._global_limit:
+                return
+
+    def _has_limit_room(self, model: str) -> bool:
+        if self._global_limit is not None and self._inflight >= self._global_limit:
+            return False
+        limit = self._limit(model)
+        return limit is None or self._by_model.get(model, 0) < limit
+
+    def _start_ticker(self) -> None:
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """While anyone waits, look again periodically: saturation falls without any release here."""
+        while self._waiting:
+            await asyncio.sleep(RECHECK_S)
+            self._dispatch()

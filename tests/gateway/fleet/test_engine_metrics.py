@@ -1,0 +1,59 @@
+"""Parsing vLLM's /metrics into an EngineSample, and the scraper against a live simulator."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+
+from gateway.fleet.engine_metrics import EngineScraper, parse_engine_sample
+from gateway.fleet.registry import BackendSpec, Registry
+from gateway.routing.settings import RoutingSettings
+from tests.servers import running_sims, sim
+
+TEXT = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 2.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 4.0
+vllm:num_requests_waiting{engine="1",model_name="m"} 1.0
+vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 99.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.25
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="old",waiting_lora_adapters=""} 1.7e9
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="a,b",waiting_lora_adapters="c"} 1.8e9
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="older",waiting_lora_adapters=""} 1.6e9
+vllm:cache_config_info{block_size="16",enable_prefix_caching="True",engine="0",num_gpu_blocks="8192"} 1.0
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 123.0
+"""
+
+
+def test_sums_queues_averages_kv_and_takes_the_newest_lora_series() -> None:
+    sample = parse_engine_sample(TEXT, at=42.0)
+    assert sample is not None
+    assert (sample.waiting, sample.running, sample.kv_usage, sample.at) == (5.0, 5.0, 0.375, 42.0)
+    assert sample.running_adapters == frozenset({"a", "b"})
+
+
+def test_absent_gauges_give_no_sample_and_bad_lines_are_skipped() -> None:
+    assert parse_engine_sample(b"# nothing here\nprocess_cpu_seconds_total 1.0\n", 0.0) is None
+    sample = parse_engine_sample(b'vllm:num_requests_waiting{engine="0"} oops\nvllm:num_requests_running{} 2\n', 0.0)
+    assert sample is not None
+    assert (sample.waiting, sample.running, sample.running_adapters) == (0.0, 2.0, frozenset())
+
+
+async def test_scraper_fills_fresh_samples_and_skips_dead_backends() -> None:
+    with running_sims(sim("m", "--lora", "a", count=2)) as (fleet,):
+        registry = Registry()
+        dead = "http://127.0.0.1:9"  # discard port: nothing listens
+        registry.reconcile([BackendSpec(url) for url in [*fleet.urls(), dead]])
+        for backend in registry.backends:
+            registry.set_models(backend, [{"id": "m"}])
+        settings = RoutingSettings(scrape_interval=0.05, scrape_timeout=0.3)
+        async with aiohttp.ClientSession() as session:
+            scraper = EngineScraper(registry, session, settings)
+            for backend in registry.backends:
+                await scraper.scrape_once(backend)
+        live = [b for b in registry.backends if b.url != dead]
+        assert all(b.engine is not None and time.monotonic() - b.engine.at < 5 for b in live)
+        assert next(b for b in registry.backends if b.url == dead).engine is None
