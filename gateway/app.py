@@ -1,15 +1,17 @@
-"""create_app(settings): the Starlette application, its lifespan-owned resources and error mapping."""
+"""create_app(settings): the composition root. It builds the long-lived parts, wires them, and owns their
+lifetime through the lifespan; nothing here is process-global, so tests build as many apps as they like."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, NoReturn
 
 import aiohttp
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -23,11 +25,17 @@ from gateway.fleet.model_poller import ModelPoller
 from gateway.fleet.registry import Registry
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
-from gateway.proxy.handler import Proxy
+from gateway.proxy.attempts import Attempts
+from gateway.proxy.endpoint import STATE_KEY, Proxy, ProxyEndpoint
+from gateway.proxy.gatekeeper import Gatekeeper
+from gateway.proxy.outcome import Recorder
+from gateway.proxy.relay import Relay
+from gateway.proxy.responses_api import ResponseDirectory
 from gateway.proxy.upstream import UpstreamPool
-from gateway.routes import ProxyEndpoint, build_routes
+from gateway.routes import build_routes
 from gateway.routing.admission import Admission
 from gateway.routing.policies import build_policy
+from gateway.routing.router import Router
 from gateway.settings import Settings
 from gateway.tenancy.auth import KeyRing
 
@@ -63,12 +71,38 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 class GatewayApp(Starlette):
-    """Starlette, with the proxied POST routes dispatched straight from a dict: they answer their own
-    errors, so Starlette's router and middleware would only add cost to every request."""
+    """Starlette, with the proxied POST routes dispatched straight from a dict: they answer their own errors,
+    so Starlette's router, middleware and exception handlers would only add cost to every request.
 
-    def __init__(self, fast_routes: Mapping[str, ASGIApp], **kwargs: Any) -> None:
+    A middleware would therefore miss most of the traffic without a word; adding one is refused instead.
+    Work that must see every request belongs in the proxy's stages (gateway/proxy/)."""
+
+    def __init__(
+        self,
+        fast_routes: Mapping[str, ASGIApp],
+        *,
+        registry: Registry,
+        metrics: Metrics,
+        settings: Settings,
+        lifecycle: Lifecycle,
+        middleware: Sequence[Middleware] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if middleware:
+            self._refuse_middleware()
         super().__init__(**kwargs)
         self._fast_routes = fast_routes
+        self.registry = registry
+        self.metrics = metrics
+        self.settings = settings
+        self.lifecycle = lifecycle
+
+    def add_middleware(self, *args: Any, **kwargs: Any) -> NoReturn:
+        self._refuse_middleware()
+
+    @staticmethod
+    def _refuse_middleware() -> NoReturn:
+        raise TypeError("the gateway's proxied routes bypass ASGI middleware; put cross-cutting work in gateway/proxy/")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -80,20 +114,20 @@ class GatewayApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings) -> GatewayApp:
     registry = Registry()
     metrics = Metrics(registry)
     admission = Admission(settings.admission, registry, metrics)
     outliers = OutlierDetector(registry, settings.health)
+    router = Router(build_policy(settings.routing), registry)
     keys = KeyRing(settings.auth)
-    proxy = Proxy(settings, registry, build_policy(settings.routing), admission, outliers, keys, metrics)
     lifecycle = Lifecycle()
     discovery = _discovery(settings)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # The control plane's client (model polls, health checks, metric scrapes, Responses id lookups);
-        # proxied requests go through the UpstreamPool below.
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        # The control plane's client: model polls, health checks and metric scrapes. Proxied requests (and the
+        # Responses API lookups that route them) go through the UpstreamPool below.
         connector = aiohttp.TCPConnector(
             limit=0,  # a few connections per backend at most (one per background loop): no cap needed
             keepalive_timeout=settings.upstream_keepalive,
@@ -116,28 +150,32 @@ def create_app(settings: Settings) -> Starlette:
             checker = HealthChecker(registry, session, settings.health)
             tasks.append(asyncio.create_task(checker.run(), name="health-checker"))
             pool = UpstreamPool(settings.upstream_keepalive, settings.timeouts.connect)
-            proxy.attach(session, pool)
+            responses = ResponseDirectory(pool)
+            relay = Relay(metrics, settings.timeouts.idle, responses)
+            proxy = Proxy(
+                Gatekeeper(settings, keys, registry, admission, responses),
+                Attempts(settings, router, admission, outliers, pool, relay, metrics),
+                Recorder(metrics, settings.access_log),
+            )
             try:
-                yield
+                yield {STATE_KEY: proxy}
             finally:
-                proxy.attach(None, None)
                 pool.close()
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    routes = build_routes(proxy, registry, metrics, lifecycle, keys)
+    routes = build_routes(registry, metrics, lifecycle, keys)
     fast_routes = {
         route.path: route.app for route in routes if isinstance(route.app, ProxyEndpoint) and not route.param_convertors
     }
-    app = GatewayApp(
+    return GatewayApp(
         fast_routes,
+        registry=registry,
+        metrics=metrics,
+        settings=settings,
+        lifecycle=lifecycle,
         routes=routes,
         lifespan=lifespan,
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error},
     )
-    app.state.registry = registry
-    app.state.metrics = metrics
-    app.state.settings = settings
-    app.state.lifecycle = lifecycle
-    return app

@@ -1,4 +1,19 @@
-"""The gateway's one exception tree and its one mapping to OpenAI-shaped error responses."""
+"""The gateway's one exception tree, and its mappings: transport failures to client errors (`upstream_failure`),
+client errors to OpenAI-shaped responses (`error_parts`).
+
+    SwitchyardError
+    ├── ConfigError                 the configuration is invalid: the process does not start
+    ├── ClientDisconnected          the client left before there was anything to answer
+    ├── AnswerTruncated             a non-stream answer broke after its head went out
+    ├── UpstreamError               talking to a backend failed (internal: never answered as it is)
+    │   ├── ConnectFailed, BadResponse, BodyBroken, HeadTimeout, IdleTimeout
+    └── GatewayError                answered as {"error": {"message", "type", "param", "code"}}
+        ├── InvalidRequest (400) ── ModelRequired, UnsupportedMediaType
+        ├── Unauthorized (401), RouteNotFound, ModelNotFound, ResponseNotFound (404), MethodNotAllowed (405)
+        ├── BodyTimeout (408), PayloadTooLarge (413), HeadersTooLarge (431)
+        ├── Rejected (429) ── RateLimited, Overloaded
+        └── UpstreamUnavailable (502), NoHealthyBackend (503), UpstreamTimeout (504)
+"""
 
 from __future__ import annotations
 
@@ -90,10 +105,26 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
-class RateLimited(GatewayError):
+class Rejected(GatewayError):
+    """Turned away to protect the backends or a tenant's quota (429, with Retry-After); `reason` labels metrics."""
+
     status = 429
     error_type = "rate_limit_exceeded"
+    reason = "rejected"
+
+
+class RateLimited(Rejected):
     code = "rate_limit_exceeded"
+    reason = "rate_limit"
+
+
+class Overloaded(Rejected):
+    """Admission control turned the request away; the reason also goes out as X-Switchyard-Reject-Reason."""
+
+    def __init__(self, message: str, reason: str, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after), "X-Switchyard-Reject-Reason": reason})
+        self.code = reason
+        self.reason = reason
 
 
 class HeadersTooLarge(GatewayError):
@@ -124,6 +155,63 @@ class UpstreamTimeout(GatewayError):
     status = 504
     error_type = "gateway_timeout"
     code = "upstream_timeout"
+
+
+class ClientDisconnected(SwitchyardError):
+    """The client went away before its request body arrived; there is nobody to answer."""
+
+
+class AnswerTruncated(SwitchyardError):
+    """A non-stream answer broke after its head went out. Raised out of the ASGI app, so that the server drops
+    the connection and the client sees a truncated response rather than a silently short one."""
+
+
+class UpstreamError(SwitchyardError):
+    """The exchange with a backend failed at the transport or HTTP level."""
+
+
+class ConnectFailed(UpstreamError):
+    """No response: the connection could not be made, or it closed before a single response byte came."""
+
+
+class BadResponse(UpstreamError):
+    """The backend sent bytes that are not an HTTP/1.1 response, or closed inside the response head."""
+
+
+class BodyBroken(UpstreamError):
+    """The response head arrived, then the connection broke or went bad before the body ended."""
+
+
+class HeadTimeout(UpstreamError):
+    """The request went out; the response head did not come within `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no response within {seconds:g} s")
+        self.seconds = seconds
+
+
+class IdleTimeout(UpstreamError):
+    """The response body stalled: no bytes for longer than `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the backend sent nothing for {seconds:g} s")
+        self.seconds = seconds
+
+
+def upstream_failure(
+    exc: UpstreamError, *, model: str, backend: str, mid_body: bool = False
+) -> tuple[str, GatewayError]:
+    """The one translation of a transport failure: (the `kind` label of switchyard_upstream_errors_total, the
+    error the client is told). `mid_body`: the response head had arrived (for a stream, bytes reached the client)."""
+    if mid_body:
+        if isinstance(exc, IdleTimeout):
+            return "idle_timeout", UpstreamUnavailable(f"The backend sent nothing for {exc.seconds:g} s.")
+        return "disconnect", UpstreamUnavailable(f"The backend connection broke: {exc}.")
+    if isinstance(exc, ConnectFailed):
+        return "connect", UpstreamUnavailable(f"No backend of model `{model}` could be reached ({backend}: {exc}).")
+    if isinstance(exc, HeadTimeout):
+        return "timeout", UpstreamTimeout(f"The backend did not answer within {exc.seconds:g} s.")
+    return "protocol", UpstreamUnavailable(f"The backend failed: {exc}")
 
 
 def error_parts(exc: GatewayError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

@@ -1,5 +1,5 @@
 """The route table: which paths are proxied (and how their model is found) and the gateway's own
-endpoints. Handlers stay thin; the work lives in proxy.py and registry.py."""
+endpoints. Handlers stay thin; the work lives in proxy/ and fleet/registry.py."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.asgi import Receive, Scope, Send
 from gateway.errors import ModelNotFound
 from gateway.fleet.registry import ModelCard, Registry
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
-from gateway.proxy.handler import Proxy
+from gateway.proxy.endpoint import ProxyEndpoint
 from gateway.proxy.request_body import BodyKind
 from gateway.tenancy.auth import KeyRing
 
@@ -37,21 +36,7 @@ JSON_ROUTES = (
 MULTIPART_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations")
 
 
-class ProxyEndpoint:
-    """ASGI app for one proxied route."""
-
-    def __init__(self, proxy: Proxy, route: str, kind: BodyKind) -> None:
-        self._proxy = proxy
-        self._route = route
-        self._kind = kind
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._proxy.handle(scope, receive, send, self._route, self._kind)
-
-
-def build_routes(
-    proxy: Proxy, registry: Registry, metrics: Metrics, lifecycle: Lifecycle, keys: KeyRing
-) -> list[Route]:
+def build_routes(registry: Registry, metrics: Metrics, lifecycle: Lifecycle, keys: KeyRing) -> list[Route]:
     def visible_cards(request: Request) -> list[ModelCard]:
         cards = registry.cards()
         if not keys.enabled:
@@ -91,17 +76,15 @@ def build_routes(
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
     ]
-    routes += [Route(path, ProxyEndpoint(proxy, path, BodyKind.JSON), methods=["POST"]) for path in JSON_ROUTES]
+    routes += [Route(path, ProxyEndpoint(path, BodyKind.JSON), methods=["POST"]) for path in JSON_ROUTES]
     by_id = BodyKind.RESPONSE_ID
     routes += [
-        Route("/v1/responses/{response_id}", ProxyEndpoint(proxy, "/v1/responses/{id}", by_id), methods=["GET"]),
+        Route("/v1/responses/{response_id}", ProxyEndpoint("/v1/responses/{id}", by_id), methods=["GET"]),
         Route(
             "/v1/responses/{response_id}/cancel",
-            ProxyEndpoint(proxy, "/v1/responses/{id}/cancel", by_id),
+            ProxyEndpoint("/v1/responses/{id}/cancel", by_id),
             methods=["POST"],
         ),
     ]
-    routes += [
-        Route(path, ProxyEndpoint(proxy, path, BodyKind.MULTIPART), methods=["POST"]) for path in MULTIPART_ROUTES
-    ]
+    routes += [Route(path, ProxyEndpoint(path, BodyKind.MULTIPART), methods=["POST"]) for path in MULTIPART_ROUTES]
     return routes

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown.grace_period) or None,
     )
-    server = DrainingServer(config, app.state.lifecycle, settings.shutdown.drain_delay)
+    server = DrainingServer(config, app.lifecycle, settings.shutdown.drain_delay)
     server.run()
     return 0 if server.started else 1
 

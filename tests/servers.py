@@ -163,7 +163,7 @@ class GatewayServer(ThreadedServer):
 
     @property
     def registry(self) -> Registry:
-        registry: Registry = self.app.state.registry
+        registry: Registry = self.app.registry
         return registry
 
     def __enter__(self) -> GatewayServer:

@@ -123,4 +123,4 @@ class EngineScraper:
             return  # the sample ages and counts as unknown
         sample = parse_engine_sample(text, time.monotonic())
         if sample is not None:
-            backend.engine = sample
+            self._registry.record_engine(backend, sample)

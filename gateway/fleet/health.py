@@ -62,15 +62,13 @@ class OutlierDetector:
         self._settings = settings
 
     def failure(self, backend: Backend) -> None:
-        backend.consecutive_failures += 1
-        if backend.consecutive_failures < self._settings.eject_after or backend.ejected_until:
+        failures = self._registry.record_failure(backend)
+        if failures < self._settings.eject_after or backend.ejected_until:
             return
         if not self._others_remain(backend):
             return  # ejecting the last backend of a model would turn its partial failure into a total one
         seconds = min(self._settings.eject_base * 2**backend.ejections, self._settings.eject_max)
-        log.warning(
-            "backend %s ejected for %.1f s after %d failures", backend.url, seconds, backend.consecutive_failures
-        )
+        log.warning("backend %s ejected for %.1f s after %d failures", backend.url, seconds, failures)
         self._registry.eject(backend, time.monotonic() + seconds)
         asyncio.get_running_loop().call_later(seconds, self._registry.readmit, backend)
 
@@ -78,6 +76,4 @@ class OutlierDetector:
         return all(any(other is not backend for other in self._registry.candidates(model)) for model in backend.models)
 
     def success(self, backend: Backend) -> None:
-        backend.consecutive_failures = 0
-        if backend.ejections and not backend.ejected_until:
-            backend.ejections = 0
+        self._registry.record_success(backend)

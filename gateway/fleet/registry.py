@@ -1,8 +1,11 @@
 """Which backends exist, what each one serves, and how busy the gateway keeps each one.
 
-Discovery writes WHERE backends are (`reconcile`), the model poller writes WHAT they serve
-(`set_models`, `mark_down`); the request path only reads the prebuilt model index. Everything runs on
-one event loop, so no locks are needed: a pick and its in-flight increment happen in the same step.
+Every change to a backend goes through the registry's methods: discovery writes WHERE backends are
+(`reconcile`), the model poller WHAT they serve (`set_models`, `mark_down`), the engine scraper HOW BUSY
+they are (`record_engine`), health checks and outlier detection whether they may take requests
+(`set_live`, `record_failure`, `eject`), and the request path its own in-flight count (`acquire`,
+`release`). Everything runs on one event loop, so no locks are needed: a pick and its in-flight increment
+happen in the same step.
 """
 
 from __future__ import annotations
@@ -35,6 +38,16 @@ class EngineSample:
     running_adapters: frozenset[str] = frozenset()
     at: float = 0.0
 
+    def fresh(self, now: float, stale_after: float) -> bool:
+        """Young enough to describe the engine now; an older sample means unknown load, never idle."""
+        return now - self.at <= stale_after
+
+
+def fresh_sample(backend: Backend, now: float, stale_after: float) -> EngineSample | None:
+    """The backend's newest engine sample if it is fresh, else None (unknown)."""
+    sample = backend.engine
+    return sample if sample is not None and sample.fresh(now, stale_after) else None
+
 
 @dataclass(eq=False)
 class Backend:
@@ -48,7 +61,6 @@ class Backend:
     ejections: int = 0  # ejections in a row; grows the next ejection's back-off
     models: dict[str, ModelCard] = field(default_factory=dict)  # kept while down, so the model stays "known"
     inflight: int = 0  # requests this gateway has open on it (changed in the same step as the pick)
-    inflight_tokens: int = 0  # their estimated prompt tokens
     engine: EngineSample | None = None  # the newest scrape; the policy decides when it is too old
     last_poll: float = 0.0
     last_error: str | None = None
@@ -125,6 +137,22 @@ class Registry:
             backend.ejected_until = 0.0
             self._rebuild()
 
+    def record_failure(self, backend: Backend) -> int:
+        """A connect error or 5xx seen by a request; returns the failures in a row."""
+        backend.consecutive_failures += 1
+        return backend.consecutive_failures
+
+    def record_success(self, backend: Backend) -> None:
+        backend.consecutive_failures = 0
+        if backend.ejections and not backend.ejected_until:
+            backend.ejections = 0
+
+    # -- engine scraper side --------------------------------------------------------------------------
+
+    @staticmethod
+    def record_engine(backend: Backend, sample: EngineSample) -> None:
+        backend.engine = sample
+
     def _rebuild(self) -> None:
         routable: dict[str, list[Backend]] = {}
         known: set[str] = set()
@@ -136,7 +164,16 @@ class Registry:
         self._routable = {model: tuple(backends) for model, backends in routable.items()}
         self._known = frozenset(known)
 
-    # -- request side (reads only) --------------------------------------------------------------------
+    # -- request side ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def acquire(backend: Backend) -> None:
+        """Count a request going to `backend` (in the same step as its pick: no await in between)."""
+        backend.inflight += 1
+
+    @staticmethod
+    def release(backend: Backend) -> None:
+        backend.inflight -= 1
 
     @property
     def backends(self) -> tuple[Backend, ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.asgi import Receive
+from starlette.types import Receive
 
 
 class DisconnectWatch:

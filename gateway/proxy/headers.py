@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from gateway.asgi import Scope
-from gateway.proxy.request_body import header
+from starlette.types import Scope
 
 # Connection-level headers (RFC 9110 7.6.1) and those the gateway sets itself. The client's
 # Authorization is never forwarded: the backend's own key is sent instead.
@@ -43,6 +42,13 @@ DROP_RESPONSE_HEADERS = frozenset(
 )
 DROP_RESPONSE_HEADERS_AND_LENGTH = DROP_RESPONSE_HEADERS | {b"content-length"}  # for a body the gateway rewrites
 REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
 
 
 def request_id(scope: Scope) -> bytes:

@@ -1,4 +1,4 @@
-"""One request's context and what happened to it, and where that ends up: metrics and the access log."""
+"""What happened to one request, and where that ends up: metrics and the access log."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import orjson
 
 from gateway.metrics import NO_MODEL, Metrics
 from gateway.proxy.usage import Usage
-from gateway.routing.policies import RequestInfo
+from gateway.routing.request import RequestInfo
 
 NO_INFO = RequestInfo(model=NO_MODEL, route="")  # until the request has been read
 
 
 @dataclass(slots=True)
 class Outcome:
-    """One request's context and what happened to it: filled in along the way, logged and measured at the end."""
+    """What happened to one request: filled in along the way, logged and measured at the end."""
 
     request_id: bytes
     started: float

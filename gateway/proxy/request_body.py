@@ -1,6 +1,7 @@
-"""Reading a request body within its limit, and reading just enough of it to route it.
+"""Reading a request body within its limit, and parsing it once for what routing needs.
 
-The body is kept as the bytes received; it is parsed only to learn `model` and `stream`.
+The body is forwarded as the bytes received. A JSON body is parsed once, and the parsed payload is kept for
+the policies that look at the prompt; a multipart body is only searched for its `model` field.
 """
 
 from __future__ import annotations
@@ -11,13 +12,10 @@ from enum import Enum
 from typing import Any
 
 import orjson
+from starlette.types import Receive, Scope
 
-from gateway.asgi import Receive, Scope
-from gateway.errors import BodyTimeout, InvalidRequest, PayloadTooLarge
-
-
-class ClientDisconnected(Exception):
-    """The client went away before its request body arrived; there is nobody to answer."""
+from gateway.errors import BodyTimeout, ClientDisconnected, InvalidRequest, PayloadTooLarge
+from gateway.proxy.headers import header
 
 
 class BodyKind(Enum):
@@ -29,15 +27,11 @@ class BodyKind(Enum):
 @dataclass(frozen=True, slots=True)
 class RoutingFields:
     model: str | None
-    stream: bool
     payload: dict[str, Any] | None = None  # the parsed JSON body, for policies that look at the prompt
 
-
-def header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return None
+    @property
+    def stream(self) -> bool:
+        return self.payload is not None and self.payload.get("stream") is True
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int, stall_timeout: float) -> bytes:
@@ -68,9 +62,9 @@ async def read_body(scope: Scope, receive: Receive, limit: int, stall_timeout: f
 
 def routing_fields(kind: BodyKind, body: bytes, content_type: bytes | None, max_depth: int = 64) -> RoutingFields:
     if kind is BodyKind.MULTIPART:
-        return RoutingFields(model=_multipart_model(body, content_type), stream=False)
+        return RoutingFields(model=_multipart_model(body, content_type))
     if kind is BodyKind.RESPONSE_ID:
-        return RoutingFields(model=None, stream=False)
+        return RoutingFields(model=None)
     return _json_fields(body, max_depth)
 
 
@@ -87,8 +81,7 @@ def _json_fields(body: bytes, max_depth: int) -> RoutingFields:
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidRequest("`model` must be a string.", param="model")
-    stream = data.get("stream", False)
-    return RoutingFields(model=model or None, stream=stream is True, payload=data)
+    return RoutingFields(model=model or None, payload=data)
 
 
 def _deeper_than(value: Any, limit: int) -> bool:

@@ -18,33 +18,11 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from gateway.errors import BadResponse, BodyBroken, ConnectFailed, HeadTimeout, IdleTimeout, UpstreamError
+
 HIGH_WATER = 256 * 1024  # buffered response bytes at which reading from the backend pauses
 MAX_IDLE_PER_ORIGIN = 512  # idle keep-alive connections kept per backend; more are closed when released
 _SINGLE_WRITE = 256 * 1024  # request bodies up to this size are joined to the head: one write, one segment
-
-
-class UpstreamError(Exception):
-    """The exchange with a backend failed at the transport or HTTP level."""
-
-
-class ConnectFailed(UpstreamError):
-    """No response: the connection could not be made, or it closed before a single response byte came."""
-
-
-class BadResponse(UpstreamError):
-    """The backend sent bytes that are not an HTTP/1.1 response, or closed inside the response head."""
-
-
-class BodyBroken(UpstreamError):
-    """The response head arrived, then the connection broke or went bad before the body ended."""
-
-
-class HeadTimeout(UpstreamError):
-    """The request went out; the response head did not come in time."""
-
-
-class IdleTimeout(UpstreamError):
-    """The response body stalled: no bytes for longer than the reader allowed."""
 
 
 class Origin:
@@ -122,17 +100,29 @@ class UpstreamPool:
         tls = None
         if origin.secure:
             tls = self._tls = self._tls or ssl.create_default_context()
+        made: list[_Connection] = []
+
+        def protocol() -> _Connection:
+            made.append(_Connection(self, origin))
+            return made[-1]
+
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, connection = await asyncio.get_running_loop().create_connection(
-                    lambda: _Connection(self, origin),
+                    protocol,
                     origin.host,
                     origin.port,
                     ssl=tls,
                     server_hostname=origin.host if tls else None,
                 )
         except BaseException as exc:
-            self.closed(origin)
+            # Failing after the socket connected (a cancellation, a TLS error), the loop may or may not report
+            # connection_lost to the protocol: the count drops exactly once either way.
+            if made:
+                made[0].abort()
+                made[0].forget()
+            else:
+                self.closed(origin)
             if isinstance(exc, TimeoutError):
                 raise ConnectFailed(f"connect timed out after {self._connect_timeout:g} s") from None
             if isinstance(exc, OSError):
@@ -305,6 +295,7 @@ class _Connection(asyncio.Protocol):
         self._bodiless = False  # the current request is HEAD
         self._paused = False
         self._closed = False
+        self._counted = True  # in the origin's `open` count (made by the pool before connecting)
         self.idle_timer: asyncio.TimerHandle | None = None
 
     # The pool's side.
@@ -358,7 +349,7 @@ class _Connection(asyncio.Protocol):
         if self._response is response and not response._head.done():
             self._response = None
             self.abort()
-            response._fail(HeadTimeout(f"no response within {seconds:g} s"))
+            response._fail(HeadTimeout(seconds))
 
     def abort(self) -> None:
         self._closed = True
@@ -395,9 +386,16 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows
 
+    def forget(self) -> None:
+        """Leave the origin's count of open connections (once, whoever notices the end first)."""
+        if not self._counted:
+            return
+        self._counted = False
+        self._pool.closed(self._origin)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._pool.closed(self._origin)
+        self.forget()
         if self.idle_timer is not None:
             self.expire()
         response = self._response
@@ -462,7 +460,7 @@ class _Connection(asyncio.Protocol):
 
 def _expire(waiter: asyncio.Future[None], seconds: float) -> None:
     if not waiter.done():
-        waiter.set_exception(IdleTimeout(f"the backend sent nothing for {seconds:g} s"))
+        waiter.set_exception(IdleTimeout(seconds))
 
 
 def _broken(response: UpstreamResponse, message: str) -> UpstreamError:

@@ -7,7 +7,8 @@ round robin between tenants inside a band, FIFO inside a tenant. Low priority sh
 refused outright while the pool is saturated, and once the queue is `low_priority_queue_share` full.
 A full queue makes room for a higher-priority arrival by shedding the newest lowest-priority waiter.
 Every refusal is a 429 with Retry-After and the reason in `X-Switchyard-Reject-Reason`; 503 stays
-reserved for "no backend serves the model" (raised by the proxy before admission).
+reserved for "no backend serves the model" (raised by the proxy before admission). A key's rate limits
+are checked here too (`rate_limit`), so every 429 the gateway answers is counted in one place.
 
 Everything runs on one event loop: a slot is taken in the same step as the decision (or handed
 over to a waiter in the same step as the release), so limits are exact.
@@ -17,38 +18,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import NoReturn
 
-from gateway.errors import GatewayError
-from gateway.fleet.registry import Registry
+from gateway.errors import Overloaded, RateLimited
+from gateway.fleet.registry import Registry, fresh_sample
 from gateway.metrics import Metrics
-from gateway.routing.policies import RequestInfo
+from gateway.routing.request import RequestInfo
 from gateway.routing.settings import AdmissionSettings
+from gateway.tenancy.auth import Principal
 
-PRIORITIES = ("high", "normal", "low")
+
+class Priority(enum.IntEnum):
+    """The bands of the wait queue, most urgent first (the X-Switchyard-Priority header names them)."""
+
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+
+PRIORITY_NAMES = {priority.name.lower(): priority for priority in Priority}
 RECHECK_S = 0.05  # how often waiters blocked only by saturation look at the scrapes again
-
-
-class Overloaded(GatewayError):
-    """The gateway turned the request away to protect the backends (429)."""
-
-    status = 429
-    error_type = "rate_limit_exceeded"
-
-    def __init__(self, message: str, reason: str, retry_after: int) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after), "X-Switchyard-Reject-Reason": reason})
-        self.code = reason
-        self.reason = reason
 
 
 @dataclass(eq=False, slots=True)
 class _Waiter:
     model: str
     tenant: str
-    band: int
+    band: Priority
     future: asyncio.Future[None]
     rejection: Overloaded | None = None
 
@@ -70,7 +71,7 @@ class Admission:
         self._global_limit = settings.max_inflight
         self._inflight = 0
         self._by_model: dict[str, int] = {}  # models with requests in flight (entries leave at zero)
-        self._bands = tuple(_Band() for _ in PRIORITIES)
+        self._bands = tuple(_Band() for _ in Priority)
         self._waiting = 0
         self._ticker: asyncio.Task[None] | None = None
         self._low_limit = int(settings.queue_size * settings.low_priority_queue_share)
@@ -112,11 +113,24 @@ class Admission:
         """Give back the slot taken by `try_enter` or `enter`."""
         self._release(model)
 
+    def rate_limit(self, principal: Principal, model: str) -> list[tuple[bytes, bytes]]:
+        """Take one request from the key's rate limits; returns its x-ratelimit-* headers, or raises RateLimited.
+
+        Here rather than in the proxy so that every 429 is counted in one place (`_count`)."""
+        try:
+            return principal.admit()
+        except RateLimited as exc:
+            self._count(model, exc.reason)
+            raise
+
+    def _count(self, model: str, reason: str) -> None:
+        self._metrics.rejected.labels(model, reason).inc()
+
     # -- decisions ------------------------------------------------------------------------------------
 
-    def _band_of(self, request: RequestInfo) -> int:
+    def _band_of(self, request: RequestInfo) -> Priority:
         value = request.headers.get(self._header, "normal").strip().lower()
-        return PRIORITIES.index(value) if value in PRIORITIES else 1
+        return PRIORITY_NAMES.get(value, Priority.NORMAL)
 
     def _limit(self, model: str) -> int | None:
         return self._settings.models.get(model, self._settings.max_inflight_per_model)
@@ -138,8 +152,8 @@ class Admission:
         kv_norm = self._settings.kv_norm
         stale_after = self._settings.stale_after
         for backend in self._registry.candidates(model):
-            sample = backend.engine
-            if sample is None or now - sample.at > stale_after:
+            sample = fresh_sample(backend, now, stale_after)
+            if sample is None:
                 continue
             total += max(sample.waiting / queue_norm, sample.kv_usage / kv_norm)
             count += 1
@@ -165,9 +179,9 @@ class Admission:
 
     # -- the queue ------------------------------------------------------------------------------------
 
-    async def _wait(self, model: str, tenant: str, band: int) -> None:
+    async def _wait(self, model: str, tenant: str, band: Priority) -> None:
         settings = self._settings
-        if band == 2 and (self.saturated(model) or self._waiting >= self._low_limit):
+        if band is Priority.LOW and (self.saturated(model) or self._waiting >= self._low_limit):
             self._reject(model, "saturated" if self.saturated(model) else "queue_full")
         if self._waiting >= settings.queue_size and not self._shed_below(band):
             self._reject(model, "queue_full")
@@ -200,11 +214,11 @@ class Admission:
         future = waiter.future
         return future.done() and not future.cancelled() and waiter.rejection is None
 
-    def _reject(self, model: str, reason: str) -> None:
+    def _reject(self, model: str, reason: str) -> NoReturn:
         raise self._rejection(model, reason)
 
     def _rejection(self, model: str, reason: str) -> Overloaded:
-        self._metrics.rejected.labels(model, reason).inc()
+        self._count(model, reason)
         messages = {
             "saturated": "The model's backends are saturated; low-priority requests are shed first.",
             "queue_full": "Too many requests are waiting for this model; retry later.",
@@ -213,7 +227,7 @@ class Admission:
         }
         return Overloaded(messages[reason], reason, self._settings.retry_after)
 
-    def _shed_below(self, band: int) -> bool:
+    def _shed_below(self, band: Priority) -> bool:
         """Reject the newest waiter of the lowest band below `band`; False when there is none."""
         for lower in range(len(self._bands) - 1, band, -1):
             queues = self._bands[lower].tenants

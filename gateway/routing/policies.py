@@ -14,23 +14,12 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
-from gateway.fleet.registry import Backend
+from gateway.fleet.registry import Backend, fresh_sample
 from gateway.routing.prefix_hash import name_key, prefix_key, rendezvous_score, session_key, url_hash
+from gateway.routing.request import RequestInfo
 from gateway.routing.settings import PolicyName, RoutingSettings
-
-
-@dataclass(frozen=True, slots=True)
-class RequestInfo:
-    """What a policy may look at: the model, the parsed body (None for multipart), and the headers."""
-
-    model: str
-    route: str
-    payload: Mapping[str, Any] | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
-    tenant: str = ""  # API key name, or the client address when no keys are configured
 
 
 class Policy(Protocol):
@@ -94,8 +83,8 @@ class LeastLoad:
         engine: list[float | None] = []
         worst = 0.0
         for backend in candidates:
-            sample = backend.engine
-            if sample is None or now - sample.at > self._stale_after:
+            sample = fresh_sample(backend, now, self._stale_after)
+            if sample is None:
                 engine.append(None)
                 continue
             value = self._w_queue * sample.waiting + self._w_kv * sample.kv_usage + self._w_running * sample.running
@@ -204,13 +193,12 @@ class Affinity:
         loads = self._least.scores(ranked, now)
         best: tuple[int, int, float, int] | None = None
         for rank, backend in enumerate(ranked):
-            sample = backend.engine
-            fresh = sample is not None and now - sample.at <= self._stale_after
-            if fresh and sample is not None and adapter in sample.running_adapters:
+            sample = fresh_sample(backend, now, self._stale_after)
+            if sample is not None and adapter in sample.running_adapters:
                 tier = 0  # already in its batch: no slot to wait for, no load cost
             elif rank < self._lora_backends:
                 tier = 1  # one of its home backends
-            elif fresh and sample is not None and not sample.running_adapters:
+            elif sample is not None and not sample.running_adapters:
                 tier = 2  # idle slots: loading costs little
             else:
                 tier = 3  # would wait for another adapter's slot
@@ -229,8 +217,8 @@ class Affinity:
     def _overloaded(self, backend: Backend, limit: float, now: float) -> bool:
         if backend.inflight >= limit:
             return True
-        sample = backend.engine
-        return sample is not None and now - sample.at <= self._stale_after and sample.waiting > self._queue_threshold
+        sample = fresh_sample(backend, now, self._stale_after)
+        return sample is not None and sample.waiting > self._queue_threshold
 
 
 class PerModelPolicy:

@@ -12,7 +12,8 @@ import hashlib
 import hmac
 from dataclasses import dataclass, field
 
-from gateway.asgi import Scope
+from starlette.types import Scope
+
 from gateway.errors import RateLimited, Unauthorized
 from gateway.settings import ApiKeySettings, AuthSettings
 from gateway.tenancy.rate_limit import TokenBucket

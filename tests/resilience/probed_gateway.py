@@ -23,7 +23,7 @@ def create_probed_app(settings: Settings) -> Starlette:
     async def probe(request: Request) -> Response:
         current = asyncio.current_task()
         tasks = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
-        registry: Any = app.state.registry
+        registry: Any = app.registry
         return JSONResponse(
             {
                 "tasks": len(tasks),

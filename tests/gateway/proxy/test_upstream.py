@@ -17,16 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.proxy.upstream import (
-    HIGH_WATER,
-    BadResponse,
-    BodyBroken,
-    ConnectFailed,
-    HeadTimeout,
-    IdleTimeout,
-    UpstreamPool,
-    UpstreamResponse,
-)
+from gateway.errors import BadResponse, BodyBroken, ConnectFailed, HeadTimeout, IdleTimeout
+from gateway.proxy import upstream as upstream_module
+from gateway.proxy.upstream import HIGH_WATER, UpstreamPool, UpstreamResponse
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
@@ -441,3 +434,58 @@ async def test_an_https_backend_is_reached_with_its_certificate_verified(
             response = await post(trusting, server.url)
             assert (response.status, await read_all(response)) == (200, b"{}")
     assert server.requests[-1].startswith(b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: 127.0.0.1:")
+
+
+async def test_a_request_cancelled_as_its_connection_is_made_leaves_the_pool_balanced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled after the socket connected but before create_connection() returned: asyncio then closes the new
+    transport (connection_lost runs) and the cancellation reaches _connect too. The origin's count of open
+    connections must drop once, not twice: twice would forget the origin while another of its connections is
+    still in use, and that connection could never be reused."""
+    made = upstream_module._Connection.connection_made
+    victims: list[asyncio.Future[UpstreamResponse]] = []
+
+    def made_then_cancelled(self: upstream_module._Connection, transport: asyncio.BaseTransport) -> None:
+        made(self, transport)
+        if victims:
+            victims.pop().cancel()  # the requesting task, while create_connection still awaits its waiter
+
+    async def stream_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await RawServer.read_request_from(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await reader.read()
+
+    async with RawServer(stream_forever) as server, pool() as upstream:
+        streaming = await post(upstream, server.url)  # holds a connection of the origin, in use
+        monkeypatch.setattr(upstream_module._Connection, "connection_made", made_then_cancelled)
+        task = asyncio.ensure_future(post(upstream, server.url))
+        victims.append(task)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(10):
+            await asyncio.sleep(0.01)  # let connection_lost run
+        assert upstream.open_connections() == 1
+        assert upstream.origins() == 1
+        streaming.close()
+        for _ in range(10):
+            await asyncio.sleep(0.01)
+        assert upstream.open_connections() == 0
+        assert upstream.origins() == 0
+
+
+async def test_idle_connections_beyond_the_cap_are_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream_module, "MAX_IDLE_PER_ORIGIN", 2)
+    async with RawServer(answer_ok_forever) as server, pool() as upstream:
+        responses = await asyncio.gather(*(post(upstream, server.url) for _ in range(5)))
+        for response in responses:
+            assert await read_all(response) == b"{}"
+        for _ in range(10):
+            await asyncio.sleep(0.01)
+        assert server.connections == 5
+        assert upstream.idle_connections() == 2
+        assert upstream.open_connections() == 2
+        assert server.open == 2  # the three beyond the cap were closed, not leaked
+        for response in await asyncio.gather(*(post(upstream, server.url) for _ in range(2))):
+            await read_all(response)
+        assert server.connections == 5  # the two kept were reused

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import error_parts
+from gateway.errors import Overloaded, error_parts
 from gateway.fleet.registry import BackendSpec, EngineSample, Registry
 from gateway.metrics import Metrics
-from gateway.routing.admission import Admission, Overloaded
-from gateway.routing.policies import RequestInfo
+from gateway.routing.admission import Admission
+from gateway.routing.request import RequestInfo
 from gateway.routing.settings import AdmissionSettings
 
 

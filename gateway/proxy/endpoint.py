@@ -1,0 +1,82 @@
+"""The proxied routes: one ASGI endpoint per route, and the request boundary they share.
+
+A request goes through three stages, each in its own module: the gatekeeper (limits, key, body, model), the
+attempts (admission, backends in turn, retries) and the relay (the answer, chunk by chunk). This module is
+where they meet: every GatewayError they raise is answered here, a client that left is noticed here, and
+every request, however it ended, is measured and logged here exactly once.
+
+Pure ASGI on purpose: the request body is read once and forwarded as received, each upstream chunk is
+written to the client as soon as it is read, and a client disconnect cancels the upstream request at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from time import perf_counter
+from typing import cast
+
+from starlette.types import Receive, Scope, Send
+
+from gateway.errors import AnswerTruncated, ClientDisconnected, GatewayError
+from gateway.proxy.attempts import Attempts
+from gateway.proxy.disconnect import DisconnectWatch
+from gateway.proxy.exchange import Exchange
+from gateway.proxy.gatekeeper import Gatekeeper
+from gateway.proxy.headers import request_id
+from gateway.proxy.outcome import Outcome, Recorder
+from gateway.proxy.request_body import BodyKind
+
+CLIENT_CLOSED = 499  # nginx's code for "client closed the request", used in metrics only
+STATE_KEY = "proxy"  # where the lifespan puts the Proxy in its state (scope["state"] of every request)
+
+
+class Proxy:
+    def __init__(self, gatekeeper: Gatekeeper, attempts: Attempts, recorder: Recorder) -> None:
+        self._gatekeeper = gatekeeper
+        self._attempts = attempts
+        self._recorder = recorder
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, route: str, kind: BodyKind) -> None:
+        exchange = Exchange(scope, receive, send, route, kind, Outcome(request_id(scope), perf_counter()))
+        outcome = exchange.outcome
+        try:
+            await self._gatekeeper.check(exchange)
+            await self._forward(exchange)
+        except GatewayError as exc:
+            await exchange.send_error(exc)
+        except ClientDisconnected:
+            outcome.status = CLIENT_CLOSED
+        except AnswerTruncated:
+            raise  # out of the app, so that the server drops the connection (the relay set the status)
+        finally:
+            principal = exchange.principal
+            if principal is not None and outcome.usage is not None:
+                principal.charge_tokens(outcome.usage.prompt_tokens + outcome.usage.completion_tokens)
+            self._recorder.record(exchange.label, route, outcome, perf_counter() - outcome.started)
+
+    async def _forward(self, exchange: Exchange) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        watch = exchange.watch = DisconnectWatch(exchange.receive, task)
+        try:
+            await self._attempts.run(exchange)
+        except asyncio.CancelledError:
+            if watch.disconnected:
+                task.uncancel()
+                exchange.outcome.status = CLIENT_CLOSED
+                return
+            raise
+        finally:
+            watch.stop()
+
+
+class ProxyEndpoint:
+    """ASGI app for one proxied route; the Proxy comes from the lifespan's state, built with its resources."""
+
+    def __init__(self, route: str, kind: BodyKind) -> None:
+        self._route = route
+        self._kind = kind
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        proxy = cast(Proxy, scope["state"][STATE_KEY])
+        await proxy.handle(scope, receive, send, self._route, self._kind)

@@ -1,0 +1,18 @@
+"""What routing knows of one request: the input of policies and admission."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What a policy may look at: the model, the parsed body (None for multipart), and the headers."""
+
+    model: str
+    route: str
+    payload: Mapping[str, Any] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    tenant: str = ""  # API key name, or the client address when no keys are configured
