@@ -7,44 +7,24 @@ instead of being ignored.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.errors import ConfigError
 from gateway.routing.settings import AdmissionSettings, RoutingSettings
+from gateway.settings_base import StrictModel, UpstreamKeyEnv
 
 ENV_PREFIX = "SWITCHYARD_"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-UPSTREAM_KEY = re.compile(r"[\x21-\x7e]+")  # what may follow "Authorization: Bearer " on the wire
-
-
-def _require_header_safe_key(name: str | None) -> None:
-    if name is None:
-        return
-    if name not in os.environ:
-        raise ValueError(f"api_key_env names {name!r}, which is not set in the environment")
-    if not UPSTREAM_KEY.fullmatch(os.environ[name]):
-        # checked here, once: a newline would inject header lines, a non-ASCII byte fail every request
-        raise ValueError(f"the key in {name} must be printable ASCII without spaces (it goes into a header)")
-
-
-class BackendSettings(_Strict):
+class BackendSettings(UpstreamKeyEnv):
     """One statically configured upstream: a vLLM OpenAI-compatible server."""
 
     url: str = Field(description="Base URL of the server, e.g. http://10.0.0.5:8000 (no /v1 suffix).")
-    api_key_env: str | None = Field(
-        default=None, description="Name of an environment variable holding the upstream's API key."
-    )
 
     @field_validator("url")
     @classmethod
@@ -56,23 +36,14 @@ class BackendSettings(_Strict):
             raise ValueError("must be the server's base URL, without the /v1 suffix")
         return value
 
-    @model_validator(mode="after")
-    def _check_key_env(self) -> BackendSettings:
-        _require_header_safe_key(self.api_key_env)
-        return self
 
-    def api_key(self) -> str | None:
-        return os.environ[self.api_key_env] if self.api_key_env else None
-
-
-class KubernetesSettings(_Strict):
+class KubernetesSettings(UpstreamKeyEnv):
     """Where to look for workers when `discovery: kubernetes`."""
 
     namespaces: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
     label_selector: str = "app.kubernetes.io/part-of=switchyard,app.kubernetes.io/component=worker"
     port_name: str = Field(default="http", description="EndpointSlice port name that carries the vLLM API.")
     scheme: Literal["http", "https"] = "http"
-    api_key_env: str | None = Field(default=None, description="Env var holding the workers' shared API key.")
     kubeconfig: str | None = Field(
         default=None,
         description="Kubeconfig file to use. Unset: the pod's service account when running in a cluster, "
@@ -86,16 +57,8 @@ class KubernetesSettings(_Strict):
     backoff_initial: float = Field(default=0.5, gt=0, description="First retry delay after an API error.")
     backoff_max: float = Field(default=30.0, gt=0, description="Longest retry delay after repeated errors.")
 
-    @model_validator(mode="after")
-    def _check_key_env(self) -> KubernetesSettings:
-        _require_header_safe_key(self.api_key_env)
-        return self
 
-    def api_key(self) -> str | None:
-        return os.environ[self.api_key_env] if self.api_key_env else None
-
-
-class TimeoutSettings(_Strict):
+class TimeoutSettings(StrictModel):
     """Upstream timeouts, in seconds."""
 
     connect: float = Field(default=5.0, gt=0, description="TCP connect to a backend.")
@@ -105,7 +68,7 @@ class TimeoutSettings(_Strict):
     idle: float = Field(default=120.0, gt=0, description="Longest silence between two chunks of a response.")
 
 
-class RetrySettings(_Strict):
+class RetrySettings(StrictModel):
     """Retries happen only before the first byte reached the client, on another backend of the model."""
 
     max_retries: int = Field(default=2, ge=0, le=10)
@@ -113,7 +76,7 @@ class RetrySettings(_Strict):
     on_status: list[int] = Field(default_factory=lambda: [503], description="Backend statuses worth a retry.")
 
 
-class HealthSettings(_Strict):
+class HealthSettings(StrictModel):
     """Active checks (GET /health on every backend) and passive outlier ejection."""
 
     interval: float = Field(default=2.0, gt=0, description="Seconds between two /health checks of a backend.")
@@ -127,7 +90,7 @@ class HealthSettings(_Strict):
     eject_max: float = Field(default=60.0, gt=0, description="Longest ejection in seconds.")
 
 
-class ShutdownSettings(_Strict):
+class ShutdownSettings(StrictModel):
     """What SIGTERM does: /ready turns 503 at once, the listener closes after `drain_delay` (time for a
     Kubernetes endpoint to be removed), and in-flight requests get up to `grace_period` to finish."""
 
@@ -135,7 +98,7 @@ class ShutdownSettings(_Strict):
     grace_period: float = Field(default=30.0, ge=0)
 
 
-class ApiKeySettings(_Strict):
+class ApiKeySettings(StrictModel):
     """One client key: who it is, which models it may use and how fast."""
 
     name: str = Field(min_length=1, description="Shown in logs and metrics instead of the key itself.")
@@ -157,7 +120,7 @@ class ApiKeySettings(_Strict):
         return self.key.get_secret_value() if self.key is not None else os.environ[self.key_env or ""]
 
 
-class AuthSettings(_Strict):
+class AuthSettings(StrictModel):
     """Client API keys. With none configured the gateway is open (put it behind your own auth)."""
 
     keys: list[ApiKeySettings] = Field(default_factory=list)
@@ -184,7 +147,7 @@ class AuthSettings(_Strict):
         return self
 
 
-class LimitSettings(_Strict):
+class LimitSettings(StrictModel):
     """Bounds on what one request may carry."""
 
     max_header_count: int = Field(default=100, gt=0)

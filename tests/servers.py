@@ -29,13 +29,18 @@ def free_port() -> int:
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> None:
+    """Poll `predicate` until it is true. Errors it raises count as "not yet" (a server still starting), but the
+    last one is raised with the timeout, so a broken predicate does not pass for a slow condition."""
     deadline = time.monotonic() + timeout
+    last: Exception | None = None
     while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
+        try:
             if predicate():
                 return
+        except Exception as exc:
+            last = exc
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}") from last
 
 
 def _listening(port: int) -> bool:

@@ -1,5 +1,8 @@
 """uvicorn's httptools protocol with a deadline on request heads (nginx's client_header_timeout).
 
+It extends uvicorn's private HttpToolsProtocol (and reads its `cycle`): uvicorn is pinned exactly, and
+tests/gateway/proxy/test_client_protocol.py fails loudly when an upgrade changes what this relies on.
+
 uvicorn times out idle keep-alive connections, but not one that connected and sent nothing, nor one that
 trickles a request head a byte at a time: each would hold a file descriptor for as long as the client likes.
 Here every connection must deliver a complete request head within `header_timeout` seconds of connecting

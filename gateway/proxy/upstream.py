@@ -49,7 +49,8 @@ class Origin:
 class UpstreamPool:
     """Keep-alive connections per backend. Owned by the app's lifespan; `close()` ends it.
 
-    There is no cap on connections in use: the gateway's admission control decides concurrency."""
+    There is no cap on connections in use: one per request in flight. Concurrency is bounded, when it is,
+    by admission control (`admission.max_inflight`, unlimited by default)."""
 
     def __init__(self, keepalive: float, connect_timeout: float) -> None:
         self._keepalive = keepalive

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from gateway.settings_base import StrictModel
 
 PolicyName = Literal[
     "affinity", "prefix_affinity", "session", "lora_affinity", "least_load", "least_inflight", "round_robin", "random"
 ]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LoadWeights(_Strict):
+class LoadWeights(StrictModel):
     """Weights of the least-load score: weight * signal, summed; the lowest score wins."""
 
     queue: float = Field(default=2.0, ge=0, description="Per request waiting in the engine's queue (scraped).")
@@ -26,7 +24,7 @@ class LoadWeights(_Strict):
     running: float = Field(default=0.0, ge=0, description="Per request in the engine's running batch (scraped).")
 
 
-class RoutingSettings(_Strict):
+class RoutingSettings(StrictModel):
     policy: PolicyName = Field(
         default="affinity",
         description="Policy for models not listed in `models`. `affinity` combines the others: a LoRA "
@@ -75,7 +73,7 @@ class RoutingSettings(_Strict):
     session_header: str = Field(default="x-session-id", description="Header that carries a session key.")
 
 
-class AdmissionSettings(_Strict):
+class AdmissionSettings(StrictModel):
     max_inflight: int | None = Field(default=None, gt=0, description="Gateway-wide in-flight limit (none: unlimited).")
     max_inflight_per_model: int | None = Field(
         default=None, gt=0, description="In-flight limit of each model (none: unlimited)."

@@ -1,4 +1,4 @@
-"""Token buckets for per-key request and token rates, and the x-ratelimit-* headers they report."""
+"""Token buckets for per-key request and token rates (auth.py turns their levels into x-ratelimit-* headers)."""
 
 from __future__ import annotations
 

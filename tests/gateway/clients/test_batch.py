@@ -197,7 +197,12 @@ def test_a_killed_run_loses_and_duplicates_nothing(tmp_path: Path) -> None:
 
 def test_sigint_stops_cleanly_and_resumes(gateway_url: str, tmp_path: Path) -> None:
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    src.write_text("\n".join(_line(f"s-{i}") for i in range(300)) + "\n")
+    # 64 tokens at 1 ms each and two at a time: 300 lines take about 10 s, far longer than the interrupt needs.
+    lines = [
+        _line(f"s-{i}", messages=[{"role": "user", "content": "hi"}], max_tokens=64, ignore_eos=True, model="chat")
+        for i in range(300)
+    ]
+    src.write_text("\n".join(lines) + "\n")
     argv = [sys.executable, "-m", "gateway.clients.batch", str(src), "--output", str(out), "--gateway", gateway_url]
     proc = subprocess.Popen([*argv, "--concurrency", "2"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
@@ -205,9 +210,7 @@ def test_sigint_stops_cleanly_and_resumes(gateway_url: str, tmp_path: Path) -> N
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=30)
-    if proc.returncode == 0:
-        pytest.skip("the batch finished before the interrupt landed")  # machine too fast to race
-    assert proc.returncode == 130
+    assert proc.returncode == 130, "the batch finished before the interrupt landed"
     assert "rerun the same command to resume" in stdout
     _batch(*argv[3:], check=True)
     assert sorted(r["custom_id"] for r in _read(out)) == sorted(f"s-{i}" for i in range(300))
