@@ -75,6 +75,25 @@ def test_lint_is_clean(values_file: Path | None) -> None:
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
+PROJECT_URL = "https://github.com/switchyard-project/switchyard"
+
+
+def test_chart_metadata_names_the_project_and_its_maintainers(tmp_path: Path) -> None:
+    metadata = helm.Chart.load(str(CHART)).metadata  # as Helm parsed Chart.yaml
+    assert metadata["home"] == PROJECT_URL
+    assert metadata["sources"] == [PROJECT_URL]
+    assert metadata["maintainers"]
+    assert all(maintainer["name"] for maintainer in metadata["maintainers"])
+    assert all(maintainer.get("url", PROJECT_URL).startswith("https://") for maintainer in metadata["maintainers"])
+    # Helm's lint checks maintainers: the same file with a nameless one is an error, so the clean lint above counts.
+    copy = tmp_path / "switchyard"
+    shutil.copytree(CHART, copy)
+    chart_yaml = yaml.safe_load((copy / "Chart.yaml").read_text())
+    chart_yaml["maintainers"] = [{"url": PROJECT_URL}]
+    (copy / "Chart.yaml").write_text(yaml.safe_dump(chart_yaml))
+    assert "each maintainer requires a name" in helm.lint(str(copy), strict=True)["errors"]
+
+
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_objects_match_kubernetes_schemas(ci_objects: list[Obj], version: str) -> None:
     for obj in ci_objects:
