@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -321,10 +322,10 @@ def test_lora_adapters_reach_the_worker(ci: dict[str, list[Obj]]) -> None:
 
 
 def test_service_types_ingress_and_route(ci: dict[str, list[Obj]]) -> None:
-    default_service = named(ci["minimal-values"], "Service", f"{RELEASE}-switchyard")
+    default_service = named(ci["minimal-values"], "Service", f"{RELEASE}-switchyard-gateway")
     assert default_service["spec"]["type"] == "ClusterIP"
     objects = ci["nodeport-ingress-values"]
-    service = named(objects, "Service", f"{RELEASE}-switchyard")
+    service = named(objects, "Service", f"{RELEASE}-switchyard-gateway")
     assert service["spec"]["type"] == "NodePort"
     assert service["spec"]["ports"][0]["nodePort"] == 30080
     assert service["spec"]["externalTrafficPolicy"] == "Local"
@@ -333,13 +334,18 @@ def test_service_types_ingress_and_route(ci: dict[str, list[Obj]]) -> None:
     assert ingress["spec"]["tls"] == [{"secretName": "llm-example-com-tls", "hosts": ["llm.example.com"]}]
     (rule,) = ingress["spec"]["rules"]
     assert rule["host"] == "llm.example.com"
-    assert rule["http"]["paths"][0]["backend"]["service"] == {"name": f"{RELEASE}-switchyard", "port": {"name": "http"}}
+    assert rule["http"]["paths"][0]["backend"]["service"] == {
+        "name": f"{RELEASE}-switchyard-gateway",
+        "port": {"name": "http"},
+    }
     assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
     (route,) = of_kind(objects, "HTTPRoute")
     assert route["spec"]["parentRefs"] == [{"name": "public", "namespace": "gateway-system", "sectionName": "https"}]
-    assert route["spec"]["rules"][0]["backendRefs"] == [{"name": f"{RELEASE}-switchyard", "port": 80}]
+    assert route["spec"]["rules"][0]["backendRefs"] == [{"name": f"{RELEASE}-switchyard-gateway", "port": 80}]
     balancer = render({"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"]}})
-    assert named(balancer, "Service", f"{RELEASE}-switchyard")["spec"]["loadBalancerSourceRanges"] == ["10.0.0.0/8"]
+    assert named(balancer, "Service", f"{RELEASE}-switchyard-gateway")["spec"]["loadBalancerSourceRanges"] == [
+        "10.0.0.0/8"
+    ]
 
 
 def test_notes_say_how_to_reach_the_gateway() -> None:
@@ -347,14 +353,14 @@ def test_notes_say_how_to_reach_the_gateway() -> None:
     assert "NodePort" in text
     assert "jsonpath='{.spec.ports[0].nodePort}'" in text
     assert "https://llm.example.com" in text
-    assert f"kubectl port-forward -n {NAMESPACE} svc/{RELEASE}-switchyard 8080:80" in text
+    assert f"kubectl port-forward -n {NAMESPACE} svc/{RELEASE}-switchyard-gateway 8080:80" in text
     assert "/v1/models" in text
 
 
 def test_monitoring_objects(ci: dict[str, list[Obj]]) -> None:
     objects = ci["monitoring-values"]
     (monitor,) = of_kind(objects, "ServiceMonitor")
-    gateway_service = named(objects, "Service", f"{RELEASE}-switchyard")
+    gateway_service = named(objects, "Service", f"{RELEASE}-switchyard-gateway")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= gateway_service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] == "http"
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
@@ -509,10 +515,89 @@ def test_inconsistent_values_fail_with_a_message(values: Obj, message: str) -> N
     assert message in str(caught.value)
 
 
+LONG_RELEASE = "a-very-long-release-name-that-goes-on-and-on-and-on"  # 51 chars: Helm allows 53
+
+
 def test_long_release_names_stay_within_63_characters() -> None:
-    release = "a-very-long-release-name-that-goes-on-and-on-and-on"  # 51 chars: Helm allows 53
     values: dict[str, Any] = {"models": [{"name": "a-rather-long-model-name-of-forty-chars", "simulator": True}]}
-    objects = render(values, release=release)
-    names = [obj["metadata"]["name"] for obj in objects]
-    assert all(len(name) <= 63 and not name.endswith("-") for name in names)
-    assert len({(obj["kind"], obj["metadata"]["name"]) for obj in objects}) == len(objects)
+    for extra in ({}, _everything_on()):
+        objects = render({**extra, **values}, release=LONG_RELEASE)
+        names = [obj["metadata"]["name"] for obj in objects]
+        assert all(len(name) <= 63 and not name.endswith("-") for name in names), names
+        assert len({(obj["kind"], obj["metadata"]["name"]) for obj in objects}) == len(objects)
+
+
+def _everything_on() -> Obj:
+    """Every optional object of both components: monitors, autoscalers, NetworkPolicy, Ingress, HTTPRoute."""
+    values = load_values(CHART / "ci" / "monitoring-values.yaml")
+    values["ingress"] = {"enabled": True}
+    values["httpRoute"] = {"enabled": True, "parentRefs": [{"name": "public"}]}
+    return values
+
+
+@pytest.mark.parametrize(
+    ("release", "values", "fullname"),
+    [
+        (RELEASE, {}, f"{RELEASE}-switchyard"),
+        ("switchyard-prod", {}, "switchyard-prod"),  # the release already holds the chart name
+        (RELEASE, {"fullnameOverride": "llm"}, "llm"),
+        (RELEASE, {"nameOverride": "yard"}, f"{RELEASE}-yard"),
+        (LONG_RELEASE, {}, f"{LONG_RELEASE}-switchyard"),
+    ],
+    ids=["release", "release-holds-chart-name", "fullnameOverride", "nameOverride", "long-release"],
+)
+def test_one_naming_scheme_per_component(release: str, values: Obj, fullname: str) -> None:
+    objects = render({**_everything_on(), **values}, release=release)
+    gateway_name = f"{fullname[:55].rstrip('-')}-gateway"
+    components: dict[str, set[str]] = {}
+    for obj in objects:
+        labels, name = obj["metadata"]["labels"], obj["metadata"]["name"]
+        component = labels.get("app.kubernetes.io/component", "")
+        components.setdefault(component, set()).add(obj["kind"])
+        if component == "gateway":
+            assert name == gateway_name, (obj["kind"], name)
+        elif component == "worker":
+            model = labels.get("switchyard.dev/model", "workers")  # NetworkPolicy, PodMonitor: every worker
+            assert name == f"{fullname[:40].rstrip('-')}-{model}"[:63].rstrip("-"), (obj["kind"], name)
+    assert components["gateway"] == {
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "Ingress",
+        "HTTPRoute",
+        "ServiceMonitor",
+    }
+    assert components["worker"] == {"Deployment", "Service", "ScaledObject", "NetworkPolicy", "PodMonitor"}
+    # What points at the gateway Service uses the same name.
+    (ingress,) = of_kind(objects, "Ingress")
+    assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == gateway_name
+    (route,) = of_kind(objects, "HTTPRoute")
+    assert route["spec"]["rules"][0]["backendRefs"][0]["name"] == gateway_name
+    (test_pod,) = of_kind(objects, "Pod")
+    assert f"http://{gateway_name}:80/v1/models" in test_pod["spec"]["containers"][0]["args"][0]
+    for role_ref in (o["roleRef"]["name"] for o in of_kind(objects, "RoleBinding")):
+        assert role_ref == gateway_name
+
+
+def test_gateway_down_alert_matches_the_job_the_service_monitor_scrapes() -> None:
+    """The Prometheus Operator names a ServiceMonitor's job after the Service it scrapes; the shipped alert
+    selects gateway jobs by name, so the gateway Service's name must match it (it did not when the Service was
+    "<release>-switchyard": the alert would have fired forever)."""
+    shipped = yaml.safe_load((CHART / "alerts" / "switchyard.yaml").read_text())
+    (expr,) = [r["expr"] for g in shipped["groups"] for r in g["rules"] if r["alert"] == "SwitchyardGatewayDown"]
+    (pattern,) = set(re.findall(r'up\{job=~"([^"]+)"\}', expr))
+    for release in (RELEASE, "prod", "switchyard", "switchyard-prod"):
+        objects = render(load_values(CHART / "ci" / "monitoring-values.yaml"), release=release)
+        (monitor,) = of_kind(objects, "ServiceMonitor")
+        assert "jobLabel" not in monitor["spec"]
+        (service,) = [
+            s
+            for s in of_kind(objects, "Service")
+            if s["spec"]["selector"] == monitor["spec"]["selector"]["matchLabels"]
+        ]
+        assert re.fullmatch(pattern, service["metadata"]["name"]), (release, service["metadata"]["name"], pattern)

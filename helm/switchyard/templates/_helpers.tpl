@@ -46,6 +46,12 @@ app.kubernetes.io/component: gateway
 app.kubernetes.io/component: gateway
 {{- end }}
 
+{{/*
+Object names: one scheme per component. Every gateway object (Deployment, Service, ConfigMap, ServiceAccount,
+Role, RoleBinding, PDB, HPA, Ingress, HTTPRoute, ServiceMonitor) is "<fullname>-gateway". Every worker object
+is "<fullname>-<model>" (per model: Deployment, Service, ScaledObject) or "<fullname>-workers" (for all of them:
+NetworkPolicy, PodMonitor), the prefix cut to 40 characters so model names up to 40 fit in 63.
+*/}}
 {{- define "switchyard.gateway.fullname" -}}
 {{- printf "%s-gateway" (include "switchyard.fullname" . | trunc 55 | trimSuffix "-") }}
 {{- end }}
@@ -73,6 +79,18 @@ app.kubernetes.io/part-of=switchyard,app.kubernetes.io/component=worker,app.kube
 {{/* Workers: called with (dict "root" $ "model" $model) where $model is already merged with workerDefaults. */}}
 {{- define "switchyard.worker.fullname" -}}
 {{- printf "%s-%s" (include "switchyard.fullname" .root | trunc 40 | trimSuffix "-") .model.name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Objects that cover every worker of the release (NetworkPolicy, PodMonitor): the worker scheme, "workers". */}}
+{{- define "switchyard.workers.fullname" -}}
+{{- include "switchyard.worker.fullname" (dict "root" . "model" (dict "name" "workers")) }}
+{{- end }}
+
+{{/* Selects every worker pod of the release, whatever its model. */}}
+{{- define "switchyard.workers.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "switchyard.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: worker
 {{- end }}
 
 {{- define "switchyard.worker.selectorLabels" -}}
