@@ -243,6 +243,90 @@ def test_restricted_security_context(ci_objects: list[Obj]) -> None:
             assert all(c["securityContext"]["readOnlyRootFilesystem"] for c in spec["containers"]), name
 
 
+RESTRICTED_POD = {
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "runAsGroup": 10001,
+    "fsGroup": 10001,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _contexts(objects: list[Obj], name: str) -> tuple[Obj, Obj]:
+    """(pod securityContext, container securityContext) of the Deployment or Pod called name."""
+    spec = dict(pod_specs(objects))[name]
+    pod: Obj = spec.get("securityContext", {})
+    container: Obj = spec["containers"][0].get("securityContext", {})
+    return pod, container
+
+
+def test_default_security_contexts_are_the_restricted_ones() -> None:
+    values = {"models": [{"name": "sim", "simulator": True}, {"name": "real", "source": {"pvc": {"claimName": "m"}}}]}
+    objects = render(values)
+    for name, read_only in [
+        (f"{RELEASE}-switchyard-gateway", True),
+        (f"{RELEASE}-switchyard-test-models", True),
+        (f"{RELEASE}-switchyard-sim", True),
+        (f"{RELEASE}-switchyard-real", False),  # vLLM writes caches under $HOME and /tmp
+    ]:
+        assert _contexts(objects, name) == (
+            RESTRICTED_POD,
+            {**RESTRICTED_CONTAINER, "readOnlyRootFilesystem": read_only},
+        )
+
+
+def test_security_contexts_come_from_values() -> None:
+    values: Obj = {
+        "gateway": {
+            # OpenShift assigns the IDs itself: null drops a default key, the others stay.
+            "podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None},
+            "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        },
+        "workerDefaults": {
+            "podSecurityContext": {"runAsUser": 2000, "fsGroupChangePolicy": "OnRootMismatch"},
+            "securityContext": {"capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}},
+        },
+        "models": [
+            {"name": "real", "source": {"pvc": {"claimName": "m"}}},
+            {
+                "name": "locked",
+                "source": {"pvc": {"claimName": "m"}},
+                "securityContext": {"readOnlyRootFilesystem": True},
+            },
+            {"name": "sim", "simulator": True},
+            {"name": "sim-rw", "simulator": True, "securityContext": {"readOnlyRootFilesystem": False}},
+            {"name": "uid", "simulator": True, "podSecurityContext": {"runAsUser": 3000}},
+        ],
+    }
+    objects = render(values)
+    gateway_pod = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    gateway_container = {
+        **RESTRICTED_CONTAINER,
+        "readOnlyRootFilesystem": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert _contexts(objects, f"{RELEASE}-switchyard-gateway") == (gateway_pod, gateway_container)
+    # the helm test pod runs from the gateway image and follows the gateway's contexts
+    assert _contexts(objects, f"{RELEASE}-switchyard-test-models") == (gateway_pod, gateway_container)
+
+    worker_pod = {**RESTRICTED_POD, "runAsUser": 2000, "fsGroupChangePolicy": "OnRootMismatch"}
+    worker_container = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}}
+    expected = {
+        "real": (worker_pod, {**worker_container, "readOnlyRootFilesystem": False}),
+        "locked": (worker_pod, {**worker_container, "readOnlyRootFilesystem": True}),
+        "sim": (worker_pod, {**worker_container, "readOnlyRootFilesystem": True}),
+        "sim-rw": (worker_pod, {**worker_container, "readOnlyRootFilesystem": False}),
+        "uid": ({**worker_pod, "runAsUser": 3000}, {**worker_container, "readOnlyRootFilesystem": True}),
+    }
+    for model, contexts in expected.items():
+        assert _contexts(objects, f"{RELEASE}-switchyard-{model}") == contexts, model
+    for version in K8S_VERSIONS:
+        for obj in objects:
+            if obj["kind"] not in CRD_KINDS:
+                kubernetes_validate.validate(obj, version, strict=True)
+
+
 def test_probes(ci_objects: list[Obj]) -> None:
     gateway = named(ci_objects, "Deployment", f"{RELEASE}-switchyard-gateway")
     (container,) = gateway["spec"]["template"]["spec"]["containers"]
@@ -490,6 +574,22 @@ BAD_VALUES: list[tuple[Obj, str]] = [
         {"models": [{"name": "a", "simulator": True, "autoscaling": {"minReplicas": 0}}]},
         "/models/0/autoscaling/minReplicas",
     ),
+    ({"gateway": {"securityContext": {"privileged": "yes"}}}, "/gateway/securityContext/privileged"),
+    ({"gateway": {"podSecurityContext": {"runAsUser": -1}}}, "/gateway/podSecurityContext/runAsUser"),
+    ({"gateway": {"podSecurityContext": {"runAsUsr": 5}}}, "runAsUsr"),
+    (
+        {"workerDefaults": {"podSecurityContext": {"seccompProfile": {"type": "runtime/default"}}}},
+        "/workerDefaults/podSecurityContext/seccompProfile/type",
+    ),
+    (
+        {"workerDefaults": {"securityContext": {"capabilities": {"drop": "ALL"}}}},
+        "/workerDefaults/securityContext/capabilities/drop",
+    ),
+    (
+        {"models": [{"name": "a", "simulator": True, "securityContext": {"readOnlyRootFilesystem": "true"}}]},
+        "/models/0/securityContext/readOnlyRootFilesystem",
+    ),
+    ({"models": [{"name": "a", "simulator": True, "podSecurityContext": {"fsgroup": 1}}]}, "fsgroup"),
 ]
 
 

@@ -127,24 +127,10 @@ return lists). Per-model keys win; nested maps merge key by key; lists replace.
 {{- $_ := set $base "cache" (dict "type" "emptyDir" "sizeLimit" "1Gi" "claimName" "") }}
 {{- $_ := set $base "startupProbe" (dict "periodSeconds" 2 "failureThreshold" 30) }}
 {{- $_ := set $base "terminationGracePeriodSeconds" 30 }}
+{{- /* The simulator writes nothing: a read-only root unless the entry says otherwise. */}}
+{{- $_ := set $base "securityContext" (merge (dict "readOnlyRootFilesystem" true) ($base.securityContext | default dict)) }}
 {{- end }}
 {{- $models = append $models (mergeOverwrite $base (deepCopy .)) }}
 {{- end }}
 {{- dict "models" $models | toJson }}
-{{- end }}
-
-{{/* Pod securityContext of the restricted Pod Security Standard. */}}
-{{- define "switchyard.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 10001
-runAsGroup: 10001
-fsGroup: 10001
-seccompProfile:
-  type: RuntimeDefault
-{{- end }}
-
-{{- define "switchyard.containerSecurityContext" -}}
-allowPrivilegeEscalation: false
-capabilities:
-  drop: [ALL]
 {{- end }}
