@@ -51,7 +51,7 @@ def render_manifests() -> dict[str, str]:
     files["kustomization.yaml"] = (
         HEADER
         + "# The objects name their namespace (and the gateway's config watches it): to install elsewhere,\n"
-        + "# render the chart with --namespace instead of overriding it here.\n"
+        + "# render the chart with --namespace (or namespaceOverride) instead of overriding it here.\n"
         + "apiVersion: kustomize.config.k8s.io/v1beta1\n"
         + "kind: Kustomization\n"
         + f"namespace: {NAMESPACE}\n"

@@ -590,6 +590,9 @@ BAD_VALUES: list[tuple[Obj, str]] = [
         "/models/0/securityContext/readOnlyRootFilesystem",
     ),
     ({"models": [{"name": "a", "simulator": True, "podSecurityContext": {"fsgroup": 1}}]}, "fsgroup"),
+    ({"namespaceOverride": "Serving_NS"}, "/namespaceOverride"),
+    ({"namespaceOverride": "n" * 64}, "/namespaceOverride"),
+    ({"namespaceOverride": 7}, "/namespaceOverride"),
 ]
 
 
@@ -682,6 +685,35 @@ def test_one_naming_scheme_per_component(release: str, values: Obj, fullname: st
     assert f"http://{gateway_name}:80/v1/models" in test_pod["spec"]["containers"][0]["args"][0]
     for role_ref in (o["roleRef"]["name"] for o in of_kind(objects, "RoleBinding")):
         assert role_ref == gateway_name
+
+
+def test_namespace_override_moves_every_object_and_what_points_at_the_namespace() -> None:
+    override = "llm"
+    assert override != NAMESPACE
+    values = {**_everything_on(), "namespaceOverride": override}
+    objects = render(values)
+    assert {obj["metadata"]["namespace"] for obj in objects} == {override}  # every kind of the chart is namespaced
+    assert _gateway_config(objects)["kubernetes"]["namespaces"] == [override]  # discovery watches the workers there
+    (binding,) = of_kind(objects, "RoleBinding")
+    assert binding["subjects"][0]["namespace"] == override
+    for kind in ("ServiceMonitor", "PodMonitor"):
+        (monitor,) = of_kind(objects, kind)
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": [override]}
+    (scaled,) = of_kind(objects, "ScaledObject")
+    assert f'namespace="{override}"' in scaled["spec"]["triggers"][0]["metadata"]["query"]
+    for version in K8S_VERSIONS:
+        for obj in objects:
+            if obj["kind"] not in CRD_KINDS:
+                kubernetes_validate.validate(obj, version, strict=True)
+    text = notes(values)
+    assert f"kubectl port-forward -n {override} svc/" in text
+    assert f"kubectl get pods -n {override} " in text
+    assert f"helm test {RELEASE} -n {NAMESPACE}" in text  # the release itself stays in the release namespace
+    # unset or empty: the release namespace
+    for unset in ({}, {"namespaceOverride": ""}):
+        objects = render({**_everything_on(), **unset})
+        assert {obj["metadata"]["namespace"] for obj in objects} == {NAMESPACE}
+        assert _gateway_config(objects)["kubernetes"]["namespaces"] == [NAMESPACE]
 
 
 def test_gateway_down_alert_matches_the_job_the_service_monitor_scrapes() -> None:
