@@ -327,6 +327,59 @@ def test_security_contexts_come_from_values() -> None:
                 kubernetes_validate.validate(obj, version, strict=True)
 
 
+GATEWAY_DIGEST = "sha256:" + "a1" * 32
+WORKER_DIGEST = "sha256:" + "b2" * 32
+QWEN_DIGEST = "sha512:" + "c3" * 64
+
+
+def _images(objects: list[Obj]) -> dict[str, str]:
+    return {name: spec["containers"][0]["image"] for name, spec in pod_specs(objects)}
+
+
+def test_image_digests_pin_the_images_and_override_the_tag() -> None:
+    models: list[Obj] = [
+        {"name": "llama", "source": {"pvc": {"claimName": "m"}}},
+        {"name": "tagged", "source": {"pvc": {"claimName": "m"}}, "image": {"tag": "0.9.9"}},
+        {
+            "name": "qwen",
+            "source": {"pvc": {"claimName": "m"}},
+            "image": {"repository": "reg/qwen", "digest": QWEN_DIGEST},
+        },
+        {"name": "sim", "simulator": True},
+        {"name": "own", "source": {"pvc": {"claimName": "m"}}, "image": {"repository": "reg/own", "digest": ""}},
+    ]
+    prefix = f"{RELEASE}-switchyard"
+    assert _images(render({"models": models})) == {
+        f"{prefix}-gateway": "switchyard/gateway:0.1.0",
+        f"{prefix}-test-models": "switchyard/gateway:0.1.0",
+        f"{prefix}-llama": "switchyard/worker:0.1.0",
+        f"{prefix}-tagged": "switchyard/worker:0.9.9",
+        f"{prefix}-qwen": f"reg/qwen@{QWEN_DIGEST}",
+        f"{prefix}-sim": "switchyard/gateway:0.1.0",
+        f"{prefix}-own": "reg/own:0.1.0",
+    }
+    values: Obj = {
+        "image": {"repository": "reg/gateway", "tag": "1.2.3", "digest": GATEWAY_DIGEST},
+        "workerDefaults": {"image": {"digest": WORKER_DIGEST}},
+        "models": models,
+    }
+    objects = render(values)
+    assert _images(objects) == {
+        # the gateway image serves the gateway, the helm test pod and the simulators
+        f"{prefix}-gateway": f"reg/gateway@{GATEWAY_DIGEST}",
+        f"{prefix}-test-models": f"reg/gateway@{GATEWAY_DIGEST}",
+        f"{prefix}-sim": f"reg/gateway@{GATEWAY_DIGEST}",
+        f"{prefix}-llama": f"switchyard/worker@{WORKER_DIGEST}",
+        f"{prefix}-tagged": f"switchyard/worker@{WORKER_DIGEST}",  # the digest wins over a model's tag
+        f"{prefix}-qwen": f"reg/qwen@{QWEN_DIGEST}",  # a model's own digest wins over workerDefaults'
+        f"{prefix}-own": "reg/own:0.1.0",  # digest "" in a model drops the inherited one
+    }
+    for version in K8S_VERSIONS:
+        for obj in objects:
+            if obj["kind"] not in CRD_KINDS:
+                kubernetes_validate.validate(obj, version, strict=True)
+
+
 def test_probes(ci_objects: list[Obj]) -> None:
     gateway = named(ci_objects, "Deployment", f"{RELEASE}-switchyard-gateway")
     (container,) = gateway["spec"]["template"]["spec"]["containers"]
@@ -593,6 +646,13 @@ BAD_VALUES: list[tuple[Obj, str]] = [
     ({"namespaceOverride": "Serving_NS"}, "/namespaceOverride"),
     ({"namespaceOverride": "n" * 64}, "/namespaceOverride"),
     ({"namespaceOverride": 7}, "/namespaceOverride"),
+    ({"image": {"digest": "sha256:abc"}}, "/image/digest"),
+    ({"workerDefaults": {"image": {"digest": "latest"}}}, "/workerDefaults/image/digest"),
+    (
+        {"models": [{"name": "a", "simulator": True, "image": {"digest": "sha256:" + "AB" * 32}}]},
+        "/models/0/image/digest",
+    ),
+    ({"image": {"digest": "md5:" + "0" * 32}}, "/image/digest"),
 ]
 
 

@@ -69,8 +69,18 @@ NetworkPolicy, PodMonitor), the prefix cut to 40 characters so model names up to
 {{- end }}
 {{- end }}
 
+{{/* An image reference from (dict "image" {repository, tag, digest} "root" $): repository@digest when a
+digest is set (it pins the image, so the tag is left out), else repository:tag, the tag defaulting to appVersion. */}}
+{{- define "switchyard.image" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) }}
+{{- end }}
+{{- end }}
+
 {{- define "switchyard.gateway.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "switchyard.image" (dict "image" .Values.image "root" .) }}
 {{- end }}
 
 {{/*
