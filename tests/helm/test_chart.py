@@ -681,6 +681,18 @@ def test_inconsistent_values_fail_with_a_message(values: Obj, message: str) -> N
 LONG_RELEASE = "a-very-long-release-name-that-goes-on-and-on-and-on"  # 51 chars: Helm allows 53
 
 
+@pytest.mark.parametrize("model", ["on", "off", "yes", "no", "y", "n", "true", "null"])
+def test_model_names_yaml_reads_as_booleans_stay_strings(model: str) -> None:
+    objects = render({"models": [{"name": model, "simulator": True}]})
+    for obj in objects:
+        if "switchyard.dev/model" in obj["metadata"]["labels"]:
+            assert obj["metadata"]["labels"]["switchyard.dev/model"] == model
+        if obj["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(obj, K8S_VERSIONS[0], strict=True)
+    (deployment,) = workers(objects)
+    assert deployment["spec"]["selector"]["matchLabels"]["switchyard.dev/model"] == model
+
+
 def test_long_release_names_stay_within_63_characters() -> None:
     values: dict[str, Any] = {"models": [{"name": "a-rather-long-model-name-of-forty-chars", "simulator": True}]}
     for extra in ({}, _everything_on()):

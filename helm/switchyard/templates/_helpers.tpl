@@ -112,13 +112,13 @@ app.kubernetes.io/component: worker
 app.kubernetes.io/name: {{ include "switchyard.name" .root }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: worker
-switchyard.dev/model: {{ .model.name }}
+switchyard.dev/model: {{ .model.name | quote }}
 {{- end }}
 
 {{- define "switchyard.worker.labels" -}}
 {{ include "switchyard.labels" .root }}
 app.kubernetes.io/component: worker
-switchyard.dev/model: {{ .model.name }}
+switchyard.dev/model: {{ .model.name | quote }}
 {{- end }}
 
 {{/* The first served name: vLLM's model_name metric label and the simulator's single name. */}}
