@@ -21,6 +21,7 @@ from gateway.fleet.discovery import Discovery
 from gateway.fleet.discovery.static import StaticDiscovery
 from gateway.fleet.engine_metrics import EngineScraper
 from gateway.fleet.health import HealthChecker, OutlierDetector
+from gateway.fleet.kv_events import KvEventHub
 from gateway.fleet.model_poller import ModelPoller
 from gateway.fleet.registry import Registry
 from gateway.lifecycle import Lifecycle
@@ -34,8 +35,11 @@ from gateway.proxy.responses_api import ResponseDirectory
 from gateway.proxy.upstream import UpstreamPool
 from gateway.routes import build_routes
 from gateway.routing.admission import Admission
-from gateway.routing.policies import build_policy
+from gateway.routing.cache_aware import PrefixCaches
+from gateway.routing.kv_index import KvIndex
+from gateway.routing.policy_names import build_policy
 from gateway.routing.router import Router
+from gateway.routing.tokenizer import Tokenizer
 from gateway.settings import Settings
 from gateway.tenancy.auth import KeyRing
 
@@ -114,12 +118,20 @@ class GatewayApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+async def _refresh_caches(caches: PrefixCaches, registry: Registry) -> None:
+    while True:
+        caches.refresh(registry.backends)
+        await asyncio.sleep(1.0)
+
+
 def create_app(settings: Settings) -> GatewayApp:
     registry = Registry()
     metrics = Metrics(registry)
     admission = Admission(settings.admission, registry, metrics)
     outliers = OutlierDetector(registry, settings.health)
-    router = Router(build_policy(settings.routing), registry)
+    kv_index = KvIndex(settings.kv_events.max_blocks_per_backend)
+    caches = PrefixCaches(settings.routing, kv_index)
+    policy = build_policy(settings.routing, caches=caches)
     keys = KeyRing(settings.auth)
     lifecycle = Lifecycle()
     discovery = _discovery(settings)
@@ -149,9 +161,15 @@ def create_app(settings: Settings) -> GatewayApp:
             tasks.append(asyncio.create_task(scraper.run(), name="engine-scraper"))
             checker = HealthChecker(registry, session, settings.health)
             tasks.append(asyncio.create_task(checker.run(), name="health-checker"))
+            if settings.kv_events.enabled:
+                hub = KvEventHub(registry, session, kv_index, metrics, settings.kv_events)
+                tasks.append(asyncio.create_task(hub.run(), name="kv-events"))
+            tasks.append(asyncio.create_task(_refresh_caches(caches, registry), name="prefix-caches"))
             pool = UpstreamPool(settings.upstream_keepalive, settings.timeouts.connect)
             responses = ResponseDirectory(pool)
-            relay = Relay(metrics, settings.timeouts.idle, responses)
+            tokenizer = Tokenizer(pool.fetch, settings.routing.tokenize_timeout)
+            router = Router(policy, registry, settings.routing, caches, tokenizer)
+            relay = Relay(metrics, settings.timeouts.idle, responses, router)
             proxy = Proxy(
                 Gatekeeper(settings, keys, registry, admission, responses),
                 Attempts(settings, router, admission, outliers, pool, relay, metrics),

@@ -23,6 +23,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 
 
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 30, 60)
+PREDICTION_ERROR_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5)
 
 
@@ -136,6 +137,43 @@ class Metrics:
             ["model", "reason"],
             registry=self.registry,
         )
+        self.cached_predicted = Counter(
+            "switchyard_cached_tokens_predicted",
+            "Prompt tokens routing predicted the chosen backend had in its prefix cache.",
+            ["model", "backend"],
+            registry=self.registry,
+        )
+        self.cached_reported = Counter(
+            "switchyard_cached_tokens_reported",
+            "Prompt tokens the engine reported it found cached (usage.prompt_tokens_details.cached_tokens).",
+            ["model", "backend"],
+            registry=self.registry,
+        )
+        self.cache_prediction_error = Histogram(
+            "switchyard_cache_prediction_error_tokens",
+            "Absolute difference between predicted and reported cached prompt tokens, per request.",
+            ["model"],
+            buckets=PREDICTION_ERROR_BUCKETS,
+            registry=self.registry,
+        )
+        self.kv_events = Counter(
+            "switchyard_kv_events",
+            "KV cache events applied to the prefix index, per backend.",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.kv_event_gaps = Counter(
+            "switchyard_kv_event_gaps",
+            "Gaps in a backend's KV event sequence, by outcome (filled from the replay socket, lost, restart).",
+            ["backend", "outcome"],
+            registry=self.registry,
+        )
+        self.kv_event_lag = Gauge(
+            "switchyard_kv_event_lag_seconds",
+            "Age of the newest KV event batch when it arrived (the engine's clock against the gateway's).",
+            ["backend"],
+            registry=self.registry,
+        )
         self.registry.register(RegistryCollector(registry))
 
         # labels() takes a lock and validates on every call; label sets are bounded, so keep the children.
@@ -163,6 +201,14 @@ class Metrics:
                 retries=self.retries.labels(model),
             )
         return series
+
+    def record_cached_tokens(self, model: str, backend: str, predicted: int | None, reported: int | None) -> None:
+        if predicted is not None:
+            self.cached_predicted.labels(model, backend).inc(predicted)
+        if reported is not None:
+            self.cached_reported.labels(model, backend).inc(reported)
+        if predicted is not None and reported is not None:
+            self.cache_prediction_error.labels(model).observe(abs(predicted - reported))
 
     def inflight_gauge(self, model: str, backend: str) -> Gauge:
         gauge = self._inflight.get((model, backend))

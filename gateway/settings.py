@@ -21,10 +21,31 @@ from gateway.settings_base import StrictModel, UpstreamKeyEnv
 ENV_PREFIX = "SWITCHYARD_"
 
 
+class KvEventEndpoints(StrictModel):
+    """Where a backend's engine publishes its KV cache events (vLLM's --kv-events-config), when the backend's own
+    GET /kv_event_sources should not be asked (a proxy in between, or another address to reach it by)."""
+
+    endpoint: str = Field(description="ZMQ PUB endpoint, e.g. tcp://10.0.0.5:5557.")
+    replay_endpoint: str | None = Field(
+        default=None, description="ZMQ ROUTER replay endpoint, e.g. tcp://10.0.0.5:5558."
+    )
+    topic: str = ""
+
+    @field_validator("endpoint", "replay_endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("tcp://", "ipc://")):
+            raise ValueError("must be a ZMQ endpoint: tcp://HOST:PORT (or ipc://PATH)")
+        return value
+
+
 class BackendSettings(UpstreamKeyEnv):
     """One statically configured upstream: a vLLM OpenAI-compatible server."""
 
     url: str = Field(description="Base URL of the server, e.g. http://10.0.0.5:8000 (no /v1 suffix).")
+    kv_events: KvEventEndpoints | None = Field(
+        default=None, description="Its KV event endpoints (unset: asked from the backend's GET /kv_event_sources)."
+    )
 
     @field_validator("url")
     @classmethod
@@ -43,6 +64,12 @@ class KubernetesSettings(UpstreamKeyEnv):
     namespaces: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
     label_selector: str = "app.kubernetes.io/part-of=switchyard,app.kubernetes.io/component=worker"
     port_name: str = Field(default="http", description="EndpointSlice port name that carries the vLLM API.")
+    kv_events_port_name: str = Field(
+        default="kv-events", description="EndpointSlice port name of the workers' KV event publisher (ZMQ PUB)."
+    )
+    kv_replay_port_name: str = Field(
+        default="kv-replay", description="EndpointSlice port name of the workers' KV event replay (ZMQ ROUTER)."
+    )
     scheme: Literal["http", "https"] = "http"
     kubeconfig: str | None = Field(
         default=None,
@@ -56,6 +83,25 @@ class KubernetesSettings(UpstreamKeyEnv):
     request_timeout: float = Field(default=30.0, gt=0, description="Timeout of a list call and of a connect.")
     backoff_initial: float = Field(default=0.5, gt=0, description="First retry delay after an API error.")
     backoff_max: float = Field(default=30.0, gt=0, description="Longest retry delay after repeated errors.")
+
+
+class KvEventSettings(StrictModel):
+    """Subscribing to the backends' KV cache events (vLLM's --kv-events-config), for precise prefix routing."""
+
+    enabled: bool = Field(default=True, description="Subscribe to every backend that publishes KV events.")
+    timeout: float = Field(default=5.0, gt=0, description="Timeout of GET /kv_event_sources and of one replay.")
+    backoff_initial: float = Field(default=0.5, gt=0, description="First retry delay (discovery, reconnects).")
+    backoff_max: float = Field(default=30.0, gt=0, description="Longest retry delay.")
+    reconcile_interval: float = Field(
+        default=1.0, gt=0, description="Seconds between checks for backends to subscribe to or leave."
+    )
+    receive_hwm: int = Field(default=100_000, gt=0, description="ZMQ high-water mark of each subscription.")
+    max_blocks_per_backend: int = Field(
+        default=4_000_000,
+        gt=0,
+        description="Blocks the index keeps of one backend at most; more means removals were missed, and the "
+        "backend is rebuilt from its events.",
+    )
 
 
 class TimeoutSettings(StrictModel):
@@ -197,6 +243,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     access_log: bool = Field(default=True, description="One JSON line per request on the switchyard.access logger.")
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    kv_events: KvEventSettings = Field(default_factory=KvEventSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
 
     @model_validator(mode="after")

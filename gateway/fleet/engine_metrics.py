@@ -1,4 +1,4 @@
-"""Scrapes each backend's /metrics for the few vLLM gauges routing needs (HOW BUSY it is).
+"""Scrapes each backend's /metrics for the few vLLM series routing needs (HOW BUSY it is, how fast it works).
 
 Only the needed lines are parsed. Scrapes run on their own task, at most `scrape_concurrency` at a
 time, with a timeout; a backend whose scrape is still running is skipped in the next round, so one
@@ -23,6 +23,14 @@ RUNNING = b"vllm:num_requests_running{"
 KV_USAGE = b"vllm:kv_cache_usage_perc{"
 LORA_INFO = b"vllm:lora_requests_info{"
 RUNNING_ADAPTERS = b'running_lora_adapters="'
+# Counters the cost model learns from, and the cache's geometry.
+PROMPT_TOKENS = b"vllm:prompt_tokens_total{"
+PREFIX_HITS = b"vllm:prefix_cache_hits_total{"
+PREFILL_TIME = b"vllm:request_prefill_time_seconds_sum{"
+SUCCESS = b"vllm:request_success_total{"
+CACHE_INFO = b"vllm:cache_config_info{"
+BLOCK_SIZE = b'block_size="'
+NUM_GPU_BLOCKS = b'num_gpu_blocks="'
 
 
 def _value(line: bytes) -> float:
@@ -46,6 +54,8 @@ def parse_engine_sample(text: bytes, at: float) -> EngineSample | None:
     with the time it was last set as its value, so older series are history, not current state.
     """
     waiting = running = kv = 0.0
+    prompt = hits = prefill = success = 0.0
+    block_size = blocks = 0
     kv_engines = 0
     seen = False
     newest = -1.0
@@ -69,6 +79,17 @@ def parse_engine_sample(text: bytes, at: float) -> EngineSample | None:
                 if stamp > newest:
                     newest = stamp
                     adapters = _label(line, RUNNING_ADAPTERS) or b""
+            elif line.startswith(PROMPT_TOKENS):
+                prompt += _value(line)
+            elif line.startswith(PREFIX_HITS):
+                hits += _value(line)
+            elif line.startswith(PREFILL_TIME):
+                prefill += _value(line)
+            elif line.startswith(SUCCESS):
+                success += _value(line)
+            elif line.startswith(CACHE_INFO):
+                block_size = int(_label(line, BLOCK_SIZE) or 0)
+                blocks += int(_label(line, NUM_GPU_BLOCKS) or 0)  # per engine: data-parallel ranks add up
     if not seen:
         return None
     running_adapters = frozenset(name for name in adapters.decode("utf-8", "replace").split(",") if name)
@@ -78,6 +99,12 @@ def parse_engine_sample(text: bytes, at: float) -> EngineSample | None:
         kv_usage=kv / kv_engines if kv_engines else 0.0,
         running_adapters=running_adapters,
         at=at,
+        prompt_tokens=prompt,
+        prefix_hits=hits,
+        prefill_seconds=prefill,
+        finished=success,
+        block_size=block_size or None,
+        num_blocks=blocks or None,
     )
 
 

@@ -16,6 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.fleet.engine_rates import EngineRates
+from gateway.fleet.kv_protocol import KvSource
+
 ModelCard = dict[str, Any]
 
 
@@ -26,6 +29,7 @@ class BackendSpec:
     url: str
     api_key: str | None = None
     draining: bool = False  # e.g. a terminating Kubernetes endpoint: no new requests, let in-flight finish
+    kv_sources: tuple[KvSource, ...] = ()  # where its engines publish KV events (empty: ask the backend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +41,14 @@ class EngineSample:
     kv_usage: float  # 0..1
     running_adapters: frozenset[str] = frozenset()
     at: float = 0.0
+    # Counters (totals since the engine started), from which the cost model learns its rates.
+    prompt_tokens: float = 0.0
+    prefix_hits: float = 0.0  # prompt tokens found in the prefix cache
+    prefill_seconds: float = 0.0  # summed time requests spent in prefill
+    finished: float = 0.0  # requests done, any reason
+    # The KV cache's geometry (vllm:cache_config_info).
+    block_size: int | None = None
+    num_blocks: int | None = None
 
     def fresh(self, now: float, stale_after: float) -> bool:
         """Young enough to describe the engine now; an older sample means unknown load, never idle."""
@@ -54,6 +66,7 @@ class Backend:
     url: str
     api_key: str | None = None
     draining: bool = False
+    kv_sources: tuple[KvSource, ...] = ()
     healthy: bool = False  # the last /v1/models poll succeeded
     live: bool = True  # active /health checks pass (or have not failed enough to say otherwise)
     ejected_until: float = 0.0  # passive outlier ejection: no new requests before this time.monotonic()
@@ -61,7 +74,9 @@ class Backend:
     ejections: int = 0  # ejections in a row; grows the next ejection's back-off
     models: dict[str, ModelCard] = field(default_factory=dict)  # kept while down, so the model stays "known"
     inflight: int = 0  # requests this gateway has open on it (changed in the same step as the pick)
+    prefill_pending: int = 0  # prompt tokens of those still waiting for their first token (predicted)
     engine: EngineSample | None = None  # the newest scrape; the policy decides when it is too old
+    rates: EngineRates = field(default_factory=EngineRates)  # learned from the scrapes
     last_poll: float = 0.0
     last_error: str | None = None
 
@@ -93,11 +108,14 @@ class Registry:
         for url, spec in wanted.items():
             backend = self._backends.get(url)
             if backend is None:
-                self._backends[url] = Backend(url=url, api_key=spec.api_key, draining=spec.draining)
+                self._backends[url] = Backend(
+                    url=url, api_key=spec.api_key, draining=spec.draining, kv_sources=spec.kv_sources
+                )
                 added = True
             else:
                 backend.api_key = spec.api_key
                 backend.draining = spec.draining
+                backend.kv_sources = spec.kv_sources
         self._rebuild()
         if added:
             self.changed.set()
@@ -152,6 +170,7 @@ class Registry:
     @staticmethod
     def record_engine(backend: Backend, sample: EngineSample) -> None:
         backend.engine = sample
+        backend.rates.learn(sample)
 
     def _rebuild(self) -> None:
         routable: dict[str, list[Backend]] = {}
@@ -174,6 +193,11 @@ class Registry:
     @staticmethod
     def release(backend: Backend) -> None:
         backend.inflight -= 1
+
+    @staticmethod
+    def charge_prefill(backend: Backend, tokens: int) -> None:
+        """Prompt tokens a request sent to `backend` will have it compute, until its first token (negative: done)."""
+        backend.prefill_pending += tokens
 
     @property
     def backends(self) -> tuple[Backend, ...]:

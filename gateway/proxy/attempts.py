@@ -71,6 +71,7 @@ class Attempts:
         method = scope["method"].encode()
         self._budget.deposit()
         candidates = exchange.candidates
+        info = outcome.info = await self._picker.prepare(info, candidates)
         tried: list[Backend] = []
         pool: Sequence[Backend] = candidates
         errors = self._metrics.upstream_errors
@@ -79,6 +80,7 @@ class Attempts:
             gauge = self._metrics.inflight_gauge(model, backend.url)
             gauge.inc()
             outcome.backend = backend.url
+            outcome.predicted_cached = self._picker.predicted_cached(info, backend)
             try:
                 try:
                     response = await self._open(backend, method, target, headers, body)
@@ -109,9 +111,11 @@ class Attempts:
                         continue
                 outcome.status = response.status
                 await self._relay.relay(exchange, response, backend)
+                if outcome.usage is not None:
+                    self._picker.observe(info, outcome.usage.prompt_tokens)
                 return
             finally:
-                self._picker.release(backend)
+                self._picker.release(backend, info)
                 gauge.dec()
 
     def _retry_pool(self, candidates: Sequence[Backend], tried: list[Backend]) -> list[Backend]:

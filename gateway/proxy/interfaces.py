@@ -26,8 +26,17 @@ class BackendDirectory(Protocol):
 class Picker(Protocol):
     """Chooses a backend for a request and counts it in flight there until `release`."""
 
+    async def prepare(self, request: RequestInfo, candidates: Sequence[Backend]) -> RequestInfo:
+        """What routing needs of the request before its first pick (its prompt's tokens, for one)."""
+
     def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend: ...
-    def release(self, backend: Backend) -> None: ...
+    def predicted_cached(self, request: RequestInfo, backend: Backend) -> int | None: ...
+    def discharge(self, request: RequestInfo) -> None:
+        """The request's first token came: its prefill no longer weighs on its backend."""
+
+    def release(self, backend: Backend, request: RequestInfo) -> None: ...
+    def observe(self, request: RequestInfo, prompt_tokens: int) -> None:
+        """The engine's own count of the request's prompt tokens, from its usage."""
 
 
 class AdmissionGate(Protocol):

@@ -26,6 +26,7 @@ class Outcome:
     retries: int = 0
     ttft: float | None = None
     usage: Usage | None = None
+    predicted_cached: int | None = None  # prompt tokens routing expected the backend to have cached
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # e.g. x-ratelimit-*
 
 
@@ -48,6 +49,10 @@ class Recorder:
                 series.completion_tokens.inc(outcome.usage.completion_tokens)
             if outcome.retries:
                 series.retries.inc(outcome.retries)
+        predicted = outcome.predicted_cached
+        reported = outcome.usage.cached_tokens if outcome.usage is not None else None
+        if (predicted is not None or reported is not None) and outcome.backend is not None:
+            metrics.record_cached_tokens(model, outcome.backend, predicted, reported)
         if self._log is not None and self._log.isEnabledFor(logging.INFO):
             usage = outcome.usage
             self._log.info(
@@ -63,6 +68,8 @@ class Recorder:
                         "prompt_tokens": usage.prompt_tokens if usage else None,
                         "completion_tokens": usage.completion_tokens if usage else None,
                         "retries": outcome.retries,
+                        "cached_tokens_predicted": predicted,
+                        "cached_tokens_reported": reported,
                     }
                 ).decode()
             )

@@ -14,6 +14,7 @@ from gateway.metrics import Metrics
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.gatekeeper import RESPONSES_ROUTE
 from gateway.proxy.headers import DROP_RESPONSE_HEADERS, DROP_RESPONSE_HEADERS_AND_LENGTH
+from gateway.proxy.interfaces import Picker
 from gateway.proxy.responses_api import ResponseDirectory
 from gateway.proxy.stream_observer import ChunkObserver
 from gateway.proxy.upstream import UpstreamResponse
@@ -22,10 +23,11 @@ SSE = b"text/event-stream"
 
 
 class Relay:
-    def __init__(self, metrics: Metrics, idle_timeout: float, responses: ResponseDirectory) -> None:
+    def __init__(self, metrics: Metrics, idle_timeout: float, responses: ResponseDirectory, picker: Picker) -> None:
         self._metrics = metrics
         self._idle_timeout = idle_timeout
         self._responses = responses
+        self._picker = picker
 
     async def relay(self, exchange: Exchange, response: UpstreamResponse, backend: Backend) -> None:
         outcome = exchange.outcome
@@ -69,6 +71,7 @@ class Relay:
         """Copy the upstream body to the client; returns the upstream's failure, if it failed."""
         idle = self._idle_timeout
         send = exchange.send
+        waiting_first_token = observer.sse
         try:
             while True:
                 chunk = content.read_nowait()  # already buffered: no timer to arm
@@ -80,6 +83,9 @@ class Relay:
                     self._responses.learn(chunk, backend)
                     learn_response_id = False
                 out = observer.feed(chunk)
+                if waiting_first_token and observer.ttft is not None:
+                    waiting_first_token = False
+                    self._picker.discharge(exchange.info)  # its prefill is done
                 if content.at_eof():  # the last chunk ends the response: one send instead of two
                     await exchange.finish(out + observer.flush())
                     return None

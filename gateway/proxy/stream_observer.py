@@ -15,7 +15,7 @@ class ChunkObserver:
     def __init__(self, is_sse: bool, hide_usage: bool, started: float, itl: Histogram) -> None:
         self.ttft: float | None = None
         self.sent_tail = b"\n\n"  # last bytes sent: does an injected event need a separator first?
-        self._sse = is_sse
+        self.sse = is_sse
         self._started = started
         self._itl = itl
         self._last_token_at = 0.0
@@ -25,7 +25,7 @@ class ChunkObserver:
     def feed(self, chunk: bytes) -> bytes:
         """Observe an upstream chunk; return the bytes to send the client (possibly none)."""
         self._tail.feed(chunk)
-        if not self._sse:
+        if not self.sse:
             return chunk
         tokens = count_content_events(chunk)
         if tokens:

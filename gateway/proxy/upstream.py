@@ -89,6 +89,20 @@ class UpstreamPool:
         connection = await self._connect(base_url)
         return await connection.exchange(head, body, head_timeout, method == b"HEAD")
 
+    async def fetch(
+        self, base_url: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes, idle: float
+    ) -> tuple[int, bytes]:
+        """POST a small request and read the whole answer (for the gateway's own calls, e.g. /tokenize); `idle`
+        bounds each wait, the caller the whole."""
+        response = await self.request(base_url, b"POST", target, headers, body, idle)
+        try:
+            parts = []
+            while chunk := await response.readany(idle):
+                parts.append(chunk)
+            return response.status, b"".join(parts)
+        finally:
+            response.close()
+
     def _origin(self, base_url: str) -> Origin:
         origin = self._origins.get(base_url)
         if origin is None:

@@ -19,6 +19,7 @@ USAGE_STREAM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
+_CACHED_TOKENS = re.compile(rb'"cached_tokens":\s*(\d+)')  # in prompt_tokens_details (--enable-prompt-tokens-details)
 _USAGE_ONLY_EVENT = re.compile(rb'"choices":\s*\[\s*\]')
 # A delta or completion text that is not empty: the first one marks time to first token.
 _CONTENT = re.compile(rb'"(?:content|text|delta|reasoning_content)":\s*"[^"]')
@@ -29,6 +30,7 @@ _TAIL = 4096  # usage sits at the end of vLLM's JSON answers
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int | None = None  # reported by the engine only when asked to (None: not reported)
 
 
 def parse_usage(data: bytes) -> Usage | None:
@@ -40,7 +42,10 @@ def parse_usage(data: bytes) -> Usage | None:
     if prompt is None:
         return None
     completion = _COMPLETION_TOKENS.search(data, start)
-    return Usage(int(prompt.group(1)), int(completion.group(1)) if completion else 0)
+    cached = _CACHED_TOKENS.search(data, start)
+    return Usage(
+        int(prompt.group(1)), int(completion.group(1)) if completion else 0, int(cached.group(1)) if cached else None
+    )
 
 
 def count_content_events(chunk: bytes) -> int:

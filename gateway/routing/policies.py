@@ -19,7 +19,7 @@ from typing import Protocol
 from gateway.fleet.registry import Backend, fresh_sample
 from gateway.routing.prefix_hash import name_key, prefix_key, rendezvous_score, session_key, url_hash
 from gateway.routing.request import RequestInfo
-from gateway.routing.settings import PolicyName, RoutingSettings
+from gateway.routing.settings import RoutingSettings
 
 
 class Policy(Protocol):
@@ -162,7 +162,7 @@ class Affinity:
     def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
         if len(candidates) == 1:
             return candidates[0]
-        if self._adapters and _is_adapter(candidates[0], request.model):
+        if self._adapters and is_adapter(candidates[0], request.model):
             return self._pick_adapter(candidates, request)
         key = None
         margin = self._session_margin
@@ -236,32 +236,7 @@ def _first(item: tuple[int, Backend]) -> int:
     return item[0]
 
 
-def _is_adapter(backend: Backend, model: str) -> bool:
+def is_adapter(backend: Backend, model: str) -> bool:
+    """True when `model` is a LoRA adapter on this backend (its card names a parent)."""
     card = backend.models.get(model)
     return card is not None and bool(card.get("parent"))
-
-
-def make_policy(name: PolicyName, settings: RoutingSettings, rng: random.Random | None = None) -> Policy:
-    if name == "affinity":
-        return Affinity(settings, rng)
-    if name == "prefix_affinity":
-        return Affinity(settings, rng, sessions=False, adapters=False)
-    if name == "session":
-        return Affinity(settings, rng, prefixes=False, adapters=False)
-    if name == "lora_affinity":
-        return Affinity(settings, rng, prefixes=False, sessions=False)
-    if name == "least_load":
-        return LeastLoad(settings, rng)
-    if name == "least_inflight":
-        return LeastInflight(rng)
-    if name == "round_robin":
-        return RoundRobin()
-    return RandomPick(rng)
-
-
-def build_policy(settings: RoutingSettings, rng: random.Random | None = None) -> Policy:
-    default = make_policy(settings.policy, settings, rng)
-    if not settings.models:
-        return default
-    by_model = {model: make_policy(name, settings, rng) for model, name in settings.models.items()}
-    return PerModelPolicy(default, by_model)

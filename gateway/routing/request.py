@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.routing.prompt import PromptView
+
 
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
@@ -16,3 +18,4 @@ class RequestInfo:
     payload: Mapping[str, Any] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
     tenant: str = ""  # API key name, or the client address when no keys are configured
+    prompt: PromptView | None = None  # read off the payload (and tokenized) by the router, for the prefix indexes

@@ -71,6 +71,33 @@ class RoutingSettings(StrictModel):
         default=1, ge=1, description="Backends an adapter is kept on before it spills to others under load."
     )
     session_header: str = Field(default="x-session-id", description="Header that carries a session key.")
+    prefix_mode: Literal["auto", "precise", "approximate"] = Field(
+        default="auto",
+        description="How `affinity` predicts the prompt tokens each backend has cached: `precise` from the "
+        "engines' KV cache events (where a backend's events are lost or missing, from the gateway's own record), "
+        "`approximate` from the prompt blocks this gateway sent to each backend only; `auto` is precise "
+        "wherever events are known.",
+    )
+    approximate_block_chars: int = Field(
+        default=128, ge=16, description="Characters per block of the approximate prefix index."
+    )
+    approximate_capacity_blocks: int = Field(
+        default=262_144,
+        ge=1,
+        description="Blocks the approximate index keeps per backend when its engine does not report its KV "
+        "cache size (vllm:cache_config_info); otherwise it keeps what that cache holds.",
+    )
+    tokenize_timeout: float = Field(
+        default=0.25,
+        gt=0,
+        description="Longest wait for a backend's POST /tokenize (precise mode, long prompts only); slower "
+        "answers route the request by the approximate index instead.",
+    )
+    prior_prefill_seconds_per_token: float = Field(
+        default=0.0002,
+        gt=0,
+        description="Prefill cost assumed until the engines' own (learned from their metrics) is known.",
+    )
 
 
 class AdmissionSettings(StrictModel):

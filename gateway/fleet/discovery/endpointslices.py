@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from gateway.fleet.kv_protocol import KvSource
 from gateway.fleet.registry import BackendSpec
 
 JSON = Mapping[str, Any]
@@ -27,14 +28,26 @@ def _host(address: str, address_type: str) -> str:
     return f"[{address}]" if address_type == "IPv6" else address
 
 
-def specs_from_slice(slice_: JSON, *, port_name: str, scheme: str, api_key: str | None) -> list[BackendSpec]:
+def specs_from_slice(
+    slice_: JSON,
+    *,
+    port_name: str,
+    scheme: str,
+    api_key: str | None,
+    kv_events_port_name: str | None = None,
+    kv_replay_port_name: str | None = None,
+) -> list[BackendSpec]:
     """One spec per endpoint of the slice; an endpoint that is not ready or is terminating is draining.
 
     Condition defaults follow the API: a missing `ready` means ready, a missing `terminating` means not.
+    When the slice names a KV events port, the endpoint's KV event publisher is at that port of the same
+    address (and its replay socket at the replay port, when named).
     """
     port = _port(slice_, port_name)
     if port is None:
         return []
+    events = _port(slice_, kv_events_port_name) if kv_events_port_name else None
+    replay = _port(slice_, kv_replay_port_name) if kv_replay_port_name else None
     address_type = str(slice_.get("addressType", "IPv4"))
     specs = []
     for endpoint in slice_.get("endpoints") or ():
@@ -45,8 +58,13 @@ def specs_from_slice(slice_: JSON, *, port_name: str, scheme: str, api_key: str 
         ready = conditions.get("ready") is not False
         terminating = conditions.get("terminating") is True
         # The API says addresses are fungible and consumers may use the first one only.
-        url = f"{scheme}://{_host(str(addresses[0]), address_type)}:{port}"
-        specs.append(BackendSpec(url=url, api_key=api_key, draining=terminating or not ready))
+        host = _host(str(addresses[0]), address_type)
+        url = f"{scheme}://{host}:{port}"
+        sources: tuple[KvSource, ...] = ()
+        if events is not None:
+            replay_endpoint = f"tcp://{host}:{replay}" if replay is not None else None
+            sources = (KvSource(f"tcp://{host}:{events}", replay_endpoint),)
+        specs.append(BackendSpec(url=url, api_key=api_key, draining=terminating or not ready, kv_sources=sources))
     return specs
 
 

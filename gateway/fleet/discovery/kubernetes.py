@@ -91,7 +91,12 @@ class _NamespaceWatch:
 
     def _specs(self, slice_: dict[str, Any]) -> list[BackendSpec]:
         return specs_from_slice(
-            slice_, port_name=self._settings.port_name, scheme=self._settings.scheme, api_key=self._api_key
+            slice_,
+            port_name=self._settings.port_name,
+            scheme=self._settings.scheme,
+            api_key=self._api_key,
+            kv_events_port_name=self._settings.kv_events_port_name,
+            kv_replay_port_name=self._settings.kv_replay_port_name,
         )
 
     async def run(self) -> None:

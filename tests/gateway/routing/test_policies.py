@@ -10,16 +10,10 @@ from typing import Any
 import pytest
 
 from gateway.fleet.registry import Backend, EngineSample
-from gateway.routing.policies import (
-    Affinity,
-    LeastLoad,
-    PerModelPolicy,
-    RequestInfo,
-    RoundRobin,
-    build_policy,
-    make_policy,
-)
+from gateway.routing.policies import Affinity, LeastLoad, PerModelPolicy, RoundRobin
+from gateway.routing.policy_names import build_policy, make_policy
 from gateway.routing.prefix_hash import prefix_key, prompt_prefix
+from gateway.routing.request import RequestInfo
 from gateway.routing.settings import RoutingSettings
 
 BASE = {"id": "m", "parent": None}
@@ -201,8 +195,10 @@ def test_a_pick_over_eight_backends_is_cheap(name: str) -> None:
 
 
 def test_sessions_are_stickier_than_prefixes_under_small_imbalances() -> None:
+    # The rendezvous affinity of prefix keys and sessions (the `prefix_affinity` and `session` policies; the
+    # default `affinity` is cache-aware since, see test_cache_aware.py).
     settings = RoutingSettings(spill_margin=0, session_spill_margin=2, load_slack=100)
-    policy = make_policy("affinity", settings)
+    policy = Affinity(settings)
     backends = fleet()
     by_session = chat("s", "q", user="alice")
     home = policy.pick(backends, by_session)

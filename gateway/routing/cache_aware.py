@@ -1,0 +1,162 @@
+"""The default policy (`affinity`): the backend where the request's first token comes soonest.
+
+For each candidate it predicts the prompt tokens already cached there, from the engine's own KV events
+(kv_index.py, exact) or else from the prompt blocks this gateway sent there (approximate_index.py), and turns
+them into a predicted time to first token (cost_model.py). Overloaded candidates (bounded load: in-flight
+above `load_factor` x the mean + `load_slack`, or a long engine queue) are passed over while others remain.
+
+Costs closer than one block's prefill are ties, and ties go by rendezvous order of the request's anchor
+(its session, else its first prompt block): a prefix nobody holds yet goes to the same backend from every
+gateway replica fed by the same events, and unique prompts spread evenly. LoRA adapters keep their own
+placement (policies.Affinity): an adapter's slot matters more than its prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from gateway.fleet.registry import Backend, fresh_sample
+from gateway.routing.approximate_index import ApproximateIndex
+from gateway.routing.cost_model import CostModel
+from gateway.routing.kv_index import CacheState, KvIndex
+from gateway.routing.policies import Affinity, LeastLoad, is_adapter
+from gateway.routing.prefix_hash import name_key, rendezvous_score, session_key, url_hash
+from gateway.routing.prompt import PromptView, prompt_view
+from gateway.routing.request import RequestInfo
+from gateway.routing.settings import RoutingSettings
+
+
+class PrefixCaches:
+    """Both prefix indexes and what converts between their units, shared by the router and the policy."""
+
+    def __init__(self, settings: RoutingSettings, kv: KvIndex) -> None:
+        self.kv = kv
+        self.approximate = ApproximateIndex(settings.approximate_capacity_blocks)
+        self.mode = settings.prefix_mode
+        self.block_chars = settings.approximate_block_chars
+        self.chars_per_token: dict[str, float] = {}  # per model, learned from usage
+
+    def chars_per_token_of(self, model: str) -> float:
+        return self.chars_per_token.get(model, 4.0)
+
+    def learn_chars_per_token(self, model: str, chars: int, tokens: int) -> None:
+        if tokens <= 0 or chars <= 0:
+            return
+        old = self.chars_per_token.get(model)
+        value = chars / tokens
+        self.chars_per_token[model] = value if old is None else old + 0.1 * (value - old)
+
+    def refresh(self, backends: Sequence[Backend]) -> None:
+        """Keep the approximate index to the fleet: each backend's capacity from its KV cache, departed ones out."""
+        present = set()
+        for backend in backends:
+            present.add(backend.url)
+            sample = backend.engine
+            if sample is not None and sample.num_blocks and sample.block_size:
+                tokens = sample.num_blocks * sample.block_size
+                model = next(iter(backend.models), "")
+                chars = tokens * self.chars_per_token_of(model)
+                self.approximate.set_capacity(backend.url, int(chars // self.block_chars))
+        for url in self.approximate.urls():
+            if url not in present:
+                self.approximate.forget(url)
+
+    def precise_block_size(self, urls: Sequence[str]) -> int | None:
+        """The engines' block size when the precise index may be used for these backends."""
+        if self.mode == "approximate":
+            return None
+        return self.kv.block_size(urls)
+
+
+class CacheAware:
+    def __init__(self, settings: RoutingSettings, caches: PrefixCaches, cost: CostModel, affinity: Affinity) -> None:
+        self._caches = caches
+        self._cost = cost
+        self._affinity = affinity  # adapters, and the bounded-load rule
+        self._least = LeastLoad(settings)
+        self._session_header = settings.session_header.lower()
+        self._factor = settings.load_factor
+        self._slack = settings.load_slack
+        self._queue_threshold = settings.queue_threshold
+        self._stale_after = settings.stale_after
+        self._url_hashes: dict[str, int] = {}
+
+    def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
+        if is_adapter(candidates[0], request.model) and len(candidates) > 1:
+            return self._affinity.pick(candidates, request)
+        view = request.prompt
+        if view is None:
+            view = prompt_view(request.payload, None)
+        if view is None:
+            return candidates[0] if len(candidates) == 1 else self._affinity.pick(candidates, request)
+        now = time.monotonic()
+        caches = self._caches
+        model = request.model
+        cpt = caches.chars_per_token_of(model)
+        urls = [backend.url for backend in candidates]
+        cached, prompt_tokens, block_tokens = self._cached_tokens(view, urls, cpt)
+        view.predicted = dict(zip(urls, cached, strict=True))
+        char_keys = view.char_keys(caches.block_chars)
+        if len(candidates) == 1:
+            caches.approximate.record(urls[0], char_keys)
+            return candidates[0]
+        costs = self._cost.ttft(candidates, [max(prompt_tokens - c, 0.0) for c in cached], now)
+        limit = self._factor * sum(b.inflight for b in candidates) / len(candidates) + self._slack
+        allowed = [i for i, b in enumerate(candidates) if not self._overloaded(b, limit, now)]
+        if not allowed:
+            allowed = list(range(len(candidates)))
+        best = min(costs[i] for i in allowed)
+        tolerance = self._cost.prefill_rate(candidates) * block_tokens
+        tied = [i for i in allowed if costs[i] - best <= tolerance]
+        anchor = self._anchor(request, view, char_keys)
+        choice = max(tied, key=lambda i: rendezvous_score(anchor, self._url_hash(urls[i])))
+        caches.approximate.record(urls[choice], char_keys)
+        return candidates[choice]
+
+    def _cached_tokens(self, view: PromptView, urls: list[str], cpt: float) -> tuple[list[float], float, float]:
+        """(predicted cached tokens per backend, the prompt's tokens, tokens per block) for this prompt."""
+        caches = self._caches
+        block_chars = caches.block_chars
+        approx_blocks = caches.approximate.match(view.char_keys(block_chars), urls)
+        prompt_tokens = float(len(view.token_ids)) if view.token_ids is not None else len(view.text) / cpt
+        most = max(prompt_tokens - 1.0, 0.0)  # the engine always computes the prompt's last token
+        approx = [min(blocks * block_chars / cpt, most) for blocks in approx_blocks]
+        block_size = caches.precise_block_size(urls)
+        if block_size is None or view.token_ids is None:
+            return approx, prompt_tokens, block_chars / cpt
+        cap = (len(view.token_ids) - 1) // block_size  # whole blocks the engine may reuse
+        precise = caches.kv.match(view.token_keys(block_size), urls)
+        cached: list[float] = []
+        for url, blocks, guess in zip(urls, precise, approx, strict=True):
+            exact = float(min(blocks, cap) * block_size)
+            state = caches.kv.state(url)
+            if state is CacheState.LIVE:
+                cached.append(exact)
+            elif state is CacheState.REBUILDING:
+                cached.append(max(exact, guess))  # what events show is held, and the gateway's guess
+            else:
+                cached.append(guess)
+        return cached, prompt_tokens, float(block_size)
+
+    def _anchor(self, request: RequestInfo, view: PromptView, char_keys: list[int]) -> int:
+        key = session_key(request.model, request.payload, request.headers, self._session_header)
+        if key is not None:
+            return key
+        if char_keys:
+            return char_keys[0]
+        return name_key(view.text[:256].decode("utf-8", "replace"))
+
+    def _url_hash(self, url: str) -> int:
+        value = self._url_hashes.get(url)
+        if value is None:
+            if len(self._url_hashes) > 4096:
+                self._url_hashes.clear()
+            value = self._url_hashes[url] = url_hash(url)
+        return value
+
+    def _overloaded(self, backend: Backend, limit: float, now: float) -> bool:
+        if backend.inflight >= limit:
+            return True
+        sample = fresh_sample(backend, now, self._stale_after)
+        return sample is not None and sample.waiting > self._queue_threshold

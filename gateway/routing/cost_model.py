@@ -1,0 +1,61 @@
+"""Predicted time to first token of one request on one backend:
+
+    wait in the engine's queue  +  seconds per prompt token  x  (prompt tokens not cached there
+                                                                 + prompt tokens this gateway sent there
+                                                                   that are still waiting for a first token)
+
+The per-token prefill cost and the engine's departure rate are learned from each backend's scraped counters
+(fleet/engine_rates.py); a backend that has not shown its own yet borrows the mean of the model's other
+backends, and only a fleet that has shown nothing uses the configured prior. The queue wait is the engine's
+queue over its departure rate (Little's law); a backend whose scrape is stale or missing is assumed to have
+the longest queue among those with a fresh one: unknown load is never mistaken for idle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gateway.fleet.registry import Backend, fresh_sample
+
+
+class CostModel:
+    def __init__(self, prior_prefill_seconds: float, stale_after: float) -> None:
+        self._prior = prior_prefill_seconds
+        self._stale_after = stale_after
+
+    def prefill_rate(self, candidates: Sequence[Backend]) -> float:
+        """Seconds per computed prompt token for this group of backends (the mean of those that know theirs)."""
+        total = 0.0
+        known = 0
+        for backend in candidates:
+            rate = backend.rates.prefill
+            if rate is not None:
+                total += rate
+                known += 1
+        return total / known if known else self._prior
+
+    def ttft(self, candidates: Sequence[Backend], uncached: Sequence[float], now: float) -> list[float]:
+        """Predicted seconds to first token on each candidate, given the prompt tokens each would compute."""
+        fallback = self.prefill_rate(candidates)
+        queues: list[float | None] = []
+        worst = 0.0
+        for backend in candidates:
+            sample = fresh_sample(backend, now, self._stale_after)
+            if sample is None:
+                queues.append(None)
+            else:
+                queues.append(sample.waiting)
+                worst = max(worst, sample.waiting)
+        costs = []
+        for backend, tokens, queue in zip(candidates, uncached, queues, strict=True):
+            rate = backend.rates.prefill or fallback
+            waiting = worst if queue is None else queue
+            departures = backend.rates.departures
+            if waiting <= 0:
+                wait = 0.0
+            elif departures:
+                wait = waiting / departures
+            else:  # no departures seen yet: each request ahead needs at least a prefill like this one
+                wait = waiting * rate * max(tokens, 1.0)
+            costs.append(wait + rate * (tokens + backend.prefill_pending))
+        return costs

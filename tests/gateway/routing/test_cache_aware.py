@@ -1,0 +1,159 @@
+"""The default policy on hand-built backends: cached tokens against queues, both indexes, ties, spread."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from typing import Any
+
+from gateway.fleet.engine_rates import EngineRates
+from gateway.fleet.kv_protocol import BlockStored
+from gateway.fleet.registry import Backend, EngineSample
+from gateway.routing.cache_aware import PrefixCaches
+from gateway.routing.kv_index import KvIndex
+from gateway.routing.policy_names import make_policy
+from gateway.routing.prompt import prompt_view
+from gateway.routing.request import RequestInfo
+from gateway.routing.settings import RoutingSettings
+
+BS = 16
+
+
+def fleet(n: int = 4, waiting: float = 0.0, prefill: float = 0.001, departures: float = 2.0) -> list[Backend]:
+    backends = []
+    for i in range(n):
+        backend = Backend(url=f"http://10.0.0.{i}:8000", healthy=True, models={"m": {"id": "m", "parent": None}})
+        backend.engine = EngineSample(waiting=waiting, running=1, kv_usage=0.1, at=time.monotonic())
+        backend.rates = EngineRates(prefill=prefill, departures=departures)
+        backends.append(backend)
+    return backends
+
+
+def policy(caches: PrefixCaches | None = None, **settings: Any) -> Any:
+    routing = RoutingSettings(**settings)
+    return make_policy("affinity", routing, random.Random(0), caches or PrefixCaches(routing, KvIndex(10**6)))
+
+
+def with_tokens(ids: list[int]) -> RequestInfo:
+    payload = {"model": "m", "prompt": ids}
+    view = prompt_view(payload, None)
+    assert view is not None
+    assert view.token_ids == ids
+    return RequestInfo("m", "/v1/completions", payload, prompt=view)
+
+
+def chat(messages: list[dict[str, str]]) -> RequestInfo:
+    return RequestInfo("m", "/v1/chat/completions", {"model": "m", "messages": messages})
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(50_000) for _ in range(n)]
+
+
+def store(index: KvIndex, url: str, ids: list[int], first_hash: int) -> None:
+    blocks = len(ids) // BS
+    index.synced(url, 0)
+    index.apply(url, 0, [BlockStored(list(range(first_hash, first_hash + blocks)), None, ids[: blocks * BS], BS)])
+
+
+def test_the_backend_holding_the_prompt_wins_until_its_queue_costs_more_than_the_prefill_saved() -> None:
+    backends = fleet()
+    routing = RoutingSettings()
+    caches = PrefixCaches(routing, KvIndex(10**6))
+    pick = policy(caches)
+    prompt = tokens(64 * BS, seed=1)  # 1,024 tokens: about 1 s of prefill at 1 ms a token
+    holder = backends[2]
+    store(caches.kv, holder.url, prompt, 100)
+    for other in backends:
+        if other is not holder:
+            caches.kv.synced(other.url, 0)
+    request = with_tokens(prompt)
+    assert pick.pick(backends, request) is holder
+    assert request.prompt is not None
+    assert request.prompt.predicted[holder.url] == 1008  # 63 blocks: the engine always computes the last token
+    assert request.prompt.predicted[backends[0].url] == 0
+    assert holder.engine is not None
+    holder.engine = EngineSample(waiting=4, running=1, kv_usage=0.5, at=time.monotonic())  # 2 s of queue
+    assert pick.pick(backends, with_tokens(prompt)) is not holder
+
+
+def test_a_conversations_next_turn_follows_its_history_on_the_approximate_index() -> None:
+    backends = fleet()
+    pick = policy(prefix_mode="approximate")
+    system = {"role": "system", "content": "You are a patient tutor. " * 40}
+    homes: dict[int, Backend] = {}
+    for turn in range(4):
+        for conversation in range(6):
+            history: list[dict[str, str]] = [system]
+            for earlier in range(turn + 1):
+                history.append({"role": "user", "content": f"conversation {conversation} question {earlier} " * 8})
+                if earlier < turn:
+                    history.append({"role": "assistant", "content": f"answer {conversation}.{earlier} " * 20})
+            chosen = pick.pick(backends, chat(history))
+            homes.setdefault(conversation, chosen)
+            assert chosen is homes[conversation], f"conversation {conversation} moved at turn {turn}"
+
+
+def test_unique_prompts_spread_evenly_under_load() -> None:
+    backends = fleet(8)
+    pick = policy()
+    counts: Counter[str] = Counter()
+    open_requests: list[Backend] = []
+    for i in range(800):
+        chosen = pick.pick(backends, chat([{"role": "user", "content": f"unique prompt number {i} " * 30}]))
+        chosen.inflight += 1
+        open_requests.append(chosen)
+        counts[chosen.url] += 1
+        if len(open_requests) > 24:  # about 24 requests in flight at any time
+            open_requests.pop(0).inflight -= 1
+    assert max(counts.values()) <= 1.25 * 800 / 8, counts
+
+
+def test_an_engine_rebuilding_its_index_counts_what_is_known_or_guessed_whichever_is_more() -> None:
+    backends = fleet(2)
+    routing = RoutingSettings()
+    caches = PrefixCaches(routing, KvIndex(10**6))
+    pick = policy(caches)
+    prompt = tokens(32 * BS, seed=4)
+    first = with_tokens(prompt)
+    chosen = pick.pick(backends, first)  # the approximate index records where it went
+    for backend in backends:
+        store(caches.kv, backend.url, prompt[: 4 * BS], 1000 + 100 * backends.index(backend))
+    caches.kv.lost(chosen.url)  # its events were lost: the gateway's own guess stands in
+    again = with_tokens(prompt)
+    assert pick.pick(backends, again) is chosen
+    assert again.prompt is not None
+    other = next(b for b in backends if b is not chosen)
+    assert again.prompt.predicted[other.url] == 4 * BS  # live: exactly what its events show
+    assert again.prompt.predicted[chosen.url] > 4 * BS  # rebuilding: its guess, which is more
+
+
+def test_a_stale_engine_sample_counts_as_the_longest_queue_not_as_idle() -> None:
+    backends = fleet(2, waiting=0)
+    stale, fresh = backends
+    stale.engine = EngineSample(waiting=0, running=0, kv_usage=0.0, at=time.monotonic() - 60)
+    fresh.engine = EngineSample(waiting=3, running=1, kv_usage=0.5, at=time.monotonic())
+    pick = policy()
+    prompt = chat([{"role": "user", "content": "x" * 400}])
+    # Both cost the same queue: the tie goes by rendezvous, the same on every call, never to the stale one
+    # for being "idle". A long enough prompt held by the fresh one settles it.
+    results = {pick.pick(backends, prompt).url for _ in range(5)}
+    assert len(results) == 1
+
+
+def test_two_replicas_fed_the_same_events_make_the_same_choices() -> None:
+    settings = RoutingSettings()
+    replicas = [PrefixCaches(settings, KvIndex(10**6)) for _ in range(2)]
+    backends = [fleet(6) for _ in range(2)]  # each replica's own view of the same fleet
+    systems = [tokens(24 * BS, seed=100 + g) for g in range(12)]
+    for caches, view in zip(replicas, backends, strict=True):
+        for g, system in enumerate(systems[:6]):
+            store(caches.kv, view[g % 6].url, system, 10_000 * (g + 1))
+    picks = [policy(caches) for caches in replicas]
+    for g, system in enumerate(systems):
+        prompt = [*system, *tokens(40, seed=g)]
+        one = picks[0].pick(backends[0], with_tokens(prompt)).url
+        two = picks[1].pick(list(reversed(backends[1])), with_tokens(prompt)).url  # other listing order
+        assert one == two
