@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.admin import FleetView
 from gateway.errors import GatewayError, error_parts, from_http_status
 from gateway.fleet.discovery import Discovery
 from gateway.fleet.discovery.static import StaticDiscovery
@@ -132,6 +133,7 @@ def create_app(settings: Settings) -> GatewayApp:
     kv_index = KvIndex(settings.kv_events.max_blocks_per_backend)
     caches = PrefixCaches(settings.routing, kv_index)
     policy = build_policy(settings.routing, caches=caches)
+    hub = KvEventHub(registry, kv_index, metrics, settings.kv_events)
     keys = KeyRing(settings.auth)
     lifecycle = Lifecycle()
     discovery = _discovery(settings)
@@ -162,8 +164,7 @@ def create_app(settings: Settings) -> GatewayApp:
             checker = HealthChecker(registry, session, settings.health)
             tasks.append(asyncio.create_task(checker.run(), name="health-checker"))
             if settings.kv_events.enabled:
-                hub = KvEventHub(registry, session, kv_index, metrics, settings.kv_events)
-                tasks.append(asyncio.create_task(hub.run(), name="kv-events"))
+                tasks.append(asyncio.create_task(hub.run(session), name="kv-events"))
             tasks.append(asyncio.create_task(_refresh_caches(caches, registry), name="prefix-caches"))
             pool = UpstreamPool(settings.upstream_keepalive, settings.timeouts.connect)
             responses = ResponseDirectory(pool)
@@ -183,7 +184,8 @@ def create_app(settings: Settings) -> GatewayApp:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    routes = build_routes(registry, metrics, lifecycle, keys)
+    fleet = FleetView(registry, caches, hub, admission, lifecycle, settings.admin.key())
+    routes = build_routes(registry, metrics, lifecycle, keys, fleet)
     fast_routes = {
         route.path: route.app for route in routes if isinstance(route.app, ProxyEndpoint) and not route.param_convertors
     }

@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "models": ("worker.models", "prepare the bundled demo models (switchyard models prepare)"),
     "up": ("worker.stack", "start workers and the gateway on this machine"),
     "batch": ("gateway.clients.batch", "send an OpenAI Batch-format JSONL file through the gateway"),
+    "status": ("gateway.clients.status", "show the gateway's view of its fleet (GET /admin/fleet)"),
 }
 
 

@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.admin import FleetView
 from gateway.errors import ModelNotFound
 from gateway.fleet.registry import ModelCard, Registry
 from gateway.lifecycle import Lifecycle
@@ -36,7 +37,9 @@ JSON_ROUTES = (
 MULTIPART_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations")
 
 
-def build_routes(registry: Registry, metrics: Metrics, lifecycle: Lifecycle, keys: KeyRing) -> list[Route]:
+def build_routes(
+    registry: Registry, metrics: Metrics, lifecycle: Lifecycle, keys: KeyRing, fleet: FleetView
+) -> list[Route]:
     def visible_cards(request: Request) -> list[ModelCard]:
         cards = registry.cards()
         if not keys.enabled:
@@ -75,6 +78,7 @@ def build_routes(registry: Registry, metrics: Metrics, lifecycle: Lifecycle, key
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/admin/fleet", fleet.endpoint, methods=["GET"]),
     ]
     routes += [Route(path, ProxyEndpoint(path, BodyKind.JSON), methods=["POST"]) for path in JSON_ROUTES]
     by_id = BodyKind.RESPONSE_ID

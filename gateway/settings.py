@@ -193,6 +193,25 @@ class AuthSettings(StrictModel):
         return self
 
 
+class AdminSettings(StrictModel):
+    """The read-only admin endpoint GET /admin/fleet: off unless a key is configured."""
+
+    key_env: str | None = Field(
+        default=None,
+        description="Environment variable holding the admin bearer key (distinct from every API key); unset: "
+        "the admin endpoint does not exist.",
+    )
+
+    @model_validator(mode="after")
+    def _check_key(self) -> AdminSettings:
+        if self.key_env is not None and not os.environ.get(self.key_env):
+            raise ValueError(f"key_env names {self.key_env!r}, which is not set")
+        return self
+
+    def key(self) -> str | None:
+        return os.environ[self.key_env] if self.key_env else None
+
+
 class LimitSettings(StrictModel):
     """Bounds on what one request may carry."""
 
@@ -244,12 +263,16 @@ class Settings(BaseSettings):
     access_log: bool = Field(default=True, description="One JSON line per request on the switchyard.access logger.")
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     kv_events: KvEventSettings = Field(default_factory=KvEventSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
 
     @model_validator(mode="after")
     def _check_discovery(self) -> Settings:
         if self.discovery == "static" and not self.backends:
             raise ValueError("static discovery needs at least one entry under `backends`")
+        admin = self.admin.key()
+        if admin is not None and admin in {key.secret() for key in self.auth.keys}:
+            raise ValueError("admin.key_env holds an API key: the admin key must be a key of its own")
         return self
 
     @classmethod

@@ -86,26 +86,21 @@ class BackendEvents:
 
 
 class KvEventHub:
-    def __init__(
-        self,
-        registry: Registry,
-        session: aiohttp.ClientSession,
-        sink: KvEventSink,
-        metrics: Metrics,
-        settings: KvEventSettings,
-    ) -> None:
+    def __init__(self, registry: Registry, sink: KvEventSink, metrics: Metrics, settings: KvEventSettings) -> None:
         self._registry = registry
-        self._session = session
         self._sink = sink
         self._metrics = metrics
         self._settings = settings
         self._subscriptions: dict[str, BackendEvents] = {}
         self._context: zmq.asyncio.Context | None = None
+        self._session: aiohttp.ClientSession | None = None
 
-    def subscriptions(self) -> list[BackendEvents]:
-        return list(self._subscriptions.values())
+    def subscription(self, url: str) -> BackendEvents | None:
+        return self._subscriptions.get(url)
 
-    async def run(self) -> None:
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        """Until cancelled (the app's lifespan owns it); `session` asks backends for their event sources."""
+        self._session = session
         context = self._context = zmq.asyncio.Context()
         try:
             while True:
@@ -157,6 +152,7 @@ class KvEventHub:
 
     async def _discover(self, backend: Backend, subscription: BackendEvents) -> list[KvSource]:
         host = _host(backend.url)
+        assert self._session is not None
         try:
             async with self._session.get(
                 f"{backend.url}/kv_event_sources", timeout=aiohttp.ClientTimeout(total=self._settings.timeout)

@@ -153,6 +153,9 @@ class KvIndex:
         """Cached leading blocks of `keys` on each backend (a lower bound where the state is not live)."""
         return self._holders.match(keys, urls)
 
+    def entry(self, url: str) -> BackendBlocks | None:
+        return self._backends.get(url)
+
     def snapshot(self) -> list[BackendBlocks]:
         return list(self._backends.values())
 
