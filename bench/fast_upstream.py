@@ -8,7 +8,8 @@ so what the benchmark sees on top of it is the gateway's cost.
     GET  /metrics               vLLM's scheduler gauges (running, waiting, KV-cache usage), all zero
     POST /v1/chat/completions   non-stream: a fixed small chat.completion JSON (317 bytes);
     POST /v1/completions        "stream": true: `max_tokens` SSE chunks (default 16), each written with its
-                                own send() as fast as the event loop allows, then `data: [DONE]`
+                                own send() as fast as the event loop allows, then `data: [DONE]`; with
+                                `"interval_ms": N` in the body, one chunk every N ms, like a model decoding
     anything else               404
 
 The request body is parsed with orjson only to read `stream` and `max_tokens`.
@@ -19,6 +20,7 @@ Run on its own (for profiling by hand):  .venv/bin/python bench/fast_upstream.py
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -95,7 +97,12 @@ class FastUpstream:
                 request = {}
             if isinstance(request, dict) and request.get("stream") is True:
                 chunks = request.get("max_tokens")
-                await self._stream(send, chunks if isinstance(chunks, int) and chunks > 0 else DEFAULT_CHUNKS)
+                interval = request.get("interval_ms")
+                await self._stream(
+                    send,
+                    chunks if isinstance(chunks, int) and chunks > 0 else DEFAULT_CHUNKS,
+                    interval / 1000 if isinstance(interval, int | float) and interval > 0 else 0.0,
+                )
             else:
                 await _answer(send, 200, self._completion, JSON_HEADERS)
         elif method == "GET" and path == "/v1/models":
@@ -107,10 +114,15 @@ class FastUpstream:
         else:
             await _answer(send, 404, NOT_FOUND, JSON_HEADERS)
 
-    async def _stream(self, send: Send, chunks: int) -> None:
+    async def _stream(self, send: Send, chunks: int, interval: float) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         message = {"type": "http.response.body", "body": self._chunk, "more_body": True}
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         for _ in range(chunks):
+            if interval:
+                due += interval  # on a fixed schedule: the sender's own lateness does not add up
+                await asyncio.sleep(max(due - loop.time(), 0.0))
             await send(message)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 

@@ -8,6 +8,7 @@ when it was sent, when its first content token arrived (TTFT) and when `[DONE]` 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import time
@@ -25,7 +26,7 @@ class Request:
     path: str
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
-    on_done: Callable[[], None] | None = None  # e.g. a session may send its next turn
+    on_done: Callable[[str], None] | None = None  # called with the answer's text: a chat may send its next turn
 
 
 @dataclass
@@ -41,7 +42,24 @@ class Result:
         return self.status == 200 and self.error is None and self.first is not None and self.done is not None
 
 
+def answer_text(stream: bytes) -> str:
+    """The content a streamed chat answer carried, from its SSE events."""
+    parts = []
+    for line in stream.split(b"\n"):
+        if not line.startswith(b"data: {"):
+            continue
+        try:
+            event = json.loads(line[6:])
+        except ValueError:
+            continue
+        for choice in event.get("choices") or ():
+            delta = choice.get("delta") or {}
+            parts.append(delta.get("content") or choice.get("text") or "")
+    return "".join(parts)
+
+
 async def _one(session: aiohttp.ClientSession, url: str, request: Request, result: Result) -> None:
+    body: list[bytes] = []
     try:
         async with session.post(url + request.path, json=request.body, headers=request.headers) as response:
             result.status = response.status
@@ -53,6 +71,8 @@ async def _one(session: aiohttp.ClientSession, url: str, request: Request, resul
                 if result.first is None and FIRST_CONTENT.search(tail[-16:] + data):
                     result.first = time.perf_counter()
                 tail = (tail + data)[-32:]
+                if request.on_done is not None:
+                    body.append(data)
             if tail.endswith(b"data: [DONE]\n\n"):
                 result.done = time.perf_counter()
             else:
@@ -61,7 +81,7 @@ async def _one(session: aiohttp.ClientSession, url: str, request: Request, resul
         result.error = type(exc).__name__
     finally:
         if request.on_done is not None:
-            request.on_done()
+            request.on_done(answer_text(b"".join(body)))
 
 
 async def run(

@@ -72,8 +72,7 @@ SMALL_BODY = (
     b'{"model":"bench-model","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}'
 )
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PATHS = ("direct", "gateway")
-Runner = Callable[[int], Awaitable["Sample"]]  # port -> one measurement
+Runner = Callable[["Target"], Awaitable["Sample"]]  # a path -> one measurement
 
 WRK_SCRIPT = """
 wrk.method = "POST"
@@ -122,11 +121,12 @@ class Children:
                 proc.wait()
             log.close()
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (self._workdir / f"{name}.log").open("w")
         proc = subprocess.Popen(
             argv,
             cwd=ROOT,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -135,6 +135,9 @@ class Children:
         )
         self._procs.append((name, proc, log))
         return proc
+
+    def alive(self, name: str) -> bool:
+        return any(proc.poll() is None for label, proc, _ in self._procs if label == name)
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         text = (self._workdir / f"{name}.log").read_text(errors="replace")
@@ -196,9 +199,11 @@ class Sample:
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)  # seconds, client-measured
     chunks: int = 0
-    gateway_cpu: float = 0.0
+    gateway_cpu: float = 0.0  # the path's own process (the proxy); 0 for direct
     upstream_cpu: float = 0.0
     wrk_slices: list[dict[str, float]] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)  # seconds between consecutive chunks of one stream
+    rss_per_stream: float = 0.0  # bytes of the proxy's memory per open stream
 
     def add(self, other: Sample) -> None:
         self.requests += other.requests
@@ -209,6 +214,14 @@ class Sample:
         self.gateway_cpu += other.gateway_cpu
         self.upstream_cpu += other.upstream_cpu
         self.wrk_slices += other.wrk_slices
+        self.gaps += other.gaps
+        self.rss_per_stream = max(self.rss_per_stream, other.rss_per_stream)
+
+    def gap_ms(self, q: float) -> float:
+        if not self.gaps:
+            return float("nan")
+        ordered = sorted(self.gaps)
+        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000
 
     def percentile_ms(self, q: float) -> float:
         if self.wrk_slices:  # wrk reports per run: average the runs' percentiles
@@ -248,7 +261,7 @@ class Sample:
 @dataclass
 class Phase:
     name: str
-    samples: dict[str, Sample] = field(default_factory=lambda: {path: Sample() for path in PATHS})
+    samples: dict[str, Sample] = field(default_factory=dict)  # path -> its figures, in the order measured
 
 
 # -- a minimal HTTP/1.1 client ------------------------------------------------------------------------
@@ -332,17 +345,17 @@ class HttpConnection(asyncio.Protocol):
             self._transport.close()
 
 
-def chat_request(port: int, body: bytes = SMALL_BODY) -> bytes:
+def chat_request(port: int, body: bytes = SMALL_BODY, extra: str = "") -> bytes:
     head = (
-        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n{extra}"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 
 
-async def sequential(port: int, seconds: float) -> Sample:
+async def sequential(port: int, seconds: float, extra: str = "") -> Sample:
     sample = Sample()
-    request = chat_request(port)
+    request = chat_request(port, extra=extra)
     conn = await HttpConnection.open(port)
     try:
         started = perf_counter()
@@ -361,10 +374,10 @@ async def sequential(port: int, seconds: float) -> Sample:
     return sample
 
 
-async def open_loop(port: int, rate: float, seconds: float, seed: int) -> Sample:
+async def open_loop(port: int, rate: float, seconds: float, seed: int, extra: str = "") -> Sample:
     """Poisson arrivals: each request goes out at its scheduled time on an idle or a new connection."""
     sample = Sample()
-    request = chat_request(port)
+    request = chat_request(port, extra=extra)
     rng = random.Random(seed)
     idle: list[HttpConnection] = []
     every: list[HttpConnection] = []
@@ -411,9 +424,9 @@ async def open_loop(port: int, rate: float, seconds: float, seed: int) -> Sample
     return sample
 
 
-async def closed_loop(port: int, connections: int, seconds: float) -> Sample:
+async def closed_loop(port: int, connections: int, seconds: float, extra: str = "") -> Sample:
     """Max throughput without wrk: `connections` keep-alive connections, each sending back to back."""
-    request = chat_request(port)
+    request = chat_request(port, extra=extra)
     conns = [await HttpConnection.open(port) for _ in range(connections)]
     sample = Sample()
     deadline = perf_counter() + seconds
@@ -436,7 +449,7 @@ async def closed_loop(port: int, connections: int, seconds: float) -> Sample:
     return sample
 
 
-async def streams(port: int, concurrent: int, chunks: int, seconds: float) -> Sample:
+async def streams(port: int, concurrent: int, chunks: int, seconds: float, headers: dict[str, str]) -> Sample:
     """`concurrent` workers, each opening one stream of `chunks` SSE chunks after another until time is up."""
     body = json.dumps(
         {"model": MODEL, "messages": [{"role": "user", "content": "Count."}], "stream": True, "max_tokens": chunks}
@@ -451,7 +464,9 @@ async def streams(port: int, concurrent: int, chunks: int, seconds: float) -> Sa
             while perf_counter() < deadline:
                 events = 0
                 last = b""
-                async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+                async with session.post(
+                    url, data=body, headers={"Content-Type": "application/json", **headers}
+                ) as response:
                     async for data in response.content.iter_any():
                         events += (last + data).count(b"\n\n")
                         last = data[-1:]
@@ -489,34 +504,140 @@ async def wrk(port: int, connections: int, seconds: int, script: Path) -> Sample
     raise RuntimeError(f"wrk printed no result:\n{out.decode(errors='replace')}")
 
 
+class StreamConnection(asyncio.Protocol):
+    """One paced SSE stream, recording the gap between consecutive events as they arrive."""
+
+    def __init__(self, done: asyncio.Future[None], gaps: list[float], measuring: list[bool]) -> None:
+        self._done = done
+        self._gaps = gaps
+        self._measuring = measuring
+        self._last = 0.0
+        self._tail = b""
+        self.events = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        now = perf_counter()
+        events = (self._tail + data).count(b"\n\n")
+        self._tail = data[-1:]
+        if events:
+            if self.events and self._measuring[0]:
+                self._gaps.append(now - self._last)
+                self._gaps.extend([0.0] * (events - 1))  # arrived together: no gap between them
+            self._last = now
+            self.events += events
+        if data.endswith(b"data: [DONE]\n\n") and not self._done.done():
+            self._done.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+async def paced_streams(target: Target, count: int, interval_ms: float, seconds: float) -> Sample:
+    """`count` streams open at once, each a chunk every `interval_ms` (a model decoding), for `seconds`; the
+    proxy's memory is read with all of them open."""
+    chunks = int(seconds * 1000 / interval_ms) + 20
+    body = json.dumps({"model": MODEL, "messages": [], "stream": True, "max_tokens": chunks,
+                       "interval_ms": interval_ms}).encode()  # fmt: skip
+    request = chat_request(target.port, body, target.extra)
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+    measuring = [False]
+    before = rss_bytes(target.pid) if target.pid else 0
+    conns: list[StreamConnection] = []
+    waits: list[asyncio.Future[None]] = []
+    for _ in range(count):  # opened one after another: a thundering herd is not what this measures
+        done = loop.create_future()
+        _, conn = await loop.create_connection(
+            lambda done=done: StreamConnection(done, gaps, measuring), "127.0.0.1", target.port
+        )
+        assert conn.transport is not None
+        conn.transport.write(request)
+        conns.append(conn)
+        waits.append(done)
+    await asyncio.sleep(2 * interval_ms / 1000)  # every stream has sent its first chunks
+    sample = Sample()
+    measuring[0] = True
+    started = perf_counter()
+    await asyncio.sleep(seconds)
+    measuring[0] = False
+    sample.seconds = perf_counter() - started
+    if target.pid:
+        sample.rss_per_stream = max(rss_bytes(target.pid) - before, 0) / count
+    sample.gaps = gaps
+    sample.chunks = len(gaps)
+    sample.requests = count
+    for conn in conns:
+        if conn.transport is not None:
+            conn.transport.close()
+    await asyncio.gather(*waits)
+    return sample
+
+
 # -- the run ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One path to the upstream: the upstream itself, or a proxy in front of it."""
+
+    name: str
+    port: int
+    pid: int  # the proxy's process (0 for direct)
+    extra: str = ""  # request header lines it needs (an API key)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        name, _, value = self.extra.strip().partition(": ")
+        return {name: value} if name else {}
+
+
+LATENCY_PATHS = ("direct", "gateway", "vllm-router")
+CPU_PATHS = ("direct", "gateway", "no-log", "keys", "tracing", "vllm-router")
 
 
 @dataclass
 class Bench:
     args: argparse.Namespace
-    ports: dict[str, int]
-    gateway_pid: int
+    targets: dict[str, Target]
     upstream_pid: int
-    wrk_script: Path | None
+    wrk_scripts: dict[str, Path] | None
     revision: str
     phases: list[Phase] = field(default_factory=list)
 
-    async def measure(self, path: str, run: Runner) -> Sample:
-        gateway0, upstream0 = cpu_seconds(self.gateway_pid), cpu_seconds(self.upstream_pid)
-        sample = await run(self.ports[path])
-        sample.gateway_cpu = cpu_seconds(self.gateway_pid) - gateway0
+    def paths(self, wanted: tuple[str, ...]) -> list[Target]:
+        return [self.targets[name] for name in wanted if name in self.targets]
+
+    async def measure(self, target: Target, run: Runner) -> Sample:
+        proxy0 = cpu_seconds(target.pid) if target.pid else 0.0
+        upstream0 = cpu_seconds(self.upstream_pid)
+        sample = await run(target)
+        sample.gateway_cpu = cpu_seconds(target.pid) - proxy0 if target.pid else 0.0
         sample.upstream_cpu = cpu_seconds(self.upstream_pid) - upstream0
         return sample
 
-    async def phase(self, name: str, slices: int, make: Callable[[int], Runner]) -> Phase:
-        """Alternate direct and gateway slices (which goes first alternates too), summing each path's."""
-        phase = Phase(name)
-        print(f"  {name} ...", file=sys.stderr, flush=True)
+    async def phase(self, name: str, slices: int, make: Callable[[int], Runner], wanted: tuple[str, ...]) -> Phase:
+        """Every path once per slice, the order rotating from slice to slice, summing each path's figures: noise
+        from the rest of the machine lands on all of them alike."""
+        targets = self.paths(wanted)
+        phase = Phase(name, {target.name: Sample() for target in targets})
+        print(f"  {name} ({', '.join(phase.samples)}) ...", file=sys.stderr, flush=True)
         for index in range(slices):
-            order = PATHS if index % 2 == 0 else PATHS[::-1]
-            for path in order:
-                phase.samples[path].add(await self.measure(path, make(index)))
+            shift = index % len(targets)
+            for target in targets[shift:] + targets[:shift]:
+                phase.samples[target.name].add(await self.measure(target, make(index)))
         self.phases.append(phase)
         return phase
 
@@ -524,13 +645,14 @@ class Bench:
         """One plain and one streamed request on each path must succeed, or there is nothing to measure."""
         stream_body = json.dumps({"model": MODEL, "messages": [], "stream": True, "max_tokens": 3}).encode()
         async with aiohttp.ClientSession() as session:
-            for path, port in self.ports.items():
+            for target in self.targets.values():
                 for body in (SMALL_BODY, stream_body):
-                    url = f"http://127.0.0.1:{port}{CHAT}"
-                    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+                    url = f"http://127.0.0.1:{target.port}{CHAT}"
+                    headers = {"Content-Type": "application/json", **target.headers}
+                    async with session.post(url, data=body, headers=headers) as response:
                         text = await response.read()
                     if response.status != 200 or (body is stream_body and not text.endswith(b"data: [DONE]\n\n")):
-                        raise SystemExit(f"preflight: {path} answered {response.status}: {text[:500]!r}")
+                        raise SystemExit(f"preflight: {target.name} answered {response.status}: {text[:500]!r}")
 
     async def run(self) -> None:
         args = self.args
@@ -541,39 +663,53 @@ class Bench:
 
         await self.preflight()
         print("warming up ...", file=sys.stderr, flush=True)
-        for port in self.ports.values():
-            await sequential(port, 0.3 if args.quick else 1.0)
-            await closed_loop(port, args.connections, 0.3 if args.quick else 1.0)
-            await streams(port, args.streams, 50, 0.2)
+        for target in self.targets.values():
+            await sequential(target.port, 0.3 if args.quick else 1.0, target.extra)
+            await closed_loop(target.port, args.connections, 0.3 if args.quick else 1.0, target.extra)
+            await streams(target.port, args.streams, 50, 0.2, target.headers)
 
         print("measuring:", file=sys.stderr, flush=True)
-        await self.phase("sequential", slices, lambda i: lambda port: sequential(port, duration / slices))
-        if self.wrk_script is not None:
-            script = self.wrk_script
-            await self.phase("sequential wrk -c1", rounds, lambda i: lambda port: wrk(port, 1, wrk_seconds, script))
+        each = duration / slices
+        await self.phase("sequential", slices, lambda i: lambda t: sequential(t.port, each, t.extra), LATENCY_PATHS)
+        scripts = self.wrk_scripts
+        if scripts is not None:
+            await self.phase(
+                "sequential wrk -c1", rounds, lambda i: lambda t: wrk(t.port, 1, wrk_seconds, scripts[t.name]),
+                LATENCY_PATHS,
+            )  # fmt: skip
         await self.phase(
             f"open loop {args.rate:g} req/s",
             slices,
-            lambda i: lambda port: open_loop(port, args.rate, duration / slices, seed=i),
+            lambda i: lambda t: open_loop(t.port, args.rate, each, seed=i, extra=t.extra),
+            LATENCY_PATHS,
         )
-        if self.wrk_script is not None:
-            script = self.wrk_script
+        if scripts is not None:
             await self.phase(
                 f"max wrk -t1 -c{args.connections}",
-                rounds,
-                lambda i: lambda port: wrk(port, args.connections, wrk_seconds, script),
+                rounds * 2,  # the headline figures: twice the rounds
+                lambda i: lambda t: wrk(t.port, args.connections, wrk_seconds, scripts[t.name]),
+                CPU_PATHS,
             )
         else:
             await self.phase(
                 f"max asyncio client, {args.connections} conns",
-                rounds,
-                lambda i: lambda port: closed_loop(port, args.connections, duration / rounds),
+                rounds * 2,
+                lambda i: lambda t: closed_loop(t.port, args.connections, duration / rounds, t.extra),
+                CPU_PATHS,
             )
         await self.phase(
             f"streams {args.streams} x {args.chunks} chunks",
             rounds,
-            lambda i: lambda port: streams(port, args.streams, args.chunks, duration / rounds),
+            lambda i: lambda t: streams(t.port, args.streams, args.chunks, duration / rounds, t.headers),
+            LATENCY_PATHS,
         )
+        if args.paced_streams:
+            await self.phase(
+                f"{args.paced_streams} streams, a chunk every {args.interval_ms:g} ms",
+                1,
+                lambda i: lambda t: paced_streams(t, args.paced_streams, args.interval_ms, duration),
+                LATENCY_PATHS,
+            )
 
 
 def report(bench: Bench) -> dict[str, Any]:
@@ -586,115 +722,143 @@ def report(bench: Bench) -> dict[str, Any]:
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, --duration {args.duration:g} s per path per phase"
     )
     print(f"gateway code: {bench.revision}")
+    paths = ", ".join(f"{t.name} (:{t.port})" for t in bench.targets.values())
+    print(f"paths: {paths}; gateway = its defaults (access log on, to a file)")
     errors = sum(sample.errors for phase in bench.phases for sample in phase.samples.values())
     if errors:
         print(f"WARNING: {errors} requests failed (see the errors columns): the figures below are not valid")
-    print()
-    print("Latency of a small non-stream chat completion (ms); gateway CPU per request (µs)")
-    row = "{:<26} {:<8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>12}"
-    print(row.format("phase", "path", "requests", "req/s", "p50", "p90", "p99", "errors", "gw CPU µs/req"))
     headline: dict[str, float] = {}
+
+    print()
+    print("Latency of a small non-stream chat completion (ms), `added` = the path minus direct")
+    row = "{:<24} {:<12} {:>8} {:>7} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9}"
+    print(row.format("phase", "path", "requests", "req/s", "p50", "p90", "p99", "errors", "added p50", "CPU µs/req"))
     for phase in bench.phases:
-        if phase.name.startswith(("max", "streams")):
+        if phase.name.startswith(("max", "streams")) or "streams," in phase.name:
             continue
-        direct, gateway = phase.samples["direct"], phase.samples["gateway"]
-        for path, sample in phase.samples.items():
-            cpu = f"{sample.cpu_us(sample.gateway_cpu, sample.requests):.0f}" if path == "gateway" else ""
-            print(
-                row.format(
-                    phase.name if path == "direct" else "",
-                    path,
-                    sample.requests,
-                    f"{sample.rate:.0f}",
-                    f"{sample.percentile_ms(50):.3f}",
-                    f"{sample.percentile_ms(90):.3f}",
-                    f"{sample.percentile_ms(99):.3f}",
-                    sample.errors,
-                    cpu,
-                )
-            )
-        added = {q: gateway.percentile_ms(q) - direct.percentile_ms(q) for q in (50, 90, 99)}
-        print(row.format("", "added", "", "", *(f"{added[q]:+.3f}" for q in (50, 90, 99)), "", ""))
-        phases[phase.name]["added"] = {f"p{q}_ms": round(value, 4) for q, value in added.items()}
-        if phase.name == "sequential":
-            headline["added_p50_ms_sequential"] = round(added[50], 4)
-        if phase.name.startswith("open loop"):
-            headline["added_p50_ms_open_loop"] = round(added[50], 4)
+        direct = phase.samples["direct"]
+        for index, (path, sample) in enumerate(phase.samples.items()):
+            added = sample.percentile_ms(50) - direct.percentile_ms(50)
+            print(row.format(
+                phase.name if index == 0 else "", path, sample.requests, f"{sample.rate:.0f}",
+                f"{sample.percentile_ms(50):.3f}", f"{sample.percentile_ms(90):.3f}", f"{sample.percentile_ms(99):.3f}",
+                sample.errors, "" if path == "direct" else f"{added:+.3f}",
+                "" if path == "direct" else f"{sample.cpu_us(sample.gateway_cpu, sample.requests):.0f}",
+            ))  # fmt: skip
+            if path != "direct":
+                phases[phase.name][path]["added_p50_ms"] = round(added, 4)
+                if phase.name == "sequential":
+                    headline[f"added_p50_ms_{path}"] = round(added, 4)
 
     for phase in bench.phases:
         if not phase.name.startswith("max"):
             continue
         print()
-        print(f"Max throughput ({phase.name})")
-        row = "{:<8} {:>9} {:>8} {:>8} {:>7} {:>14} {:>14}"
-        print(row.format("path", "req/s", "p50 ms", "p99 ms", "errors", "gw CPU µs/req", "up CPU µs/req"))
+        print(f"Max throughput ({phase.name}); CPU is the path's own process")
+        row = "{:<12} {:>9} {:>8} {:>8} {:>7} {:>12} {:>14}"
+        print(row.format("path", "req/s", "p50 ms", "p99 ms", "errors", "CPU µs/req", "up CPU µs/req"))
         for path, sample in phase.samples.items():
-            gw = sample.cpu_us(sample.gateway_cpu, sample.requests) if path == "gateway" else None
-            print(
-                row.format(
-                    path,
-                    f"{sample.rate:.0f}",
-                    f"{sample.percentile_ms(50):.3f}",
-                    f"{sample.percentile_ms(99):.3f}",
-                    sample.errors,
-                    "" if gw is None else f"{gw:.0f}",
-                    f"{sample.cpu_us(sample.upstream_cpu, sample.requests):.0f}",
-                )
-            )
-        direct, gateway = phase.samples["direct"], phase.samples["gateway"]
-        ratio = gateway.rate / direct.rate if direct.rate else float("nan")
-        print(f"gateway/direct: {ratio:.2f}")
-        headline["max_rps_direct"] = round(direct.rate, 1)
-        headline["max_rps_gateway"] = round(gateway.rate, 1)
-        headline["gateway_cpu_us_per_request"] = round(gateway.cpu_us(gateway.gateway_cpu, gateway.requests), 1)
+            cpu = sample.cpu_us(sample.gateway_cpu, sample.requests)
+            print(row.format(
+                path, f"{sample.rate:.0f}", f"{sample.percentile_ms(50):.3f}", f"{sample.percentile_ms(99):.3f}",
+                sample.errors, "" if path == "direct" else f"{cpu:.0f}",
+                f"{sample.cpu_us(sample.upstream_cpu, sample.requests):.0f}",
+            ))  # fmt: skip
+            headline[f"max_rps_{path}"] = round(sample.rate, 1)
+            if path != "direct":
+                headline[f"cpu_us_per_request_{path}"] = round(cpu, 1)
 
     for phase in bench.phases:
         if not phase.name.startswith("streams"):
             continue
         print()
         print(f"Streams ({phase.name}, back to back)")
-        row = "{:<8} {:>8} {:>11} {:>7} {:>16}"
-        print(row.format("path", "streams", "chunks/s", "errors", "gw CPU µs/chunk"))
+        row = "{:<12} {:>8} {:>11} {:>7} {:>16}"
+        print(row.format("path", "streams", "chunks/s", "errors", "CPU µs/chunk"))
         for path, sample in phase.samples.items():
-            gw = sample.cpu_us(sample.gateway_cpu, sample.chunks) if path == "gateway" else None
-            print(
-                row.format(
-                    path,
-                    sample.requests,
-                    f"{sample.chunks / sample.seconds:.0f}" if sample.seconds else "-",
-                    sample.errors,
-                    "" if gw is None else f"{gw:.2f}",
-                )
-            )
-        direct, gateway = phase.samples["direct"], phase.samples["gateway"]
-        if direct.chunks and gateway.seconds:
-            ratio = (gateway.chunks / gateway.seconds) / (direct.chunks / direct.seconds)
-            print(f"gateway/direct: {ratio:.2f}")
-            headline["stream_chunks_per_s_gateway"] = round(gateway.chunks / gateway.seconds, 1)
-            headline["stream_chunks_per_s_direct"] = round(direct.chunks / direct.seconds, 1)
+            cpu = sample.cpu_us(sample.gateway_cpu, sample.chunks)
+            print(row.format(
+                path, sample.requests, f"{sample.chunks / sample.seconds:.0f}" if sample.seconds else "-",
+                sample.errors, "" if path == "direct" else f"{cpu:.2f}",
+            ))  # fmt: skip
 
+    for phase in bench.phases:
+        if "streams," not in phase.name:
+            continue
+        print()
+        print(f"Open streams ({phase.name}): gap between chunks at the client, ms; proxy memory per open stream")
+        row = "{:<12} {:>8} {:>9} {:>8} {:>8} {:>8} {:>12} {:>13}"
+        print(row.format("path", "streams", "chunks", "p50", "p99", "p99.9", "added p99", "KiB/stream"))
+        direct = phase.samples["direct"]
+        for path, sample in phase.samples.items():
+            added = sample.gap_ms(99) - direct.gap_ms(99)
+            print(row.format(
+                path, sample.requests, sample.chunks, f"{sample.gap_ms(50):.2f}", f"{sample.gap_ms(99):.2f}",
+                f"{sample.gap_ms(99.9):.2f}", "" if path == "direct" else f"{added:+.2f}",
+                "" if path == "direct" else f"{sample.rss_per_stream / 1024:.1f}",
+            ))  # fmt: skip
+            if path != "direct":
+                headline[f"stream_gap_added_p99_ms_{path}"] = round(added, 3)
+                headline[f"stream_memory_kib_{path}"] = round(sample.rss_per_stream / 1024, 1)
+
+    goals = goal_lines(headline)
+    if goals:
+        print()
+        print("Goals (issue: the hot path at a Rust router's cost), from this one run")
+        for line in goals:
+            print(line)
     headline["errors"] = float(errors)
-    print()
-    print(
-        ("INVALID RUN (requests failed). " if errors else "")
-        + "Goal (notes/peers.md): added p50 <= 0.35 ms one request at a time, gateway CPU <= 200 µs per request. "
-        f"Here: {headline.get('added_p50_ms_sequential', float('nan')):+.3f} ms, "
-        f"{headline.get('gateway_cpu_us_per_request', float('nan')):.0f} µs."
-    )
+    if errors:
+        print("\nINVALID RUN (requests failed).")
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_end": list(load)},
-        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "settings": {k: str(v) for k, v in vars(args).items() if k != "json"},
         "gateway_revision": bench.revision,
-        "client": "wrk" if bench.wrk_script is not None else "asyncio",
+        "client": "wrk" if bench.wrk_scripts is not None else "asyncio",
         "headline": headline,
         "phases": phases,
     }
 
 
+def goal_lines(h: dict[str, float]) -> list[str]:
+    lines = []
+
+    def check(label: str, value: float | None, bar: str, ok: bool | None) -> None:
+        verdict = "n/a" if ok is None or value is None else ("MET" if ok else "MISSED")
+        shown = "-" if value is None else f"{value:.2f}"
+        lines.append(f"- {label}: {shown} ({bar}): {verdict}")
+
+    gw, vr = h.get("cpu_us_per_request_gateway"), h.get("cpu_us_per_request_vllm-router")
+    if gw is not None and vr:
+        check("CPU per request, gateway / vllm-router", gw / vr, "<= 1.25, moonshot 1.0", gw / vr <= 1.25)
+    added, added_vr = h.get("added_p50_ms_gateway"), h.get("added_p50_ms_vllm-router")
+    if added is not None and added_vr:
+        check("added p50 one at a time, gateway / vllm-router", added / added_vr, "<= 1.25", added / added_vr <= 1.25)
+    rps, rps_vr = h.get("max_rps_gateway"), h.get("max_rps_vllm-router")
+    if rps is not None and rps_vr:
+        check("max req/s, gateway / vllm-router", rps / rps_vr, ">= 0.6", rps / rps_vr >= 0.6)
+    nolog = h.get("cpu_us_per_request_no-log")
+    if gw is not None and nolog is not None:
+        check("access log cost, µs per request", gw - nolog, "<= 10", gw - nolog <= 10)
+    keys = h.get("cpu_us_per_request_keys")
+    if gw is not None and keys is not None:
+        check("API keys + rpm/tpm limits, CPU / open", keys / gw, "<= 1.10", keys / gw <= 1.10)
+    tracing = h.get("cpu_us_per_request_tracing")
+    if gw is not None and tracing is not None:
+        check("tracing on, CPU / off", tracing / gw, "reported", None if tracing is None else True)
+    gap, memory = h.get("stream_gap_added_p99_ms_gateway"), h.get("stream_memory_kib_gateway")
+    if gap is not None:
+        check("open streams, added inter-chunk p99 ms", gap, "<= 5", gap <= 5)
+    if memory is not None:
+        check("open streams, gateway KiB per stream", memory, "<= 64", memory <= 64)
+    return lines
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Gateway overhead: the same load direct to a fast upstream and through the gateway."
+        description="Gateway overhead: the same load direct to a fast upstream, through the gateway, and through "
+        "vllm-router, side by side in one run."
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per path per phase (default 10)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 s phases, short warm-up, 200 chunks")
@@ -703,14 +867,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=64, help="connections for max throughput (default 64)")
     parser.add_argument("--streams", type=int, default=4, help="concurrent streams (default 4)")
     parser.add_argument("--chunks", type=int, default=1000, help="SSE chunks per stream (default 1000)")
+    parser.add_argument("--paced-streams", type=int, default=2000, help="streams held open at once (0: skip)")
+    parser.add_argument("--interval-ms", type=float, default=100.0, help="their chunk interval (default 100)")
     parser.add_argument("--no-wrk", action="store_true", help="use the asyncio client even when wrk is installed")
+    parser.add_argument("--vllm-router", default=VLLM_ROUTER, help=f"its binary (default {VLLM_ROUTER})")
+    parser.add_argument(
+        "--install-vllm-router", action="store_true",
+        help=f"install vllm-router {VLLM_ROUTER_VERSION} into {VLLM_ROUTER_VENV} first when it is missing",
+    )  # fmt: skip
+    parser.add_argument("--only", default=None, help="comma-separated paths to run (direct is always in)")
+    parser.add_argument("--tracing", action="store_true", help="add a path with tracing on (an unreachable collector)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration = min(args.duration, 2.0)
         args.chunks = min(args.chunks, 200)
+        args.paced_streams = min(args.paced_streams, 200)
     if args.duration <= 0 or args.rate <= 0 or args.connections < 1 or args.streams < 1 or args.chunks < 1:
         parser.error("--duration, --rate, --connections, --streams and --chunks must be positive")
     return args
+
+
+VLLM_ROUTER_VERSION = "0.1.17"
+VLLM_ROUTER_VENV = Path("/tmp/vr-venv")
+VLLM_ROUTER = str(VLLM_ROUTER_VENV / "bin" / "vllm-router")
+
+
+def install_vllm_router() -> None:
+    """vllm-router in a venv of its own (its dependencies are not the gateway's)."""
+    print(f"installing vllm-router {VLLM_ROUTER_VERSION} into {VLLM_ROUTER_VENV} ...", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(VLLM_ROUTER_VENV)], check=True)
+    pip = [str(VLLM_ROUTER_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, f"vllm-router=={VLLM_ROUTER_VERSION}"], check=True)
 
 
 @contextlib.contextmanager
@@ -727,43 +914,81 @@ def sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+BENCH_KEY = "sk-bench-overhead"
+
+
+def gateway_configs(upstream_port: int, tracing: bool) -> dict[str, str]:
+    backend = f'backends:\n  - url: "http://127.0.0.1:{upstream_port}"\n'
+    keys = (
+        "auth:\n  keys:\n    - {name: bench, key_env: SWITCHYARD_BENCH_KEY, requests_per_minute: 100000000,"
+        " tokens_per_minute: 1000000000}\n"
+    )
+    configs = {"gateway": backend, "no-log": backend + "access_log: false\n", "keys": backend + keys}
+    if tracing:
+        configs["tracing"] = backend + "tracing: {enabled: true}\n"
+    return configs
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     use_wrk = shutil.which("wrk") is not None and not args.no_wrk
     if not use_wrk and not args.no_wrk:
         print("wrk not found: using the asyncio client for max throughput", file=sys.stderr)
+    if args.install_vllm_router and not Path(args.vllm_router).exists():
+        install_vllm_router()
+    router = args.vllm_router if Path(args.vllm_router).exists() else None
+    if router is None:
+        print(f"vllm-router not found at {args.vllm_router}: its path is left out (--install-vllm-router)",
+              file=sys.stderr)  # fmt: skip
+    only = set(args.only.split(",")) if args.only else None
     with sigterm_exits(), tempfile.TemporaryDirectory(prefix="switchyard-bench-") as tmp, Children(Path(tmp)) as kids:
         workdir = Path(tmp)
-        upstream_port, gateway_port = free_port(), free_port()
+        upstream_port = free_port()
         upstream = kids.start(
             "upstream",
             [sys.executable, str(HERE / "fast_upstream.py"), "--port", str(upstream_port), "--model", MODEL],
         )
         wait_ready(kids, "upstream", upstream, f"http://127.0.0.1:{upstream_port}/v1/models", 30)
-        config = workdir / "gateway.yaml"
-        config.write_text(f'backends:\n  - url: "http://127.0.0.1:{upstream_port}"\n')
-        listen = ["--host", "127.0.0.1", "--port", str(gateway_port)]
-        gateway = kids.start(
-            "gateway",
-            [sys.executable, "-m", "gateway", "--config", str(config), "--log-level", "warning", *listen],
-        )
-        wait_ready(kids, "gateway", gateway, f"http://127.0.0.1:{gateway_port}/ready", 30)
-        script = None
+        targets = {"direct": Target("direct", upstream_port, 0)}
+        env = {**os.environ, "SWITCHYARD_BENCH_KEY": BENCH_KEY, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
+        for name, text in gateway_configs(upstream_port, args.tracing).items():
+            if only is not None and name not in only:
+                continue
+            config = workdir / f"{name}.yaml"
+            config.write_text(text)
+            port = free_port()
+            proc = kids.start(
+                name,
+                [sys.executable, "-m", "gateway", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
+                env=env,
+            )
+            wait_ready(kids, name, proc, f"http://127.0.0.1:{port}/ready", 30)
+            extra = f"Authorization: Bearer {BENCH_KEY}\r\n" if name == "keys" else ""
+            targets[name] = Target(name, port, proc.pid, extra)
+        if router is not None and (only is None or "vllm-router" in only):
+            port = free_port()
+            proc = kids.start("vllm-router", [
+                router, "--worker-urls", f"http://127.0.0.1:{upstream_port}", "--policy", "round_robin",
+                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+            ])  # fmt: skip
+            wait_ready(kids, "vllm-router", proc, f"http://127.0.0.1:{port}/health", 60)
+            targets["vllm-router"] = Target("vllm-router", port, proc.pid)
+        scripts = None
         if use_wrk:
-            script = workdir / "post.lua"
-            script.write_text(WRK_SCRIPT.replace("@BODY@", SMALL_BODY.decode()))
-        bench = Bench(
-            args=args,
-            ports={"direct": upstream_port, "gateway": gateway_port},
-            gateway_pid=gateway.pid,
-            upstream_pid=upstream.pid,
-            wrk_script=script,
-            revision=gateway_revision(),
-        )
+            scripts = {}
+            for name, target in targets.items():
+                script = workdir / f"post-{name}.lua"
+                header = f'wrk.headers["Authorization"] = "Bearer {BENCH_KEY}"\n' if target.extra else ""
+                script.write_text(WRK_SCRIPT.replace("@BODY@", SMALL_BODY.decode()) + header)
+                scripts[name] = script
+        bench = Bench(args=args, targets=targets, upstream_pid=upstream.pid, wrk_scripts=scripts,
+                      revision=gateway_revision())  # fmt: skip
         uvloop.run(bench.run())
-        for name, proc in (("upstream", upstream), ("gateway", gateway)):
-            if proc.poll() is not None:
-                raise SystemExit(f"{name} died during the run:\n{kids.log_tail(name)}")
+        for name in ("upstream", *targets):
+            if name != "direct":
+                proc_ok = kids.alive(name)
+                if not proc_ok:
+                    raise SystemExit(f"{name} died during the run:\n{kids.log_tail(name)}")
         results = report(bench)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -66,7 +66,10 @@ ADAPTERS = [f"adapter-{i:02d}" for i in range(16)]
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima",
          "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform")  # fmt: skip
 SIM_TIMING = ["--decode-ms-per-token", "10", "--prefill-ms-per-token", "0.15", "--num-gpu-blocks", "1000"]
-DEFAULT_ROW = "gw affinity"
+DEFAULT_ROW = "gw affinity"  # the default policy; with the simulators' KV events: the precise mode
+APPROXIMATE_ROW = "gw affinity approximate"  # the same policy from the gateway's own record only
+KV_EVENTS = ('{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://127.0.0.1:@PUB@", '
+             '"replay_endpoint": "tcp://127.0.0.1:@REPLAY@"}')  # fmt: skip
 
 
 def text(rng: random.Random, chars: int) -> str:
@@ -89,6 +92,7 @@ def chat(model: str, messages: list[dict[str, str]], max_tokens: int, **extra: s
 
 class Workload:
     name = ""
+    servers = SERVERS
     sim_args: list[str] = []
 
     def make(self, rng: random.Random) -> Request:
@@ -130,7 +134,7 @@ class Sessions(Workload):
         history = [*history, {"role": "user", "content": text(rng, 200)}]
         body = chat(MODEL, history, 16, user=session)
 
-        def done() -> None:
+        def done(_: str) -> None:
             answer = {"role": "assistant", "content": text(random.Random(len(history)), 300)}
             if len(history) < 2 * self.turns:
                 self.idle.append((session, [*history, answer]))
@@ -172,11 +176,80 @@ class LoraMix(Workload):
         return Request("/v1/chat/completions", chat(adapter, [{"role": "user", "content": content}], 32))
 
 
+TIGHT_FLEET = 4  # the new workloads' fleet: 4 servers with a tight KV cache
+
+
+class TightGroups(Workload):
+    """Shared-prefix groups on caches too small for them: each server holds fewer than twice its share of the
+    groups (24 groups of ~1,000 tokens on 4 servers of 640 blocks of 16 tokens: about 10 groups each)."""
+
+    name = "tight_groups"
+    servers = TIGHT_FLEET
+    sim_args = ["--num-gpu-blocks", "640"]
+
+    def __init__(self, seed: int) -> None:
+        rng = random.Random(seed)
+        self.systems = [f"You are agent {g} of the support desk. " + text(rng, 4000) for g in range(24)]
+        self.counter = 0
+
+    def make(self, rng: random.Random) -> Request:
+        self.counter += 1
+        system = rng.choice(self.systems)
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": f"Ticket {self.counter}: "
+                                                                                        + text(rng, 120)}]  # fmt: skip
+        return Request("/v1/chat/completions", chat(MODEL, messages, 16))
+
+
+class SharedSystemChats(Workload):
+    """Multi-turn chats that all share one long system prompt, resend their history with the answers they
+    really got, and name no `user` and no session: what most clients send."""
+
+    name = "chats"
+    servers = TIGHT_FLEET
+    sim_args = ["--num-gpu-blocks", "1200"]
+    turns = 6
+
+    def __init__(self, seed: int) -> None:
+        rng = random.Random(seed)
+        self.system = "You are the assistant of an online bookshop. Policies: " + text(rng, 6000)
+        self.idle: list[list[dict[str, str]]] = []
+
+    def make(self, rng: random.Random) -> Request:
+        if self.idle and (len(self.idle) > 48 or rng.random() < 0.85):
+            history = self.idle.pop(rng.randrange(len(self.idle)))
+        else:
+            history = [{"role": "system", "content": self.system}]
+        history = [*history, {"role": "user", "content": text(rng, 200)}]
+
+        def done(answer: str) -> None:
+            if len(history) < 2 * self.turns and answer:
+                self.idle.append([*history, {"role": "assistant", "content": answer}])
+
+        return Request("/v1/chat/completions", chat(MODEL, history, 48), on_done=done)
+
+
+class Mixed(Workload):
+    """Tight groups, shared-system chats and unique prompts, a third each, on one fleet."""
+
+    name = "mixed"
+    servers = TIGHT_FLEET
+    sim_args = ["--num-gpu-blocks", "1000"]
+
+    def __init__(self, seed: int) -> None:
+        self.parts: list[Workload] = [TightGroups(seed), SharedSystemChats(seed + 1), Unique(seed + 2)]
+
+    def make(self, rng: random.Random) -> Request:
+        return rng.choice(self.parts).make(rng)
+
+
 WORKLOADS: dict[str, Callable[[int], Workload]] = {
     "shared_prefix": SharedPrefix,
     "sessions": Sessions,
     "unique": Unique,
     "lora": LoraMix,
+    "tight_groups": TightGroups,
+    "chats": SharedSystemChats,
+    "mixed": Mixed,
 }
 
 
@@ -230,10 +303,14 @@ def process(argv: list[str], ready_url: str, env: dict[str, str] | None = None) 
 
 @contextlib.contextmanager
 def fleet(workload: Workload) -> Iterator[list[str]]:
-    base = port_block(SERVERS)
+    servers = workload.servers
+    base = port_block(servers)
+    events = port_block(2 * servers)  # server i publishes on events + 2i, replays on events + 2i + 1 (--count)
+    kv = KV_EVENTS.replace("@PUB@", str(events)).replace("@REPLAY@", str(events + 1))
     argv = [sys.executable, "-m", "worker.sim", "--served-model-name", MODEL, "--host", "127.0.0.1",
-            "--count", str(SERVERS), "--port-base", str(base), *SIM_TIMING, *workload.sim_args]  # fmt: skip
-    urls = [f"http://127.0.0.1:{base + i}" for i in range(SERVERS)]
+            "--count", str(servers), "--port-base", str(base), *SIM_TIMING, *workload.sim_args,
+            "--enable-prefix-caching", "--kv-events-config", kv, "--enable-prompt-tokens-details"]  # fmt: skip
+    urls = [f"http://127.0.0.1:{base + i}" for i in range(servers)]
     with process(argv, urls[-1] + "/health"):
         wait_until(lambda: all(httpx.get(u + "/health").status_code == 200 for u in urls), 30, what="fleet")
         yield urls
@@ -242,9 +319,10 @@ def fleet(workload: Workload) -> Iterator[list[str]]:
 @contextlib.contextmanager
 def gateway(urls: list[str], policy: str, overrides: list[str]) -> Iterator[str]:
     port = port_block(1)
+    policy, _, mode = policy.partition(" ")  # "affinity approximate": the policy and its prefix mode
     config: dict[str, Any] = {
         "backends": [{"url": url} for url in urls],
-        "routing": {"policy": policy},
+        "routing": {"policy": policy, **({"prefix_mode": mode} if mode else {})},
         "model_refresh_interval": 2.0,
         "access_log": False,
         "log_level": "warning",
@@ -350,18 +428,34 @@ class Plan:
     systems: dict[str, list[str]]
     duration: float
     rows: list[Row] = field(default_factory=list)
+    predictions: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
 
 
 def systems_for(workload: str, quick: bool) -> list[str]:
     if quick:
-        return ["direct random", DEFAULT_ROW, "vllm-router cache_aware"]
+        return ["direct random", APPROXIMATE_ROW, DEFAULT_ROW, "vllm-router cache_aware"]
     extra = {
-        "shared_prefix": ["gw round_robin", "gw least_load", "gw prefix_affinity"],
-        "sessions": ["gw least_load", "gw prefix_affinity", "gw session"],
-        "unique": ["gw round_robin", "gw least_load"],
+        "shared_prefix": ["gw round_robin", "gw least_load", "gw prefix_affinity", APPROXIMATE_ROW],
+        "sessions": ["gw least_load", "gw prefix_affinity", "gw session", APPROXIMATE_ROW],
+        "unique": ["gw round_robin", "gw least_load", APPROXIMATE_ROW],
         "lora": ["gw least_load", "gw lora_affinity"],
+        "tight_groups": ["gw least_load", "gw prefix_affinity", APPROXIMATE_ROW],
+        "chats": ["gw least_load", "gw prefix_affinity", APPROXIMATE_ROW],
+        "mixed": ["gw least_load", "gw prefix_affinity", APPROXIMATE_ROW],
     }[workload]
     return ["direct random", *extra, DEFAULT_ROW, "vllm-router cache_aware"]
+
+
+def prediction(gateway_url: str) -> tuple[float, float]:
+    """(requests whose cached tokens were predicted and reported, the share within one block) from the
+    gateway's switchyard_cache_prediction_error_tokens histogram (16-token blocks on these simulators)."""
+    within = total = 0.0
+    for line in httpx.get(gateway_url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("switchyard_cache_prediction_error_tokens_bucket{") and 'le="16.0"' in line:
+            within += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("switchyard_cache_prediction_error_tokens_count{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total, (within / total if total else float("nan"))
 
 
 def run_system(
@@ -384,6 +478,10 @@ def run_system(
                 errors = Counter(f"{r.status} {r.error or ''}" for r in row.results if not r.ok and r.status != 429)
                 if errors:
                     print(f"    failures: {dict(errors.most_common(3))}", flush=True)
+            if target is not None and system.startswith("gw affinity"):
+                count, share = prediction(target)
+                plan.predictions[(name, system)] = (count, share)
+                print(f"    cached tokens predicted within one block: {100 * share:.1f}% of {count:.0f}", flush=True)
 
 
 # -- reporting ----------------------------------------------------------------------------------------
@@ -449,6 +547,20 @@ def goals(plan: Plan) -> str:
             gain = ours.throughput / base.throughput
             check(f"{name} @ {rate:g}/s: throughput >= {thr_factor:g}x", gain >= thr_factor,
                   f"{ours.throughput:.1f} vs {base.throughput:.1f} req/s = {gain:.2f}x")  # fmt: skip
+    for name in plan.workloads:  # the thresholds of the KV-event routing issue, at every rate of every workload
+        for ours in (r for r in plan.rows if r.workload == name and r.system == DEFAULT_ROW):
+            base = find(plan, name, "direct random", ours.rate)
+            if base is None or name == "lora":
+                continue
+            ratio = ours.ttft(0.9) / base.ttft(0.9) if base.ttft(0.9) else float("nan")
+            check(f"{name} @ {ours.rate:g}/s: TTFT p90 <= 0.5x random direct", ratio <= 0.5,
+                  f"{ours.ttft(0.9):.2f}s vs {base.ttft(0.9):.2f}s = {ratio:.2f}x")  # fmt: skip
+            check(f"{name} @ {ours.rate:g}/s: throughput >= random direct", ours.throughput >= 0.98 * base.throughput,
+                  f"{ours.throughput:.1f} vs {base.throughput:.1f} req/s")  # fmt: skip
+    for (name, system), (count, share) in plan.predictions.items():
+        if system == DEFAULT_ROW and count:
+            check(f"{name}: predicted cached tokens within one block", share >= 0.95,
+                  f"{100 * share:.1f}% of {count:.0f} requests")  # fmt: skip
     for row in (r for r in plan.rows if r.workload == "unique" and r.system == DEFAULT_ROW):
         check(f"unique @ {row.rate:g}/s: no backend above 1.25x fair share", row.max_share <= 1.25,
               f"max share {row.max_share:.2f}x")  # fmt: skip
@@ -510,8 +622,10 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-RATES = {"shared_prefix": [15, 30, 45, 60], "sessions": [20, 40], "unique": [30], "lora": [15, 25, 35]}
-QUICK_RATES = {"shared_prefix": [30, 45], "sessions": [40], "unique": [30], "lora": [25]}
+RATES = {"shared_prefix": [15, 30, 45, 60], "sessions": [20, 40], "unique": [30], "lora": [15, 25, 35],
+         "tight_groups": [6, 12, 18], "chats": [6, 12, 18], "mixed": [6, 12, 18]}  # fmt: skip
+QUICK_RATES = {"shared_prefix": [30, 45], "sessions": [40], "unique": [30], "lora": [25], "tight_groups": [12],
+               "chats": [12], "mixed": [12]}  # fmt: skip
 
 
 def main() -> int:
@@ -525,7 +639,8 @@ def main() -> int:
     if router is None:
         notes.append(f"vllm-router not found at {ns.vllm_router}: its row is skipped")
     started = time.monotonic()
-    print(f"fleet: {SERVERS} x worker.sim {' '.join(SIM_TIMING)}; {plan.duration:g} s of arrivals per rate")
+    print(f"fleet: {SERVERS} (new workloads: {TIGHT_FLEET}) x worker.sim {' '.join(SIM_TIMING)}, KV events on; "
+          f"{plan.duration:g} s of arrivals per rate")  # fmt: skip
     print(f"  {'workload':<13} {'system':<24} {HEADER}")
     for name in names:
         systems = ns.systems.split(",") if ns.systems else systems_for(name, ns.quick)

@@ -27,6 +27,7 @@ from gateway.fleet.model_poller import ModelPoller
 from gateway.fleet.registry import Registry
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
+from gateway.proxy.access_log import AccessLog, LoggerAccessLog
 from gateway.proxy.attempts import Attempts
 from gateway.proxy.endpoint import STATE_KEY, Proxy, ProxyEndpoint
 from gateway.proxy.gatekeeper import Gatekeeper
@@ -125,7 +126,9 @@ async def _refresh_caches(caches: PrefixCaches, registry: Registry) -> None:
         await asyncio.sleep(1.0)
 
 
-def create_app(settings: Settings) -> GatewayApp:
+def create_app(settings: Settings, access_log: AccessLog | None = None) -> GatewayApp:
+    """The gateway as an ASGI app. `access_log`: where its lines go when `settings.access_log` is on (default:
+    the `switchyard.access` logger; `python -m gateway` passes a faster writer to its own stderr)."""
     registry = Registry()
     metrics = Metrics(registry)
     admission = Admission(settings.admission, registry, metrics)
@@ -137,6 +140,7 @@ def create_app(settings: Settings) -> GatewayApp:
     keys = KeyRing(settings.auth)
     lifecycle = Lifecycle()
     discovery = _discovery(settings)
+    log = (access_log or LoggerAccessLog()) if settings.access_log else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -174,11 +178,13 @@ def create_app(settings: Settings) -> GatewayApp:
             proxy = Proxy(
                 Gatekeeper(settings, keys, registry, admission, responses),
                 Attempts(settings, router, admission, outliers, pool, relay, metrics),
-                Recorder(metrics, settings.access_log),
+                Recorder(metrics, log),
             )
             try:
                 yield {STATE_KEY: proxy}
             finally:
+                if log is not None:
+                    log.flush()
                 pool.close()
                 for task in tasks:
                     task.cancel()

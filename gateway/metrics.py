@@ -203,9 +203,9 @@ class Metrics:
         return series
 
     def record_cached_tokens(self, model: str, backend: str, predicted: int | None, reported: int | None) -> None:
-        if predicted is not None:
+        if predicted:
             self.cached_predicted.labels(model, backend).inc(predicted)
-        if reported is not None:
+        if reported:
             self.cached_reported.labels(model, backend).inc(reported)
         if predicted is not None and reported is not None:
             self.cache_prediction_error.labels(model).observe(abs(predicted - reported))

@@ -13,6 +13,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.errors import ConfigError
 from gateway.lifecycle import Lifecycle
+from gateway.proxy.access_log import LOGGER, StreamAccessLog
 from gateway.proxy.client_protocol import with_header_timeout
 from gateway.settings import load_settings
 
@@ -38,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"switchyard gateway: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    # This process owns its logging: access lines go to stderr in batches, formatted as the root handler would.
+    access = StreamAccessLog(sys.stderr.fileno()) if logging.getLogger(LOGGER).isEnabledFor(logging.INFO) else None
+    app = create_app(settings, access)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -94,6 +94,9 @@ class Registry:
         self._routable: dict[str, tuple[Backend, ...]] = {}
         self._known: frozenset[str] = frozenset()
         self.changed = asyncio.Event()  # set when backends come or go, so the poller looks at new ones at once
+        # Bumped whenever an engine sample lands or the routable sets change: what is derived from them (the
+        # admission's saturation) is recomputed only then.
+        self.engine_version = 0
 
     # -- discovery side -------------------------------------------------------------------------------
 
@@ -167,10 +170,10 @@ class Registry:
 
     # -- engine scraper side --------------------------------------------------------------------------
 
-    @staticmethod
-    def record_engine(backend: Backend, sample: EngineSample) -> None:
+    def record_engine(self, backend: Backend, sample: EngineSample) -> None:
         backend.engine = sample
         backend.rates.learn(sample)
+        self.engine_version += 1
 
     def _rebuild(self) -> None:
         routable: dict[str, list[Backend]] = {}
@@ -182,6 +185,7 @@ class Registry:
                     routable.setdefault(model, []).append(backend)
         self._routable = {model: tuple(backends) for model, backends in routable.items()}
         self._known = frozenset(known)
+        self.engine_version += 1
 
     # -- request side ---------------------------------------------------------------------------------
 

@@ -6,14 +6,18 @@ tests/gateway/proxy/test_client_protocol.py fails loudly when an upgrade changes
 uvicorn times out idle keep-alive connections, but not one that connected and sent nothing, nor one that
 trickles a request head a byte at a time: each would hold a file descriptor for as long as the client likes.
 Here every connection must deliver a complete request head within `header_timeout` seconds of connecting
-or of sending the first byte of its next request, or it is closed.
+or of sending the first byte of its next request, or it is closed. Its writes go through a CorkedTransport,
+so that a response's head and body leave in one syscall.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.proxy.corked_transport import CorkedTransport
 
 
 class HeadDeadlineProtocol(HttpToolsProtocol):
@@ -22,7 +26,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     _head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(cast(asyncio.Transport, CorkedTransport(transport, asyncio.get_running_loop())))
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:

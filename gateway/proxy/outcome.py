@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import orjson
 
 from gateway.metrics import NO_MODEL, Metrics
+from gateway.proxy.access_log import AccessLog
 from gateway.proxy.usage import Usage
 from gateway.routing.request import RequestInfo
 
@@ -33,9 +33,9 @@ class Outcome:
 class Recorder:
     """Turns a finished request's Outcome into metrics and one JSON access-log line."""
 
-    def __init__(self, metrics: Metrics, access_log: bool) -> None:
+    def __init__(self, metrics: Metrics, access_log: AccessLog | None) -> None:
         self._metrics = metrics
-        self._log = logging.getLogger("switchyard.access") if access_log else None
+        self._log = access_log
 
     def record(self, model: str, route: str, outcome: Outcome, seconds: float) -> None:
         metrics = self._metrics
@@ -53,9 +53,10 @@ class Recorder:
         reported = outcome.usage.cached_tokens if outcome.usage is not None else None
         if (predicted is not None or reported is not None) and outcome.backend is not None:
             metrics.record_cached_tokens(model, outcome.backend, predicted, reported)
-        if self._log is not None and self._log.isEnabledFor(logging.INFO):
+        log = self._log
+        if log is not None and log.enabled():
             usage = outcome.usage
-            self._log.info(
+            log.write(
                 orjson.dumps(
                     {
                         "request_id": outcome.request_id.decode("latin-1"),
@@ -71,5 +72,5 @@ class Recorder:
                         "cached_tokens_predicted": predicted,
                         "cached_tokens_reported": reported,
                     }
-                ).decode()
+                )
             )

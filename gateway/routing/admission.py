@@ -75,6 +75,7 @@ class Admission:
         self._waiting = 0
         self._ticker: asyncio.Task[None] | None = None
         self._low_limit = int(settings.queue_size * settings.low_priority_queue_share)
+        self._saturation: dict[str, tuple[int, float, float]] = {}  # model -> (engine version, when, value)
 
     # -- public ---------------------------------------------------------------------------------------
 
@@ -144,8 +145,22 @@ class Admission:
         return not self.saturated(model)
 
     def saturation(self, model: str) -> float:
-        """Mean over the model's backends with a fresh scrape of max(queue/queue_norm, kv/kv_norm)."""
+        """Mean over the model's backends with a fresh scrape of max(queue/queue_norm, kv/kv_norm).
+
+        Its inputs change only when a scrape lands or the model's backends change (the registry's
+        `engine_version`), or as samples age: it is recomputed then, and at most every RECHECK_S otherwise."""
         now = time.monotonic()
+        version = self._registry.engine_version
+        cached = self._saturation.get(model)
+        if cached is not None and cached[0] == version and now - cached[1] < RECHECK_S:
+            return cached[2]
+        value = self._saturation_now(model, now)
+        if len(self._saturation) > 4096:
+            self._saturation.clear()
+        self._saturation[model] = (version, now, value)
+        return value
+
+    def _saturation_now(self, model: str, now: float) -> float:
         total = 0.0
         count = 0
         queue_norm = self._settings.queue_norm

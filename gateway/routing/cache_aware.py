@@ -88,16 +88,17 @@ class CacheAware:
         view = request.prompt
         if view is None:
             view = prompt_view(request.payload, None)
-        if view is None:
+        caches = self._caches
+        char_keys = [] if view is None else view.char_keys(caches.block_chars)
+        if view is None or (not char_keys and view.token_ids is None):
+            # Not one whole block: nothing any cache could hold. Sessions and load decide, at no extra cost.
             return candidates[0] if len(candidates) == 1 else self._affinity.pick(candidates, request)
         now = time.monotonic()
-        caches = self._caches
         model = request.model
         cpt = caches.chars_per_token_of(model)
         urls = [backend.url for backend in candidates]
         cached, prompt_tokens, block_tokens = self._cached_tokens(view, urls, cpt)
         view.predicted = dict(zip(urls, cached, strict=True))
-        char_keys = view.char_keys(caches.block_chars)
         if len(candidates) == 1:
             caches.approximate.record(urls[0], char_keys)
             return candidates[0]

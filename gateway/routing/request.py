@@ -9,9 +9,11 @@ from typing import Any
 from gateway.routing.prompt import PromptView
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False, slots=True)
 class RequestInfo:
-    """What a policy may look at: the model, the parsed body (None for multipart), and the headers."""
+    """What a policy may look at: the model, the parsed body (None for multipart), and the headers.
+
+    Built once per request by the gatekeeper; only the router adds to it (`prompt`), before the first pick."""
 
     model: str
     route: str

@@ -9,7 +9,6 @@ the first token comes (`discharge`).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 from gateway.fleet.registry import Backend, Registry
@@ -59,7 +58,8 @@ class Router:
                     if tokens is not None:
                         view.token_ids = tokens
                         caches.learn_chars_per_token(request.model, len(view.text), len(tokens))
-        return dataclasses.replace(request, prompt=view)
+        request.prompt = view
+        return request
 
     def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
         backend = self._policy.pick(candidates, request)
