@@ -14,11 +14,12 @@ from starlette.routing import Route
 
 import gateway.server
 from gateway.app import create_app
+from gateway.proxy.access_log import AccessLog
 from gateway.settings import Settings
 
 
-def create_probed_app(settings: Settings) -> Starlette:
-    app = create_app(settings)
+def create_probed_app(settings: Settings, access_log: AccessLog | None = None) -> Starlette:
+    app = create_app(settings, access_log)
 
     async def probe(request: Request) -> Response:
         current = asyncio.current_task()
