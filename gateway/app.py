@@ -120,9 +120,11 @@ class GatewayApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
-async def _refresh_caches(caches: PrefixCaches, registry: Registry) -> None:
+async def _follow_fleet(caches: PrefixCaches, metrics: Metrics, registry: Registry) -> None:
+    """Keep what is derived from the fleet's membership in step with it: the prefix caches, the metric series."""
     while True:
         caches.refresh(registry.backends)
+        metrics.export_known_series(registry)
         await asyncio.sleep(1.0)
 
 
@@ -169,7 +171,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> Gatew
             tasks.append(asyncio.create_task(checker.run(), name="health-checker"))
             if settings.kv_events.enabled:
                 tasks.append(asyncio.create_task(hub.run(session), name="kv-events"))
-            tasks.append(asyncio.create_task(_refresh_caches(caches, registry), name="prefix-caches"))
+            tasks.append(asyncio.create_task(_follow_fleet(caches, metrics, registry), name="fleet-followers"))
             pool = UpstreamPool(settings.upstream_keepalive, settings.timeouts.connect)
             responses = ResponseDirectory(pool)
             tokenizer = Tokenizer(pool.fetch, settings.routing.tokenize_timeout)

@@ -6,6 +6,7 @@ Label values are bounded: `model` is a name some backend served, or one of the f
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -16,6 +17,10 @@ from prometheus_client.registry import Collector
 from gateway.fleet.registry import Registry
 
 UNKNOWN_MODEL = "__unknown__"  # a name no backend serves (answered 404)
+# Label values known in advance: their counters are exported from 0, so rate() and dashboards show 0, not
+# "No data", before the first event (Prometheus' instrumentation advice).
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol", "status", "disconnect", "idle_timeout")
+REJECT_REASONS = ("rate_limit", "saturated", "queue_full", "queue_timeout", "shed")
 NO_MODEL = "__none__"  # rejected before a model was known (bad body, too large)
 
 # Up to 10 minutes: long generations are normal for LLM serving.
@@ -180,6 +185,25 @@ class Metrics:
         self._outcomes: dict[tuple[str, str, int], tuple[Callable[[], None], Callable[[float], None]]] = {}
         self._inflight: dict[tuple[str, str], Gauge] = {}
         self._models: dict[str, ModelSeries] = {}
+        self._backend_series: set[str] = set()  # backends whose counters are exported from 0
+        self._model_series: set[str] = set()
+
+    def export_known_series(self, registry: Registry) -> None:
+        """Create the per-backend and per-model counters whose label values are known, at 0; drop those of
+        backends that left (so pods that come and go do not grow the label sets for ever)."""
+        backends = {backend.url for backend in registry.backends}
+        for url in backends - self._backend_series:
+            for kind in UPSTREAM_ERROR_KINDS:
+                self.upstream_errors.labels(url, kind)
+        for url in self._backend_series - backends:
+            for kind in UPSTREAM_ERROR_KINDS:
+                with contextlib.suppress(KeyError):
+                    self.upstream_errors.remove(url, kind)
+        self._backend_series = backends
+        for model in registry.backends_per_model().keys() - self._model_series:
+            for reason in REJECT_REASONS:
+                self.rejected.labels(model, reason)
+            self._model_series.add(model)
 
     def observe(self, model: str, route: str, code: int, seconds: float) -> None:
         key = (model, route, code)
