@@ -18,6 +18,7 @@ from typing import cast
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.proxy.corked_transport import CorkedTransport
+from gateway.proxy.request_body import BODY_RECEIVED
 
 
 class HeadDeadlineProtocol(HttpToolsProtocol):
@@ -43,6 +44,12 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm_head_timer()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        if self.cycle is not None:
+            scope = cast(dict[str, object], self.cycle.scope)  # uvicorn types it as an ASGI TypedDict
+            scope[BODY_RECEIVED] = True  # the whole body is here: read_body takes it without a timer
+        super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()

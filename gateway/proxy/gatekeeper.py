@@ -13,7 +13,7 @@ from gateway.errors import HeadersTooLarge, ModelNotFound, ModelRequired, NoHeal
 from gateway.fleet.registry import Backend
 from gateway.metrics import UNKNOWN_MODEL
 from gateway.proxy.exchange import Exchange
-from gateway.proxy.headers import client_host, header, header_map
+from gateway.proxy.headers import client_host, header
 from gateway.proxy.interfaces import AdmissionGate, BackendDirectory
 from gateway.proxy.request_body import BodyKind, read_body, routing_fields
 from gateway.proxy.responses_api import ResponseDirectory
@@ -35,6 +35,10 @@ class Gatekeeper:
         responses: ResponseDirectory,
     ) -> None:
         self._limits = settings.limits
+        # The only headers routing reads (sessions, priorities): decoded for it, the rest left as they are.
+        self._routing_headers = frozenset(
+            {settings.routing.session_header.lower().encode(), settings.admission.priority_header.lower().encode()}
+        )
         self._max_body = settings.max_body_bytes
         self._retry_after = {"Retry-After": str(settings.retry_after)}
         self._keys = keys
@@ -73,7 +77,11 @@ class Gatekeeper:
             model=model,
             route=exchange.route,
             payload=payload,
-            headers=header_map(scope),
+            headers={
+                name.decode("latin-1"): value.decode("latin-1")
+                for name, value in scope["headers"]
+                if name in self._routing_headers
+            },
             tenant=principal.name if principal else client_host(scope),
         )
         exchange.body = body

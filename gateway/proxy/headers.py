@@ -63,10 +63,6 @@ def client_host(scope: Scope) -> str:
     return str(client[0]) if client else ""
 
 
-def header_map(scope: Scope) -> dict[str, str]:
-    return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
-
-
 def upstream_headers(scope: Scope, request_id: bytes) -> list[tuple[bytes, bytes]]:
     drop = DROP_REQUEST_HEADERS
     connection = header(scope, b"connection")

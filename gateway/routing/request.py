@@ -18,6 +18,6 @@ class RequestInfo:
     model: str
     route: str
     payload: Mapping[str, Any] | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    headers: Mapping[str, str] = field(default_factory=dict)  # those routing reads (session, priority), lower-case
     tenant: str = ""  # API key name, or the client address when no keys are configured
     prompt: PromptView | None = None  # read off the payload (and tokenized) by the router, for the prefix indexes

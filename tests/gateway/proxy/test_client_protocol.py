@@ -18,7 +18,14 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from gateway.proxy.client_protocol import HeadDeadlineProtocol, with_header_timeout
 from tests.servers import free_port, wait_until
 
-OVERRIDDEN = ("connection_made", "data_received", "on_message_begin", "on_headers_complete", "connection_lost")
+OVERRIDDEN = (
+    "connection_made",
+    "data_received",
+    "on_message_begin",
+    "on_headers_complete",
+    "on_message_complete",
+    "connection_lost",
+)
 ROOT = Path(__file__).resolve().parents[3]
 
 
