@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
+import math
 from dataclasses import dataclass, field
 
 from starlette.types import Scope
@@ -57,14 +58,23 @@ class Principal:
             self.tokens.charge(count)
 
 
+_RATE_HEADER_NAMES = {
+    kind: (f"x-ratelimit-limit-{kind}".encode(), f"x-ratelimit-remaining-{kind}".encode(),
+           f"x-ratelimit-reset-{kind}".encode())
+    for kind in ("requests", "tokens")
+}  # fmt: skip
+
+
 def rate_headers(principal: Principal) -> list[tuple[bytes, bytes]]:
     headers = []
     for kind, bucket in (("requests", principal.requests), ("tokens", principal.tokens)):
         if bucket is not None:
+            limit, remaining, reset = _RATE_HEADER_NAMES[kind]
+            level = bucket.level()  # one clock read for the three values
             headers += [
-                (f"x-ratelimit-limit-{kind}".encode(), str(bucket.limit).encode()),
-                (f"x-ratelimit-remaining-{kind}".encode(), str(bucket.remaining()).encode()),
-                (f"x-ratelimit-reset-{kind}".encode(), f"{bucket.reset_seconds():.3f}s".encode()),
+                (limit, b"%d" % bucket.limit),
+                (remaining, b"%d" % max(0, math.floor(level))),
+                (reset, b"%.3fs" % ((bucket.limit - level) / bucket.rate)),
             ]
     return headers
 

@@ -14,13 +14,13 @@ class TokenBucket:
 
     def __init__(self, per_minute: int) -> None:
         self.limit = per_minute
-        self._rate = per_minute / 60.0
+        self.rate = per_minute / 60.0  # units per second
         self._level = float(per_minute)
         self._at = time.monotonic()
 
     def _refill(self) -> float:
         now = time.monotonic()
-        self._level = min(float(self.limit), self._level + (now - self._at) * self._rate)
+        self._level = min(float(self.limit), self._level + (now - self._at) * self.rate)
         self._at = now
         return self._level
 
@@ -37,14 +37,18 @@ class TokenBucket:
         self._refill()
         self._level -= amount
 
+    def level(self) -> float:
+        """The units available now (below zero while a token charge is being paid back)."""
+        return self._refill()
+
     def remaining(self) -> int:
         return max(0, math.floor(self._refill()))
 
     def seconds_until(self, amount: float = 1.0) -> float:
         """Time until `amount` units are available (0 if they are)."""
         missing = amount - self._refill()
-        return 0.0 if missing <= 0 else missing / self._rate
+        return 0.0 if missing <= 0 else missing / self.rate
 
     def reset_seconds(self) -> float:
         """Time until the bucket is full again."""
-        return (self.limit - self._refill()) / self._rate
+        return (self.limit - self._refill()) / self.rate
