@@ -14,9 +14,10 @@ import os
 import uuid
 
 import orjson
+from starlette.types import Receive, Send
 
 from worker.sim import responses
-from worker.sim.asgi import Receive, Send, send_error, send_json
+from worker.sim.asgi import send_error, send_json
 from worker.sim.engine import SimRequest
 from worker.sim.protocol import (
     ApiError,

@@ -14,20 +14,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import Receive, Scope, Send
 
 from worker.sim import responses
-from worker.sim.asgi import (
-    ClientGone,
-    Receive,
-    Scope,
-    Send,
-    header,
-    read_body,
-    send_bytes,
-    send_error,
-    send_json,
-    send_text,
-)
+from worker.sim.asgi import ClientGone, header, read_body, send_bytes, send_error, send_json, send_text
 from worker.sim.config import SimConfig
 from worker.sim.generation import handle_generation
 from worker.sim.protocol import ApiError, parse_chat, parse_embedding_inputs, parse_json_object
