@@ -115,13 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="when a request has streamed N tokens and the next is due, the process exits at once (os._exit(1), "
-        "like kill -9; all --count servers go); non-streamed: once it has generated N",
+        "like kill -9; all --count servers go); non-streamed: when its token N+1 is generated",
     )
     f.add_argument(
         "--error-after-tokens",
         type=int,
         default=None,
-        help="stream N tokens, then vLLM's mid-stream error event and [DONE] (non-streamed: vLLM's 500 body)",
+        help="stream N tokens, then vLLM's mid-stream error event and [DONE] (non-streamed: vLLM's 500 body); "
+        "a request of at most N tokens is not affected",
     )
     f.add_argument("--slow-start", type=float, default=0.0, metavar="S",
                    help="/health and /v1/models answer 503 for the first S seconds")  # fmt: skip
