@@ -3,7 +3,9 @@
 It speaks vLLM's OpenAI-compatible API (same shapes, SSE framing, errors and status codes) and
 exports vLLM's Prometheus metrics, with timings from a small engine model: continuous batching
 (--max-num-seqs), chunked prefill under a token budget, a prefix-cached paged KV cache with LRU
-eviction, decode time growing with the batch, and LoRA slots with a load cost. See README.md.
+eviction, decode time growing with the batch, and LoRA slots with a load cost. It publishes vLLM's KV
+cache events over ZMQ (--kv-events-config) and answers autoregressively, so a stream cut after k tokens
+can be continued exactly (return_token_ids, continue_final_message). See README.md.
 
 Command line: `python -m worker.sim --served-model-name NAME [...]` or `switchyard sim ...`
 (`worker.sim.cli.main(argv) -> int`); `--count K --port-base P` runs K servers in one process.

@@ -1,18 +1,11 @@
-"""Small pure-ASGI helpers: read a body, answer JSON/text, look up headers."""
+"""Small pure-ASGI helpers: read a body, answer JSON/text, look up headers (ASGI types from starlette)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
-
 import orjson
+from starlette.types import Receive, Scope, Send
 
 from worker.sim.protocol import ApiError
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 

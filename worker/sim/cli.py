@@ -1,7 +1,8 @@
 """Command line of the simulator: `python -m worker.sim` / `switchyard sim`.
 
 `--count K --port-base P` runs K independent simulated servers (ports P..P+K-1) on one event loop
-in one process; each has its own engine, metrics registry and adapters.
+in one process; each has its own engine, metrics registry, adapters and KV event sockets (server i adds
+2*i to the tcp ports of --kv-events-config, so the usual PUB/replay pair N, N+1 never collides).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from collections.abc import Callable, Iterator
 import uvicorn
 
 from worker.sim.config import ConfigError, SimConfig
-from worker.sim.server import RUNTIME_LORA_ENV, create_sim_app
+from worker.sim.kv_events import KVEventsSettings, parse_kv_events_config
+from worker.sim.server import DEV_MODE_ENV, RUNTIME_LORA_ENV, SimApp, create_sim_app
 
 DEFAULTS = SimConfig()
 
@@ -60,6 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
     a("--port", type=int, default=d.port, help="port to bind (0: any free port; printed at startup)")
     a("--count", type=int, default=1, help="run this many independent servers in this process")
     a("--port-base", type=int, default=None, help="first port with --count; unset: --port")
+    k = p.add_argument_group("prefix caching and KV cache events (as vLLM)")
+    k.add_argument("--enable-prefix-caching", action="store_true",
+                   help="accepted for vLLM compatibility: the simulator always caches prefixes")  # fmt: skip
+    k.add_argument(
+        "--kv-events-config",
+        default=None,
+        metavar="JSON",
+        help='vLLM\'s KVEventsConfig as JSON, e.g. \'{"enable_kv_cache_events": true, "publisher": "zmq", '
+        '"endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}\' (keys: enable_kv_cache_events, '
+        "publisher, endpoint, replay_endpoint, buffer_steps, hwm, max_queue_size, topic); BlockStored, "
+        "BlockRemoved and AllBlocksCleared batches, one per engine step, on a ZMQ PUB socket; "
+        "tcp://*:0 takes a free port (see GET /kv_event_sources); with --count, server i adds 2*i to tcp ports",
+    )
+    k.add_argument("--kv-hash-seed", type=int, default=d.kv_hash_seed,
+                   help="seed of the block hash chain: other seeds give the same tokens other hashes")  # fmt: skip
+    k.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="usage.prompt_tokens_details.cached_tokens (prefix-cache hits) in answers")  # fmt: skip
+    k.add_argument("--server-dev-mode", action="store_true",
+                   help=f"enable POST /reset_prefix_cache (also: env {DEV_MODE_ENV}=1)")  # fmt: skip
+    k.add_argument("--positional-output", action="store_true",
+                   help="answer token i is the number i (4 characters, right-aligned), i counting the answer tokens "
+                   "the prompt already ends with: a continued answer shows duplicated or missing tokens")  # fmt: skip
     f = p.add_argument_group("fault injection")
     f.add_argument(
         "--fail-rate",
@@ -85,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="serve N generation requests, then exit at once (os._exit(1), like a crash)",
+    )
+    f.add_argument(
+        "--exit-after-tokens",
+        type=int,
+        default=None,
+        help="when a request has streamed N tokens and the next is due, the process exits at once (os._exit(1), "
+        "like kill -9; all --count servers go); non-streamed: when its token N+1 is generated",
+    )
+    f.add_argument(
+        "--error-after-tokens",
+        type=int,
+        default=None,
+        help="stream N tokens, then vLLM's mid-stream error event and [DONE] (non-streamed: vLLM's 500 body); "
+        "a request of at most N tokens is not affected",
     )
     f.add_argument("--slow-start", type=float, default=0.0, metavar="S",
                    help="/health and /v1/models answer 503 for the first S seconds")  # fmt: skip
@@ -112,7 +150,11 @@ def config_from_args(ns: argparse.Namespace) -> SimConfig:
         allow_runtime_lora=ns.allow_runtime_lora, seed=ns.seed, host=ns.host, port=ns.port,
         fail_rate=ns.fail_rate, fail_status=ns.fail_status, stall_after_tokens=ns.stall_after_tokens,
         drop_after_tokens=ns.drop_after_tokens, exit_after_requests=ns.exit_after_requests,
-        slow_start_s=ns.slow_start,
+        exit_after_tokens=ns.exit_after_tokens, error_after_tokens=ns.error_after_tokens,
+        slow_start_s=ns.slow_start, kv_hash_seed=ns.kv_hash_seed,
+        kv_events=parse_kv_events_config(ns.kv_events_config) if ns.kv_events_config else KVEventsSettings(),
+        enable_prompt_tokens_details=ns.enable_prompt_tokens_details, server_dev_mode=ns.server_dev_mode,
+        positional_output=ns.positional_output,
     )  # fmt: skip
 
 
@@ -143,11 +185,16 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve_all(configs: list[SimConfig], sockets: list[socket.socket]) -> None:
+def server_configs(base: SimConfig, count: int, first_port: int) -> list[SimConfig]:
+    """One config per server of `--count`: consecutive HTTP ports, KV event tcp ports 2 apart."""
+    return [base.replace(port=first_port + i, kv_events=base.kv_events.for_server(i)) for i in range(count)]
+
+
+async def serve_all(apps: list[SimApp], sockets: list[socket.socket]) -> None:
     servers = [
-        _Server(uvicorn.Config(create_sim_app(c), log_level="warning", access_log=False, lifespan="on",
+        _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                timeout_graceful_shutdown=1))
-        for c in configs
+        for app in apps
     ]  # fmt: skip
     loop = asyncio.get_running_loop()
 
@@ -165,15 +212,16 @@ async def serve_all(configs: list[SimConfig], sockets: list[socket.socket]) -> N
             break
         await asyncio.sleep(0.01)
     else:
-        for c, sock in zip(configs, sockets, strict=True):
+        for app, sock in zip(apps, sockets, strict=True):
             host, port = sock.getsockname()[:2]
-            print(f"worker.sim: serving {c.served_model_name!r} on http://{host}:{port}", flush=True)
+            print(f"worker.sim: serving {app.config.served_model_name!r} on http://{host}:{port}", flush=True)
     await asyncio.gather(*tasks)
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     sockets: list[socket.socket] = []
+    apps: list[SimApp] = []
     try:
         base = config_from_args(ns)
         if ns.count < 1:
@@ -181,19 +229,23 @@ def main(argv: list[str] | None = None) -> int:
         first = ns.port_base if ns.port_base is not None else ns.port
         if ns.count > 1 and first == 0:
             raise ConfigError("--count > 1 needs --port-base (or --port) > 0")
-        configs = [base.replace(port=first + i) for i in range(ns.count)] if ns.count > 1 else [
-            base.replace(port=first)]  # fmt: skip
-        for c in configs:
+        for c in server_configs(base, ns.count, first):
             sockets.append(listen(c.host, c.port))
+            apps.append(create_sim_app(c))
+            if apps[-1].state.publisher is not None:
+                apps[-1].state.publisher.open()  # bind now: a busy event port is a clear error too
     except ConfigError as exc:
         for sock in sockets:
             sock.close()
+        for app in apps:
+            if app.state.publisher is not None:
+                asyncio.run(app.state.publisher.close())
         print(f"worker.sim: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("uvicorn.error").addFilter(_QuietUnfinished())
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(serve_all(configs, sockets))
+            runner.run(serve_all(apps, sockets))
     except KeyboardInterrupt:
         pass
     return 0

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from worker.sim.errors import ConfigError
+from worker.sim.kv_events import KVEventsSettings
+from worker.sim.text import MAX_POSITIONS
 
-class ConfigError(ValueError):
-    """A simulator setting is out of range or inconsistent; the message names the setting."""
+__all__ = ["ConfigError", "SimConfig"]
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,21 @@ class SimConfig:
     seed: int = 0
     host: str = "127.0.0.1"
     port: int = 8000
+    # KV cache events and prefix-cache reporting, as vLLM's --kv-events-config / --enable-prompt-tokens-details
+    kv_events: KVEventsSettings = field(default_factory=KVEventsSettings)
+    kv_hash_seed: int = 0  # changes every block hash (the NONE_HASH seed of vLLM's hash chain)
+    enable_prompt_tokens_details: bool = False
+    server_dev_mode: bool = False  # POST /reset_prefix_cache, as vLLM's VLLM_SERVER_DEV_MODE=1
+    # answer token i is the number i (its position in the whole answer, continuations included)
+    positional_output: bool = False
     # fault injection
     fail_rate: float = 0.0
     fail_status: int = 500
     stall_after_tokens: int | None = None
     drop_after_tokens: int | None = None
     exit_after_requests: int | None = None
+    exit_after_tokens: int | None = None  # the whole process exits once a request has streamed N tokens
+    error_after_tokens: int | None = None  # vLLM's mid-stream error event after N tokens
     slow_start_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -66,7 +77,8 @@ class SimConfig:
             raise ConfigError(f"fail_rate must be within [0, 1], got {self.fail_rate}")
         if not 400 <= self.fail_status <= 599:
             raise ConfigError(f"fail_status must be an HTTP error status (400-599), got {self.fail_status}")
-        for name in ("stall_after_tokens", "drop_after_tokens", "exit_after_requests"):
+        for name in ("stall_after_tokens", "drop_after_tokens", "exit_after_requests", "exit_after_tokens",
+                     "error_after_tokens"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
@@ -76,6 +88,12 @@ class SimConfig:
             raise ConfigError(
                 f"num_gpu_blocks * block_size ({self.num_gpu_blocks * self.block_size} tokens) must hold at "
                 f"least one max_model_len ({self.max_model_len}) request"
+            )
+
+        if self.positional_output and self.max_model_len > MAX_POSITIONS:
+            raise ConfigError(
+                f"positional_output numbers tokens up to {MAX_POSITIONS - 1}: max_model_len must be <= "
+                f"{MAX_POSITIONS}, got {self.max_model_len}"
             )
 
     def _check_positive(self, *names: str) -> None:

@@ -4,6 +4,9 @@ Steps follow an ideal timeline: a step that begins at t ends at t + duration, an
 begins at that ideal end, not at whenever the event loop got round to it, so a busy loop delivers
 tokens a little late but does not stretch the model's timing. Only when the loop falls more than
 `MAX_LAG_S` behind does the timeline resync to the clock.
+
+A step's KV events go to `on_kv_events` (the publisher) through `call_soon`, so the step's tokens reach their
+streams first.
 """
 
 from __future__ import annotations
@@ -11,16 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from worker.sim.engine import Engine, SimRequest
+from worker.sim.kv_events import KVEvent
 
 MAX_LAG_S = 5.0
 log = logging.getLogger("worker.sim")
 
 
 class EngineDriver:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_kv_events: Callable[[list[KVEvent]], None] | None = None) -> None:
         self.engine = engine
+        self.on_kv_events = on_kv_events
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         # how late steps ended against the ideal timeline (exported as sim:* metrics)
@@ -48,14 +54,15 @@ class EngineDriver:
         if self._wake is not None:
             self._wake.set()
 
-    def abort(self, req: SimRequest) -> None:
+    def abort(self, req: SimRequest, reason: str = "abort") -> None:
         if not req.done:
-            self.engine.abort_request(req, self.now())
+            self.engine.abort_request(req, self.now(), reason)
 
     async def _run(self) -> None:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
         engine = self.engine
+        publish = self.on_kv_events
         t = loop.time()
         try:
             while True:
@@ -71,6 +78,10 @@ class EngineDriver:
                     await asyncio.sleep(delay)
                 lag = loop.time() - end
                 engine.end_step(end)
+                if publish is not None:
+                    events = engine.take_kv_events()
+                    if events:
+                        loop.call_soon(publish, events)
                 self.steps += 1
                 self.lag_sum_s += lag
                 self.lag_max_s = max(self.lag_max_s, lag)

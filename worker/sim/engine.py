@@ -23,9 +23,14 @@ One engine *step* works like a vLLM (V1, chunked prefill) scheduler iteration:
    where batch is the number of requests in the step. The GPU slots hold `max_loras` adapters in
    LRU order; an adapter already resident costs nothing.
 4. At the end of the step every decoding request gets one token, and so does each request whose
-   prefill completed in this step (its first token: TTFT). Its full prompt blocks then become
-   findable in the prefix cache. A request that has produced all its tokens finishes and releases
-   its blocks.
+   prefill completed in this step (its first token: TTFT). A request that has produced all its
+   tokens finishes and releases its blocks.
+5. Prefix caching as vLLM's: at the end of a step every block whose tokens all have their KV
+   computed (prompt chunks, and output blocks once the request knows its output token ids)
+   becomes findable, the last sampled token not counting (it is computed in the next step).
+   With KV events on, each request that cached blocks in the step adds one `BlockStored`, each
+   eviction a `BlockRemoved`, a prefix-cache reset an `AllBlocksCleared`; the driver publishes
+   the step's events as one batch (`take_kv_events`).
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from worker.sim.config import SimConfig
-from worker.sim.kv_cache import BlockPool, block_hashes
+from worker.sim.kv_cache import BlockPool, block_hashes, extend_hashes, root_hash
+from worker.sim.kv_events import MEDIUM_GPU, SPEC_KIND_FULL_ATTENTION, AllBlocksCleared, BlockStored, KVEvent
 
 
 class RequestState(enum.Enum):
@@ -58,6 +64,9 @@ class SimRequest:
     lora: str | None = None
     finish_reason: str = "length"  # reported once all `output_tokens` are out
     on_output: Callable[[], None] | None = None  # called after each step that gave it a token
+    output_token_ids: list[int] | None = None  # known up front: output blocks are cached too (else only prompt)
+    lora_id: int | None = None  # the adapter's id in KV events (vLLM's lora_int_id)
+    report_cached_blocks: bool = False  # vLLM's kv_cache_report_mode "full": BlockStored for prefix hits too
     # --- set by the engine ---
     state: RequestState = RequestState.WAITING
     arrival: float = 0.0
@@ -70,7 +79,8 @@ class SimRequest:
     num_computed_tokens: int = 0  # prompt tokens in the KV cache (hits + prefilled chunks)
     step_tokens: int = 0  # prompt tokens being computed in the current step
     blocks: list[int] = field(default_factory=list)
-    hashes: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)  # of its full blocks so far (prompt, then output)
+    num_registered: int = 0  # leading blocks findable in the prefix cache (hits, then those it cached)
 
     @property
     def prompt_len(self) -> int:
@@ -114,7 +124,9 @@ class Engine:
     def __init__(self, cfg: SimConfig, observer: EngineObserver | None = None) -> None:
         self.cfg = cfg
         self.observer = observer
-        self.pool = BlockPool(cfg.num_gpu_blocks)
+        # KV events of the step in progress (None when they are off: no cost at all)
+        self._events: list[KVEvent] | None = [] if cfg.kv_events.publishing else None
+        self.pool = BlockPool(cfg.num_gpu_blocks, self._events)
         self.stats = EngineStats()
         self.waiting: dict[SimRequest, None] = {}  # insertion-ordered: FIFO with O(1) removal
         self.running: dict[SimRequest, None] = {}
@@ -131,21 +143,43 @@ class Engine:
             raise ValueError(f"request needs {need} KV blocks; the pool has {self.cfg.num_gpu_blocks}")
         req.state = RequestState.WAITING
         req.arrival = now
-        req.hashes = block_hashes(req.prompt_token_ids, self.cfg.block_size, req.lora)
+        req.hashes = block_hashes(req.prompt_token_ids, self.cfg.block_size, self._root(req))
         self.waiting[req] = None
 
-    def abort_request(self, req: SimRequest, now: float) -> None:
-        """Drop a request wherever it is; its batch slot and KV blocks are free at once."""
+    def abort_request(self, req: SimRequest, now: float, reason: str = "abort") -> None:
+        """Drop a request wherever it is; its batch slot and KV blocks are free at once.
+        `reason` is its finished_reason in the metrics ("abort", or "error" for an injected failure)."""
         if req in self.waiting:
             del self.waiting[req]
         elif req in self.running:
-            self._finish(req, now, "abort")
+            self._finish(req, now, reason)
             return
         else:
             return
         req.state = RequestState.ABORTED
         req.finished_at = now
-        self.stats.finished["abort"] = self.stats.finished.get("abort", 0) + 1
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """vLLM's reset_prefix_cache: forget every cached block. Refused (False) while requests hold
+        blocks, unless `reset_running_requests` (vLLM then preempts and recomputes them; here they keep
+        running and store their blocks again, without the recompute time)."""
+        if not self.pool.reset(force=reset_running_requests):
+            return False
+        for req in self.running:
+            req.num_registered = 0
+        if self._events is not None:
+            self._events.append(AllBlocksCleared())
+        return True
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """The KV events since the last call (one batch a step), oldest first."""
+        events = self._events
+        if not events:
+            return []
+        out = events.copy()
+        events.clear()
+        return out
 
     def forget_lora(self, name: str) -> None:
         """An adapter was unloaded: it no longer occupies a GPU slot."""
@@ -184,6 +218,7 @@ class Engine:
         """Apply the step: prefill chunks land, decoding requests get a token; returns those that got one."""
         batch, self._batch = self._batch or [], None
         out: list[SimRequest] = []
+        bs = self.cfg.block_size
         for req in batch:
             if req.state is not RequestState.RUNNING:
                 continue  # aborted while the step ran
@@ -191,12 +226,15 @@ class Engine:
                 req.num_computed_tokens += req.step_tokens
                 req.step_tokens = 0
                 if req.num_computed_tokens < req.prompt_len:
+                    if req.num_computed_tokens // bs > req.num_registered:
+                        self._cache_blocks(req)  # a prefill chunk completed blocks
                     continue  # prefill goes on in the next step
             if req.num_generated == 0:
                 req.first_token_at = now
-                for block, h in zip(req.blocks, req.hashes, strict=False):
-                    self.pool.register(block, h)
             req.num_generated += 1
+            # blocks whose KV is complete: the prompt and all output tokens but the one just sampled
+            if (req.num_computed_tokens + req.num_generated - 1) // bs > req.num_registered:
+                self._cache_blocks(req)
             self.stats.generation_tokens += 1
             if self.observer is not None:
                 self.observer.on_token(req, now)
@@ -220,6 +258,48 @@ class Engine:
         return sorted({r.lora for r in self.waiting if r.lora is not None})
 
     # ----- internals -----
+    def _root(self, req: SimRequest) -> int:
+        return root_hash(self.cfg.kv_hash_seed, req.lora)
+
+    def _cache_blocks(self, req: SimRequest) -> None:
+        """Make the request's newly completed full blocks findable; with events on, one BlockStored."""
+        bs = self.cfg.block_size
+        kv_tokens = req.num_computed_tokens + max(req.num_generated - 1, 0)
+        upto = min(kv_tokens // bs, len(req.blocks))
+        first = req.num_registered
+        tokens = req.prompt_token_ids
+        if upto > len(req.hashes):
+            if req.output_token_ids is None:
+                upto = len(req.hashes)  # output ids unknown: only prompt blocks are cached
+            else:
+                tokens = tokens + req.output_token_ids
+                extend_hashes(req.hashes, tokens, bs, self._root(req), upto)
+        if upto <= first:
+            return
+        register, blocks, hashes = self.pool.register, req.blocks, req.hashes
+        for b in range(first, upto):
+            register(blocks[b], hashes[b])
+        req.num_registered = upto
+        if self._events is not None:
+            if len(tokens) < upto * bs:
+                tokens = tokens + (req.output_token_ids or [])
+            self._events.append(self._stored(req, first, upto, tokens))
+
+    def _stored(self, req: SimRequest, first: int, upto: int, tokens: list[int]) -> BlockStored:
+        bs, n = self.cfg.block_size, upto - first
+        return BlockStored(
+            block_hashes=req.hashes[first:upto],
+            parent_block_hash=req.hashes[first - 1] if first else None,
+            token_ids=tokens[first * bs : upto * bs],
+            block_size=bs,
+            lora_id=req.lora_id,
+            medium=MEDIUM_GPU,
+            lora_name=req.lora,
+            extra_keys=[(req.lora,)] * n if req.lora is not None else [None] * n,
+            group_idx=0,
+            kv_cache_spec_kind=SPEC_KIND_FULL_ATTENTION,
+        )
+
     def _blocks_needed(self, req: SimRequest) -> int:
         return math.ceil((req.prompt_len + req.output_tokens) / self.cfg.block_size)
 
@@ -239,7 +319,10 @@ class Engine:
                 break  # KV pool full: head-of-line waits for blocks to be released
             self.pool.acquire(hits)
             req.blocks = hits + self.pool.allocate(new_blocks)
+            req.num_registered = len(hits)
             req.num_cached_tokens = req.num_computed_tokens = len(hits) * self.cfg.block_size
+            if hits and req.report_cached_blocks and self._events is not None:
+                self._events.append(self._stored(req, 0, len(hits), req.prompt_token_ids))
             req.step_tokens = min(req.prompt_len - req.num_computed_tokens, budget)
             budget -= req.step_tokens
             req.state = RequestState.RUNNING
@@ -285,7 +368,7 @@ class Engine:
                 self._lora_running[req.lora] = left
             else:
                 del self._lora_running[req.lora]
-        req.state = RequestState.ABORTED if reason == "abort" else RequestState.FINISHED
+        req.state = RequestState.ABORTED if reason in ("abort", "error") else RequestState.FINISHED
         req.finished_at = now
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         if self.observer is not None:

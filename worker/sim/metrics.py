@@ -113,7 +113,7 @@ class SimMetrics(Collector):
         success = CounterMetricFamily(
             "vllm:request_success", "Count of successfully processed requests.", labels=(*LABELS, "finished_reason")
         )
-        for reason in ("stop", "length", "abort"):
+        for reason in ("stop", "length", "abort", "error", "repetition"):  # vLLM 0.32's finished reasons
             success.add_metric([*labels, reason], s.finished.get(reason, 0))
         yield success
         for hist in (self.ttft, self.itl, self.e2e, self.queue, self.prefill, self.decode):

@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from worker.sim.text import VOCAB_SIZE
+
 JSON = dict[str, Any]
 
 _ERROR_TYPES: Mapping[int, str] = MappingProxyType(
@@ -78,6 +80,39 @@ class GenerationParams:
     include_usage: bool = False
     continuous_usage: bool = False
     ignore_eos: bool = False
+    return_token_ids: bool = False  # vLLM's extension: prompt and output token ids in the answer
+    report_cached_blocks: bool = False  # vllm_xargs {"kv_cache_report_mode": "full"}
+
+
+@dataclass
+class ChatRequest:
+    """A parsed chat body: the shared parameters, the messages and how the template renders them."""
+
+    params: GenerationParams
+    messages: list[tuple[str, str]]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @property
+    def response_role(self) -> str:
+        """vLLM answers as "assistant" with the generation prompt, else in the last message's role."""
+        return "assistant" if self.add_generation_prompt else self.messages[-1][0]
+
+
+_TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
+_FALSE = frozenset({"0", "false", "f", "no", "n", "off"})
+
+
+def _opt_bool(body: JSON, key: str) -> bool | None:
+    """A boolean field as pydantic reads it (lax: also 0/1 and strings such as "true"/"yes")."""
+    value = body.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    raise ApiError(400, f"{key}: Input should be a valid boolean", "Bad Request", key)
 
 
 def _opt_int(body: JSON, key: str, minimum: int) -> int | None:
@@ -127,6 +162,9 @@ def _common(body: JSON) -> GenerationParams:
     max_tokens = _opt_int(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _opt_int(body, "max_tokens", 1)
+    xargs = body.get("vllm_xargs")
+    if xargs is not None and not isinstance(xargs, dict):
+        raise ApiError(400, "vllm_xargs: Input should be a valid dictionary", "Bad Request", "vllm_xargs")
     return GenerationParams(
         model=model,
         prompt_text=None,
@@ -139,6 +177,8 @@ def _common(body: JSON) -> GenerationParams:
         include_usage=include_usage,
         continuous_usage=continuous,
         ignore_eos=bool(body.get("ignore_eos", False)),
+        return_token_ids=bool(_opt_bool(body, "return_token_ids")),
+        report_cached_blocks=bool(xargs and xargs.get("kv_cache_report_mode") == "full"),
     )
 
 
@@ -157,8 +197,24 @@ def _message_text(content: object, index: int) -> str:
     raise ApiError(400, f"messages[{index}].content: Input should be a string or a list", "Bad Request")
 
 
-def parse_chat(body: JSON) -> tuple[GenerationParams, list[tuple[str, str]]]:
+# vLLM's own check (both set to true) and, when add_generation_prompt is left at its default, the error
+# Hugging Face's apply_chat_template raises (both seen from vLLM 0.32)
+BOTH_PROMPT_FLAGS = "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+CONTINUE_WITH_DEFAULT_PROMPT = (
+    "continue_final_message and add_generation_prompt are not compatible. Use continue_final_message when you "
+    "want the model to continue the final message, and add_generation_prompt when you want to add a header that "
+    "will prompt it to start a new assistant message instead."
+)
+
+
+def parse_chat(body: JSON) -> ChatRequest:
     params = _common(body)
+    add_generation_prompt = _opt_bool(body, "add_generation_prompt")
+    continue_final_message = bool(_opt_bool(body, "continue_final_message"))
+    if continue_final_message and add_generation_prompt:
+        raise bad_request(BOTH_PROMPT_FLAGS)
+    if continue_final_message and add_generation_prompt is None:
+        raise bad_request(CONTINUE_WITH_DEFAULT_PROMPT)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages: Field required (a non-empty list)", "Bad Request", "messages")
@@ -167,7 +223,7 @@ def parse_chat(body: JSON) -> tuple[GenerationParams, list[tuple[str, str]]]:
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
             raise ApiError(400, f"messages[{i}]: each message needs a string `role`", "Bad Request")
         rendered.append((msg["role"], _message_text(msg.get("content"), i)))
-    return params, rendered
+    return ChatRequest(params, rendered, add_generation_prompt is not False, continue_final_message)
 
 
 def parse_completion(body: JSON) -> GenerationParams:
@@ -179,11 +235,19 @@ def parse_completion(body: JSON) -> GenerationParams:
         params.prompt_text = prompt
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         params.prompt_token_ids = [int(t) for t in prompt]
+        check_token_ids(params.prompt_token_ids)
     elif isinstance(prompt, list) and len(prompt) > 1:
         raise bad_request("The simulator accepts one prompt per request.", "prompt")
     else:
         raise ApiError(400, "prompt: Field required (a string or a list of token ids)", "Bad Request", "prompt")
     return params
+
+
+def check_token_ids(token_ids: list[int]) -> None:
+    """vLLM's vocabulary check on prompt token ids (400, same message)."""
+    for bad in (min(token_ids), max(token_ids)):
+        if not 0 <= bad < VOCAB_SIZE:
+            raise bad_request(f"Token id {bad} is out of vocabulary")
 
 
 def parse_embedding_inputs(body: JSON) -> list[str | list[int]]:

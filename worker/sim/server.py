@@ -1,9 +1,10 @@
 """The simulated vLLM server as a pure ASGI app: `create_sim_app(SimConfig) -> SimApp`.
 
-Routes: GET /health, /metrics, /v1/models, /version; POST /v1/chat/completions, /v1/completions,
-/v1/embeddings, /tokenize, and (with runtime LoRA updating allowed) /v1/load_lora_adapter and
-/v1/unload_lora_adapter. The app's lifespan starts and stops the engine driver; an app that is
-served without lifespan events starts the driver on its first request.
+Routes: GET /health, /metrics, /v1/models, /version, /kv_event_sources; POST /v1/chat/completions,
+/v1/completions, /v1/embeddings, /tokenize, with runtime LoRA updating allowed /v1/load_lora_adapter and
+/v1/unload_lora_adapter, in dev mode (VLLM_SERVER_DEV_MODE=1) /reset_prefix_cache. The app's lifespan starts
+and stops the engine driver and the KV event publisher; an app that is served without lifespan events starts
+them on its first request.
 """
 
 from __future__ import annotations
@@ -12,29 +13,21 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import Receive, Scope, Send
 
 from worker.sim import responses
-from worker.sim.asgi import (
-    ClientGone,
-    Receive,
-    Scope,
-    Send,
-    header,
-    read_body,
-    send_bytes,
-    send_error,
-    send_json,
-    send_text,
-)
+from worker.sim.asgi import ClientGone, header, read_body, send_bytes, send_error, send_json, send_text
 from worker.sim.config import SimConfig
 from worker.sim.generation import handle_generation
 from worker.sim.protocol import ApiError, parse_chat, parse_embedding_inputs, parse_json_object
-from worker.sim.state import SimState
+from worker.sim.state import SIM_VERSION, SimState
 from worker.sim.text import embedding, embedding_base64, render_chat, token_pieces, tokenize
 
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"
 AUTH_PREFIXES = ("/v1/", "/v2/", "/inference/")
 JSON_ROUTES = frozenset(
     {
@@ -47,11 +40,15 @@ JSON_ROUTES = frozenset(
     }
 )
 
-Handler = Callable[[SimState, Receive, Send, bytes], Awaitable[None]]
+Handler = Callable[[SimState, Scope, Receive, Send, bytes], Awaitable[None]]
 
 
 def runtime_lora_allowed(config: SimConfig) -> bool:
     return config.allow_runtime_lora or os.environ.get(RUNTIME_LORA_ENV, "").lower() in ("1", "true")
+
+
+def dev_mode(config: SimConfig) -> bool:
+    return config.server_dev_mode or os.environ.get(DEV_MODE_ENV, "0") == "1"
 
 
 class SimApp:
@@ -66,6 +63,7 @@ class SimApp:
             ("GET", "/metrics"): _metrics,
             ("GET", "/v1/models"): _models,
             ("GET", "/version"): _version,
+            ("GET", "/kv_event_sources"): _kv_event_sources,
             ("POST", "/v1/chat/completions"): _chat,
             ("POST", "/v1/completions"): _completions,
             ("POST", "/v1/embeddings"): _embeddings,
@@ -74,6 +72,8 @@ class SimApp:
         if runtime_lora_allowed(config):
             self._routes[("POST", "/v1/load_lora_adapter")] = _load_lora
             self._routes[("POST", "/v1/unload_lora_adapter")] = _unload_lora
+        if dev_mode(config):
+            self._routes[("POST", "/reset_prefix_cache")] = _reset_prefix_cache
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -107,7 +107,7 @@ class SimApp:
                         raise ApiError(
                             400, "Unsupported Media Type: Only 'application/json' is allowed", "BadRequestError"
                         )
-            await handler(self.state, receive, send, body)
+            await handler(self.state, scope, receive, send, body)
         except ClientGone:
             return
         except ApiError as err:
@@ -116,6 +116,8 @@ class SimApp:
     def _start(self) -> None:
         self._started = True
         self.state.started_at = time.monotonic()
+        if self.state.publisher is not None:
+            self.state.publisher.start()
         self.state.driver.start()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -127,6 +129,8 @@ class SimApp:
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
                 await self.state.driver.stop()
+                if self.state.publisher is not None:
+                    await self.state.publisher.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -139,19 +143,33 @@ def _not_ready() -> ApiError:
     return ApiError(503, "The simulated server is still starting (--slow-start).", "ServiceUnavailable")
 
 
-async def _health(state: SimState, receive: Receive, send: Send, body: bytes) -> None:
+async def _health(state: SimState, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
     await send_bytes(send, 200 if state.ready() else 503, b"", b"application/json")
 
 
-async def _metrics(state: SimState, receive: Receive, send: Send, body: bytes) -> None:
+async def _metrics(state: SimState, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
     await send_bytes(send, 200, state.metrics.render(), CONTENT_TYPE_LATEST.encode())
 
 
-async def _version(state: SimState, receive: Receive, send: Send, body: bytes) -> None:
-    await send_json(send, 200, {"version": "0.0.0+switchyard.sim"})
+async def _version(state: SimState, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+    await send_json(send, 200, {"version": SIM_VERSION})
 
 
-async def _models(state: SimState, receive: Receive, send: Send, body: bytes) -> None:
+async def _kv_event_sources(state: SimState, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+    """vLLM's publisher config per data-parallel rank (one engine: rank "0"); {} without KV events."""
+    pub = state.publisher
+    await send_json(send, 200, {"0": pub.resolved.as_dict()} if pub is not None else {})
+
+
+async def _reset_prefix_cache(state: SimState, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+    """vLLM's dev route: forget the prefix cache; `{"success": false}` while requests hold blocks, unless
+    ?reset_running_requests=true. The AllBlocksCleared event goes out with the next engine step, as in vLLM."""
+    query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
+    force = query.get("reset_running_requests", ["false"])[-1].lower() in ("1", "true", "yes", "on")
+    await send_json(send, 200, {"success": state.engine.reset_prefix_cache(force)})
+
+
+async def _models(state: SimState, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
     if not state.ready():
         raise _not_ready()
     cfg = state.config
@@ -160,15 +178,15 @@ async def _models(state: SimState, receive: Receive, send: Send, body: bytes) ->
     await send_json(send, 200, {"object": "list", "data": cards})
 
 
-async def _chat(state: SimState, receive: Receive, send: Send, body: bytes) -> None:
+async def _chat(state: SimState, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
     await handle_generation(state, receive, send, body, chat=True)
 
 
-async def _completions(state: SimState, receive: Receive, send: Send, body: bytes) -> None:
+async def _completions(state: SimState, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
     await handle_generation(state, receive, send, body, chat=False)
 
 
-async def _embeddings(state: SimState, receive: Receive, send: Send, body: bytes) -> None:
+async def _embeddings(state: SimState, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
     data = parse_json_object(body)
     model_field = data.get("model")
     model, _ = state.resolve_model(model_field if isinstance(model_field, str) else None)
@@ -194,13 +212,13 @@ async def _embeddings(state: SimState, receive: Receive, send: Send, body: bytes
     })  # fmt: skip
 
 
-async def _tokenize(state: SimState, receive: Receive, send: Send, body: bytes) -> None:
+async def _tokenize(state: SimState, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
     data = parse_json_object(body)
     model_field = data.get("model")
     state.resolve_model(model_field if isinstance(model_field, str) else None)
     if "messages" in data:
-        _, messages = parse_chat(data)
-        text = render_chat(messages, bool(data.get("add_generation_prompt", True)))
+        chat = parse_chat(data)
+        text = render_chat(chat.messages, chat.add_generation_prompt, chat.continue_final_message)
     elif isinstance(data.get("prompt"), str):
         text = data["prompt"]
     else:
@@ -211,7 +229,7 @@ async def _tokenize(state: SimState, receive: Receive, send: Send, body: bytes) 
                                 "tokens": tokens, "token_strs": strs})  # fmt: skip
 
 
-async def _load_lora(state: SimState, receive: Receive, send: Send, body: bytes) -> None:
+async def _load_lora(state: SimState, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
     data = parse_json_object(body)
     name, path = data.get("lora_name"), data.get("lora_path")
     if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
@@ -221,18 +239,18 @@ async def _load_lora(state: SimState, receive: Receive, send: Send, body: bytes)
     if name in state.loras and not data.get("load_inplace"):
         raise ApiError(400, f"The lora adapter '{name}' has already been loaded. If you want to load the "
                        "adapter in place, set 'load_inplace' to True.", "InvalidUserInput")  # fmt: skip
-    state.loras[name] = path
+    state.add_lora(name, path)
     state.engine.forget_lora(name)  # an in-place reload must be loaded into a slot again
     await send_text(send, 200, f"Success: LoRA adapter '{name}' added successfully.")
 
 
-async def _unload_lora(state: SimState, receive: Receive, send: Send, body: bytes) -> None:
+async def _unload_lora(state: SimState, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
     data = parse_json_object(body)
     name = data.get("lora_name")
     if not isinstance(name, str) or not name:
         raise ApiError(400, "'lora_name' needs to be provided to unload a LoRA adapter.", "InvalidUserInput")
     if name not in state.loras:
         raise ApiError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
-    del state.loras[name]
+    state.remove_lora(name)
     state.engine.forget_lora(name)
     await send_text(send, 200, f"Success: LoRA adapter '{name}' removed successfully.")

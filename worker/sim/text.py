@@ -1,13 +1,16 @@
-"""Deterministic stand-ins for a tokenizer, a chat template, sampled text and embeddings.
+"""Deterministic stand-ins for a tokenizer, a chat template and embeddings.
 
-- Tokenizer: the text is cut into pieces of 4 characters (the last may be shorter); a piece's
-  token id is crc32(piece) mod 32000. Equal text prefixes give equal token prefixes, which is what
-  prefix caching needs.
-- Chat template (ChatML-like): each message renders as `<|im_start|>{role}\\n{content}<|im_end|>\\n`,
-  followed by `<|im_start|>assistant\\n` for the generation prompt.
-- Output text: words drawn from a fixed list by a PRNG seeded from (model, prompt, seed); one word
-  (with its leading space) is one token. Without `ignore_eos` the answer has a natural length of
-  8-128 tokens (finish_reason "stop"), else it runs to max_tokens ("length").
+- Tokenizer: `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` are special tokens (ids 0, 1, 2) and a newline is a
+  token of its own (id 3); every other run of text is cut into pieces of 4 characters (the last may be
+  shorter), counted from the run's start, i.e. from the text's start or just after a newline or special token.
+  A piece is an answer word (one of `ANSWER_WORDS`, ids 16..79), a position token (`POSITION_TOKENS`, ids
+  128..10127) or otherwise id `PIECE_BASE + crc32(piece) % 32000`. Equal text prefixes give equal token
+  prefixes (what prefix caching needs), and text that starts a run on the grid -- such as a generated answer
+  right after the chat template's `<|im_start|>assistant\\n` -- tokenizes back to exactly the ids it was
+  generated from (what continuing a partial answer needs).
+- Chat template (ChatML): each message renders as `<|im_start|>{role}\\n{content}<|im_end|>\\n`, followed by
+  `<|im_start|>assistant\\n` for the generation prompt; `continue_final_message` leaves the last message open
+  (no `<|im_end|>\\n`), as Hugging Face's `apply_chat_template` does.
 - Embeddings: a Gaussian vector seeded from (model, input), scaled to unit length.
 """
 
@@ -16,88 +19,107 @@ from __future__ import annotations
 import base64
 import math
 import random
+import re
 import struct
 import zlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
 
 CHARS_PER_TOKEN = 4
-VOCAB_SIZE = 32000
-MIN_NATURAL_TOKENS = 8
-MAX_NATURAL_TOKENS = 128
+SPECIAL_TOKENS: Mapping[str, int] = MappingProxyType({"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2})
+EOS_ID = 2  # <|im_end|>, as for ChatML models
+NEWLINE_ID = 3
+WORD_BASE = 16
+POSITION_BASE = 128
+MAX_POSITIONS = 10_000  # position tokens are the numbers 0..9999, right-aligned in 4 characters
+PIECE_BASE = POSITION_BASE + MAX_POSITIONS + 112
+PIECE_RANGE = 32_000
+VOCAB_SIZE = PIECE_BASE + PIECE_RANGE
 
-_WORDS = tuple(
-    """
-    the of and to in is was for on that with as by at from it an be this which or are have has not
-    but were their more one all can its also new other time been would first into two after only
-    model token batch cache block prefix route queue server engine stream latency request answer
+# One answer word is one token: a space and three letters, so an answer is a run of 4-character pieces.
+ANSWER_WORDS = tuple(
+    " " + w
+    for w in """
+    the and for are but not you all any can had her was one our out day get has him his how man new now
+    old see two way who its let put say she too use top end job key log map row run set bit net big low
+    few far yet ask add api gpu hit lru tcp ttl rpc sse raw
     """.split()  # noqa: SIM905 -- a word list reads better as text
 )
-
-_SPACED_WORDS = tuple(" " + w for w in _WORDS)
+POSITION_TOKENS = tuple(f"{i:>4}" for i in range(MAX_POSITIONS))
+# a constant table, never written to (a plain dict: tokenizing looks it up once a piece)
+_PIECE_IDS: Final[dict[bytes, int]] = {w.encode(): WORD_BASE + i for i, w in enumerate(ANSWER_WORDS)} | {
+    p.encode(): POSITION_BASE + i for i, p in enumerate(POSITION_TOKENS)
+}
+# text of each id below PIECE_BASE that the sampler produces: answer words, positions, and EOS (a special
+# token: no visible text); other ids there are never sampled
+ANSWER_TEXTS = tuple(
+    ANSWER_WORDS[i - WORD_BASE] if WORD_BASE <= i < WORD_BASE + len(ANSWER_WORDS)
+    else POSITION_TOKENS[i - POSITION_BASE] if i >= POSITION_BASE
+    else ""
+    for i in range(POSITION_BASE + MAX_POSITIONS)
+)  # fmt: skip
+_SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL_TOKENS) + ")")
 
 
 def _crc(text: str) -> int:
     return zlib.crc32(text.encode("utf-8", "surrogatepass"))
 
 
-def token_pieces(text: str) -> list[str]:
-    return [text[i : i + CHARS_PER_TOKEN] for i in range(0, len(text), CHARS_PER_TOKEN)]
+def _runs(text: str) -> list[str]:
+    """The text split at special tokens (kept, at odd indices), so each even item is plain text."""
+    return _SPECIAL_RE.split(text) if "<|" in text else [text]
+
+
+def _line_ids(line: str, out: list[int]) -> None:
+    get, crc = _PIECE_IDS.get, zlib.crc32
+    raw = line.encode("utf-8", "surrogatepass")
+    if len(raw) == len(line):  # ASCII: slice the encoded bytes (the common, fast case)
+        pieces = [raw[i : i + CHARS_PER_TOKEN] for i in range(0, len(raw), CHARS_PER_TOKEN)]
+    else:
+        pieces = [line[i : i + CHARS_PER_TOKEN].encode("utf-8", "surrogatepass")
+                  for i in range(0, len(line), CHARS_PER_TOKEN)]  # fmt: skip
+    out += [get(piece) or PIECE_BASE + crc(piece) % PIECE_RANGE for piece in pieces]  # no table id is 0
 
 
 def tokenize(text: str) -> list[int]:
-    raw = text.encode("utf-8", "surrogatepass")
-    if len(raw) == len(text):  # ASCII: slice the bytes once encoded (the common, fast case)
-        crc = zlib.crc32
-        return [crc(raw[i : i + CHARS_PER_TOKEN]) % VOCAB_SIZE for i in range(0, len(raw), CHARS_PER_TOKEN)]
-    return [_crc(piece) % VOCAB_SIZE for piece in token_pieces(text)]
+    out: list[int] = []
+    for i, run in enumerate(_runs(text)):
+        if i % 2:
+            out.append(SPECIAL_TOKENS[run])
+            continue
+        for j, line in enumerate(run.split("\n")):
+            if j:
+                out.append(NEWLINE_ID)
+            if line:
+                _line_ids(line, out)
+    return out
 
 
-def render_chat(messages: list[tuple[str, str]], add_generation_prompt: bool = True) -> str:
+def token_pieces(text: str) -> list[str]:
+    """The text of each token `tokenize(text)` returns (for /tokenize's `return_token_strs`)."""
+    out: list[str] = []
+    for i, run in enumerate(_runs(text)):
+        if i % 2:
+            out.append(run)
+            continue
+        for j, line in enumerate(run.split("\n")):
+            if j:
+                out.append("\n")
+            out += [line[k : k + CHARS_PER_TOKEN] for k in range(0, len(line), CHARS_PER_TOKEN)]
+    return out
+
+
+def render_chat(
+    messages: list[tuple[str, str]], add_generation_prompt: bool = True, continue_final_message: bool = False
+) -> str:
     parts = [f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages]
-    if add_generation_prompt:
+    if continue_final_message and messages:
+        role, content = messages[-1]
+        parts[-1] = f"<|im_start|>{role}\n{content}"
+    elif add_generation_prompt:
         parts.append("<|im_start|>assistant\n")
     return "".join(parts)
-
-
-@dataclass(frozen=True)
-class Completion:
-    """The text a request will produce: one string per token, and why it ends."""
-
-    pieces: list[str]
-    finish_reason: str  # "stop" | "length"
-    stop_reason: str | None  # the matched stop string, when one ended the text
-
-
-def sample_completion(
-    model: str,
-    prompt_token_ids: list[int],
-    max_tokens: int,
-    seed: int | None,
-    stop: list[str],
-    ignore_eos: bool,
-    rng: random.Random,
-) -> Completion:
-    """Deterministic for a given (model, prompt, seed); `rng` is only used when seed is None."""
-    base = seed if seed is not None else rng.getrandbits(32)
-    digest = zlib.crc32(struct.pack(f"<{len(prompt_token_ids)}I", *prompt_token_ids), _crc(model))
-    gen = random.Random(digest ^ (base * 0x9E3779B1))
-    natural = gen.randint(MIN_NATURAL_TOKENS, MAX_NATURAL_TOKENS)
-    count = max_tokens if ignore_eos else min(natural, max_tokens)
-    pieces = gen.choices(_SPACED_WORDS, k=count)
-    finish = "length" if count == max_tokens else "stop"
-    if stop:
-        text = ""
-        for i, piece in enumerate(pieces):
-            text += piece
-            for s in stop:
-                at = text.find(s)
-                if at >= 0:
-                    # keep the text before the stop string; the last piece is cut to fit
-                    kept = text[:at]
-                    prefix_len = len(text) - len(piece)
-                    last = kept[prefix_len:] if at > prefix_len else ""
-                    return Completion([*pieces[:i], last], "stop", s)
-    return Completion(pieces, finish, None)
 
 
 def embedding(model: str, text: str, dim: int) -> list[float]:

@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import orjson
 import pytest
 
 from tests.worker.sim.conftest import RunningSim, SimFactory, sim_process
@@ -76,6 +77,85 @@ async def test_drop_cuts_non_streamed_body(sim_factory: SimFactory) -> None:
     async with sim_factory(drop_after_tokens=0) as sim, httpx.AsyncClient(base_url=sim.url) as http:
         with pytest.raises(httpx.RemoteProtocolError):
             await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
+
+
+VLLM_STREAM_ERROR = (
+    b'data: {"error": {"message": "Internal server error", "type": "InternalServerError", "param": null, '
+    b'"code": 500}}\n\ndata: [DONE]\n\n'
+)  # what vLLM 0.32 sends when generation fails after the 200 (json.dumps spacing)
+
+
+async def test_error_after_tokens_sends_vllms_error_event(sim_factory: SimFactory) -> None:
+    async with sim_factory(error_after_tokens=3) as sim, httpx.AsyncClient(base_url=sim.url) as http:
+        r = await http.post("/v1/completions", json=STREAM)
+        short = await http.post("/v1/completions", json={**STREAM, "max_tokens": 3})
+        text = (await http.get("/metrics")).text
+    assert r.status_code == 200
+    assert r.content.endswith(b"\n\n" + VLLM_STREAM_ERROR)
+    events = r.content.split(b"\n\n")[:-1]
+    assert len(events) == 3 + 2  # three tokens, the error, [DONE]
+    assert all(orjson.loads(e[6:])["choices"][0]["text"] for e in events[:3])
+    assert short.content.endswith(b"data: [DONE]\n\n")  # no fourth token due: no error
+    assert b"error" not in short.content
+    assert metric(text, 'vllm:request_success_total{engine="0",finished_reason="error"') == 1
+    assert metric(text, "vllm:num_requests_running") == 0
+
+
+async def test_error_after_zero_tokens_opens_the_chat_stream_first(sim_factory: SimFactory) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
+    async with sim_factory(error_after_tokens=0) as sim, httpx.AsyncClient(base_url=sim.url) as http:
+        r = await http.post("/v1/chat/completions", json=body)
+    events = r.content.split(b"\n\n")[:-1]
+    assert orjson.loads(events[0][6:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert r.content == events[0] + b"\n\n" + VLLM_STREAM_ERROR
+
+
+async def test_error_after_tokens_non_streamed_is_a_500(sim_factory: SimFactory) -> None:
+    async with sim_factory(error_after_tokens=2) as sim, httpx.AsyncClient(base_url=sim.url) as http:
+        r = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 5, "ignore_eos": True})
+        ok = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "ignore_eos": True})
+    assert r.status_code == 500
+    assert r.json() == {"error": {"message": "Internal server error", "type": "InternalServerError", "param": None,
+                                  "code": 500}}  # fmt: skip
+    assert ok.status_code == 200
+
+
+def _sync_stream(url: str, body: dict[str, object]) -> tuple[list[bytes], str]:
+    """The SSE data lines of a stream, and whether it completed or the connection broke."""
+    got: list[bytes] = []
+    try:
+        with httpx.stream("POST", url, json=body, timeout=10) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    got.append(line.encode())
+    except httpx.RemoteProtocolError:
+        return got, "dropped"
+    return got, "complete"
+
+
+def test_exit_after_tokens_kills_the_process_mid_stream() -> None:
+    with sim_process("--served-model-name", "sim", "--port", "0", "--decode-ms-per-token", "5",
+                     "--exit-after-tokens", "4") as sim:  # fmt: skip
+        url = sim.urls[0]
+        got, ended = _sync_stream(url + "/v1/completions", {**STREAM, "max_tokens": 50})
+        assert sim.proc.wait(5) == 1
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=2)
+    assert ended == "dropped"
+    assert len(got) == 4  # exactly N whole token events, then the connection is gone: no [DONE], no error event
+    assert all(orjson.loads(e[6:])["choices"][0]["finish_reason"] is None for e in got)
+
+
+def test_exit_after_tokens_non_streamed() -> None:
+    with sim_process("--served-model-name", "m", "--port", "0", "--decode-ms-per-token", "1",
+                     "--exit-after-tokens", "2") as sim:  # fmt: skip
+        url = sim.urls[0]
+        short = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=5)
+        with pytest.raises(httpx.TransportError):
+            httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 9, "ignore_eos": True}, timeout=5)
+        assert sim.proc.wait(5) == 1
+    assert short.status_code == 200
 
 
 async def test_fail_rate(sim_factory: SimFactory) -> None:
@@ -177,7 +257,10 @@ def test_help_documents_every_flag() -> None:
     out = subprocess.run([sys.executable, "-m", "worker.sim", "--help"], capture_output=True, text=True, check=True)
     for flag in ("--embedding-dim", "--max-model-len", "--api-key", "--seed", "--lora-load-ms",
                  "--decode-batch-factor", "--allow-runtime-lora", "--fail-rate", "--fail-status",
-                 "--stall-after-tokens", "--drop-after-tokens", "--exit-after-requests", "--slow-start"):  # fmt: skip
+                 "--stall-after-tokens", "--drop-after-tokens", "--exit-after-requests", "--slow-start",
+                 "--exit-after-tokens", "--error-after-tokens", "--positional-output", "--kv-events-config",
+                 "--enable-prefix-caching", "--enable-prompt-tokens-details", "--kv-hash-seed",
+                 "--server-dev-mode"):  # fmt: skip
         assert flag in out.stdout
 
 
