@@ -26,10 +26,12 @@ class BlockStored(msgspec.Struct, tag=True, gc=False):
     parent_block_hash: BlockHash | None
     token_ids: list[int]
     block_size: int
-    lora_name: str | None = None
+    lora_id: int | None = None
     medium: str | None = None
+    lora_name: str | None = None
     extra_keys: list[tuple[Any, ...] | None] | None = None
     group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
 
 
 class BlockRemoved(msgspec.Struct, tag=True, gc=False):
@@ -56,6 +58,7 @@ class EventBatch:
     ts: float  # the engine's wall clock when it published the batch
     events: list[KvEvent]
     unknown: int  # events of a type this gateway does not know (a newer vLLM's): skipped
+    data_parallel_rank: int | None = None
 
 
 _batch_decoder = msgspec.msgpack.Decoder(_RawBatch)
@@ -80,7 +83,7 @@ def decode_batch(payload: bytes) -> EventBatch:
             unknown += 1  # an event type (or a field's type) this gateway does not know
         except msgspec.DecodeError as exc:
             raise BadEvents(str(exc)) from None
-    return EventBatch(raw.ts, events, unknown)
+    return EventBatch(raw.ts, events, unknown, raw.data_parallel_rank)
 
 
 def decode_seq(frame: bytes) -> int:
