@@ -193,6 +193,12 @@ class AuthSettings(StrictModel):
         return self
 
 
+class TracingSettings(StrictModel):
+    """OpenTelemetry traces (the exporter follows the standard OTEL_* environment variables; see gateway/tracing.py)."""
+
+    enabled: bool = Field(default=False, description="Export a span per request and per upstream attempt.")
+
+
 class AdminSettings(StrictModel):
     """The read-only admin endpoint GET /admin/fleet: off unless a key is configured."""
 
@@ -264,6 +270,7 @@ class Settings(BaseSettings):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     kv_events: KvEventSettings = Field(default_factory=KvEventSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
 
     @model_validator(mode="after")
