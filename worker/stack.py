@@ -20,33 +20,53 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
 from types import FrameType
-from typing import IO
+from typing import Literal
 
 import yaml
 
 from worker import procs
 from worker.models import DemoModels, PrepareError, default_models_dir, prepare
+from worker.phases import READY, STARTING, LogPhases
 from worker.stack_file import StackFileError, StackSpec, WorkerSpec, demo_stack, load_stack
+from worker.startup_view import ChildStatus, StartupView, view_for
 
 
 class StackError(RuntimeError):
     """The stack could not start; the message says which part and why."""
 
 
+Kind = Literal["vllm", "sim", "gateway"]
+
+
 @dataclass
 class Child:
     name: str
+    kind: Kind
     process: Popen[bytes]
     log: Path
     health_url: str
     started: float = field(default_factory=time.monotonic)
     ready_after: float | None = None
+    phases: LogPhases | None = None  # vLLM workers: the startup phase read from the log
 
     def tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    def phase(self) -> str:
+        if self.ready_after is not None:
+            return READY
+        return self.phases.poll() if self.phases is not None else STARTING
+
+    def status(self, phase: str | None = None) -> ChildStatus:
+        if self.ready_after is None:
+            return ChildStatus(self.name, phase or self.phase(), "starting", self.started)
+        return ChildStatus(self.name, phase or READY, "ready", self.started, self.started + self.ready_after)
+
+    def failed(self, message: str) -> ChildStatus:
+        return ChildStatus(self.name, message, "failed", self.started, time.monotonic())
 
 
 def worker_argv(spec: WorkerSpec, sim: bool) -> list[str]:
@@ -114,11 +134,13 @@ class Stack:
     def expected_models(self) -> set[str]:
         return {name for w in self.spec.workers for name in w.names}
 
-    def _spawn(self, name: str, argv: list[str], health_url: str, env: dict[str, str] | None = None) -> Child:
+    def _spawn(
+        self, name: str, kind: Kind, argv: list[str], health_url: str, env: dict[str, str] | None = None
+    ) -> Child:
         log = self.log_dir / f"{name}.log"
         with log.open("wb") as out:
             process = procs.spawn(argv, env={**os.environ, **(env or {})}, stdout=out)
-        return Child(name, process, log, health_url)
+        return Child(name, kind, process, log, health_url, phases=LogPhases(log) if kind == "vllm" else None)
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -128,13 +150,14 @@ class Stack:
             busy.append(f"gateway ({self.spec.gateway.port})")
         if busy:
             raise StackError(f"port(s) already in use: {', '.join(busy)}; stop what runs there or change the ports")
+        kind: Kind = "sim" if self.sim else "vllm"
         for w in local:
-            self.workers.append(self._spawn(w.name, worker_argv(w, self.sim), f"{w.base_url}/health", w.env))
+            self.workers.append(self._spawn(w.name, kind, worker_argv(w, self.sim), f"{w.base_url}/health", w.env))
         config = self.log_dir / "gateway.yaml"
         config.write_text(yaml.safe_dump(gateway_config(self.spec), sort_keys=False))
         argv = [sys.executable, "-m", "gateway", "--config", str(config)]
         argv += ["--host", self.spec.gateway.host, "--port", str(self.spec.gateway.port)]
-        self.gateway = self._spawn("gateway", argv, f"{self.url}/health")
+        self.gateway = self._spawn("gateway", "gateway", argv, f"{self.url}/health")
 
     def children(self) -> list[Child]:
         return [*self.workers, *([self.gateway] if self.gateway else [])]
@@ -142,30 +165,36 @@ class Stack:
     def dead(self) -> Child | None:
         return next((c for c in self.children() if c.process.poll() is not None), None)
 
-    def wait_ready(self, timeout: float, show: IO[str] | None = None) -> None:
+    def wait_ready(self, timeout: float, view: StartupView | None = None) -> None:
         """Until every worker is healthy and the gateway lists every expected model; StackError otherwise."""
         expected = self.expected_models()
         deadline = time.monotonic() + timeout
-        last = ""
         while True:
             dead = self.dead()
             if dead is not None:
+                phase = dead.phase()
+                code = procs.exit_code(dead.process.returncode)
+                if view is not None:
+                    failed = dead.failed(f"failed: exited with code {code} while {phase}")
+                    view.show([failed if c is dead else c.status() for c in self.children()])
                 raise StackError(
-                    f"{dead.name} exited with code {procs.exit_code(dead.process.returncode)} while starting; "
-                    f"last lines of {dead.log}:\n{dead.tail()}"
+                    f"{dead.name} exited with code {code} while {phase} (after "
+                    f"{time.monotonic() - dead.started:.0f} s); last lines of {dead.log}:\n{dead.tail()}"
                 )
-            for child in self.children():
+            for child in self.workers:
                 if child.ready_after is None and procs.http_ok(child.health_url, timeout=1.0):
                     child.ready_after = time.monotonic() - child.started
-            missing = expected - gateway_models(self.url)
-            if show is not None:
-                last = self._show(show, missing, last)
-            if not missing and all(c.ready_after is not None for c in self.workers):
-                if show is not None and show.isatty():
-                    show.write("\n")
+            listed = expected & gateway_models(self.url)
+            gateway = self.gateway
+            if gateway is not None and gateway.ready_after is None and listed == expected:
+                gateway.ready_after = time.monotonic() - gateway.started
+            if view is not None:
+                view.show([*(w.status() for w in self.workers), *self._gateway_status(listed, expected)])
+            if listed == expected and all(c.ready_after is not None for c in self.workers):
                 return
             if time.monotonic() > deadline:
                 waiting = [c.name for c in self.children() if c.ready_after is None]
+                missing = expected - listed
                 raise StackError(
                     f"not ready after {timeout:.0f} s: waiting for {', '.join(waiting) or 'nothing'}; "
                     f"models not listed by the gateway: {', '.join(sorted(missing)) or 'none'} "
@@ -173,22 +202,15 @@ class Stack:
                 )
             time.sleep(1.0)
 
-    def _show(self, out: IO[str], missing: set[str], last: str) -> str:
-        parts = []
-        for c in self.children():
-            state = f"ready ({c.ready_after:.0f} s)" if c.ready_after is not None else "starting"
-            parts.append(f"{c.name}: {state}")
-        if missing:
-            parts.append(f"models pending: {len(missing)}")
-        line = " | ".join(parts)
-        if out.isatty():
-            elapsed = time.monotonic() - min(c.started for c in self.children())
-            out.write(f"\r\033[K[{elapsed:4.0f} s] {line}")
-            out.flush()
-        elif line != last:
-            out.write(line + "\n")
-            out.flush()
-        return line
+    def _gateway_status(self, listed: set[str], expected: set[str]) -> list[ChildStatus]:
+        gateway = self.gateway
+        if gateway is None:
+            return []
+        if gateway.ready_after is not None:
+            return [gateway.status(f"ready, serving {len(expected)} model(s)")]
+        if procs.http_ok(gateway.health_url, timeout=1.0):
+            return [gateway.status(f"waiting for the workers ({len(listed)}/{len(expected)} models listed)")]
+        return [gateway.status(STARTING)]
 
     def stop(self, grace: float = 30.0) -> None:
         """Gateway first (no new traffic), then all workers at once; SIGKILL whatever outlives grace."""
@@ -263,11 +285,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"starting {len(spec.workers)} {kind} worker(s) and the gateway (logs in {log_dir})", flush=True)
         stack.start()
-        stack.wait_ready(args.timeout, show=sys.stdout)
-        print(banner(stack), flush=True)
+        with view_for(sys.stdout) as view:
+            stack.wait_ready(args.timeout, view)
+        print(f"\n{banner(stack)}", flush=True)
         while (dead := stack.dead()) is None:
             time.sleep(1.0)
-        print(f"switchyard up: {dead.name} exited; stopping. Last lines of {dead.log}:\n{dead.tail()}", flush=True)
+        code = procs.exit_code(dead.process.returncode)
+        print(
+            f"switchyard up: {dead.name} exited with code {code}; stopping everything. "
+            f"Last lines of {dead.log}:\n{dead.tail()}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     except StackError as exc:
         print(f"\nswitchyard up: {exc}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -121,6 +122,12 @@ def test_up_sim_serves_the_demo_topology_and_stops_every_child(tmp_path: Path, s
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
         assert f"Switchyard is up at {url}" in out
+        # stdout is a pipe: plain progress lines, one per phase change, nothing redrawn
+        assert "\x1b[" not in out
+        assert "\r" not in out
+        for name in ("chat", "embed"):
+            assert re.search(rf"^\[ *\d+ s\] {name}: starting\n(.*\n)*\[ *\d+ s\] {name}: ready$", out, re.M), out
+        assert re.search(r"^\[ *\d+ s\] gateway: ready, serving 4 model\(s\)$", out, re.M), out
         assert "curl -s" in out
         assert "from openai import OpenAI" in out
         assert not [pid for pid in children if _alive(pid)], "orphaned children"
@@ -162,7 +169,8 @@ def test_up_reports_a_worker_that_dies_while_starting(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "worker.stack", "--sim", "--stack", str(stack_file), "--log-dir", str(tmp_path)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1
-    assert "bad exited with code 2 while starting" in result.stderr
+    assert "bad exited with code 2 while starting (after" in result.stderr
+    assert re.search(r"^\[ *\d+ s\] bad: failed: exited with code 2 while starting$", result.stdout, re.M)
     assert "--no-such-flag" in result.stderr  # the tail of its log
 
 
