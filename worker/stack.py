@@ -16,11 +16,12 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
 from types import FrameType
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -69,8 +70,11 @@ class Child:
         return ChildStatus(self.name, message, "failed", self.started, time.monotonic())
 
 
-def worker_argv(spec: WorkerSpec, sim: bool) -> list[str]:
-    """The command that runs one stack worker: the launcher for vLLM, or the simulator."""
+def worker_argv(spec: WorkerSpec, sim: bool, api_key: str | None = None) -> list[str]:
+    """The command that runs one stack worker: the launcher for vLLM, or the simulator.
+
+    vLLM gets its key from the environment (worker_env); the simulator only reads one from its command line.
+    """
     if spec.model is None or spec.port is None:
         raise StackError(f"worker {spec.name} has no model/port to start")
     names = spec.served_model_names or [spec.model]
@@ -80,6 +84,8 @@ def worker_argv(spec: WorkerSpec, sim: bool) -> list[str]:
             argv += ["--lora", lora]
         if spec.runtime_lora:
             argv.append("--allow-runtime-lora")
+        if api_key:
+            argv += ["--api-key", api_key]
         return [*argv, "--host", spec.host, "--port", str(spec.port), *spec.sim_args]
     argv = [sys.executable, "-m", "worker", "--model", spec.model, "--host", spec.host, "--port", str(spec.port)]
     for name in names:
@@ -94,9 +100,24 @@ def worker_argv(spec: WorkerSpec, sim: bool) -> list[str]:
     return [*argv, "--", *spec.args] if spec.args else argv
 
 
+def worker_keys(stack: StackSpec, environ: Mapping[str, str]) -> dict[str, str]:
+    """Worker name -> the key its api_key_env names; StackError (naming the variable, never a value) if unset."""
+    keys: dict[str, str] = {}
+    for w in stack.workers:
+        if w.api_key_env is not None:
+            value = environ.get(w.api_key_env)
+            if not value:
+                raise StackError(f"worker {w.name}: api_key_env names {w.api_key_env}, which is not set here")
+            keys[w.name] = value
+    return keys
+
+
 def gateway_config(stack: StackSpec) -> dict[str, object]:
+    """The gateway's configuration file: keys appear in it only as the names of their environment variables."""
     config: dict[str, object] = {"model_refresh_interval": 2.0, **stack.gateway.settings}
-    config["backends"] = [{"url": w.base_url} for w in stack.workers]
+    config["backends"] = [
+        {"url": w.base_url, **({"api_key_env": w.api_key_env} if w.api_key_env else {})} for w in stack.workers
+    ]
     return config
 
 
@@ -107,11 +128,12 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def gateway_models(url: str) -> set[str]:
-    body = procs.http_get(f"{url}/v1/models")
+    """The models the gateway routes, from /ready (open even when client keys guard /v1/models)."""
+    body = procs.http_get(f"{url}/ready")
     if body is None:
         return set()
     try:
-        return {m["id"] for m in json.loads(body)["data"]}
+        return set(json.loads(body)["models"])
     except (ValueError, KeyError, TypeError):
         return set()
 
@@ -150,14 +172,20 @@ class Stack:
             busy.append(f"gateway ({self.spec.gateway.port})")
         if busy:
             raise StackError(f"port(s) already in use: {', '.join(busy)}; stop what runs there or change the ports")
+        keys = worker_keys(self.spec, os.environ)
         kind: Kind = "sim" if self.sim else "vllm"
         for w in local:
-            self.workers.append(self._spawn(w.name, kind, worker_argv(w, self.sim), f"{w.base_url}/health", w.env))
+            key = keys.get(w.name)
+            argv = worker_argv(w, self.sim, key if self.sim else None)
+            env = {**w.env, **({"VLLM_API_KEY": key} if key and not self.sim else {})}
+            self.workers.append(self._spawn(w.name, kind, argv, f"{w.base_url}/health", env))
         config = self.log_dir / "gateway.yaml"
         config.write_text(yaml.safe_dump(gateway_config(self.spec), sort_keys=False))
         argv = [sys.executable, "-m", "gateway", "--config", str(config)]
         argv += ["--host", self.spec.gateway.host, "--port", str(self.spec.gateway.port)]
-        self.gateway = self._spawn("gateway", "gateway", argv, f"{self.url}/health")
+        # the backends' api_key_env variables, set in the gateway's environment whatever the caller's holds
+        gateway_env = {w.api_key_env: keys[w.name] for w in self.spec.workers if w.api_key_env}
+        self.gateway = self._spawn("gateway", "gateway", argv, f"{self.url}/health", gateway_env)
 
     def children(self) -> list[Child]:
         return [*self.workers, *([self.gateway] if self.gateway else [])]
@@ -224,15 +252,32 @@ class Stack:
             procs.stop(w.process, grace=max(0.1, deadline - time.monotonic()))
 
 
+def client_key_hint(settings: Mapping[str, Any]) -> str | None:
+    """How the banner's examples name the gateway's client key: `$VAR` for the first key_env, a placeholder for
+    a key given any other way, None when the gateway is open. Never the key itself."""
+    auth = settings.get("auth")
+    if not isinstance(auth, dict):
+        return None
+    keys = [k for k in auth.get("keys") or [] if isinstance(k, dict)]
+    named = next((k["key_env"] for k in keys if isinstance(k.get("key_env"), str)), None)
+    if named is not None:
+        return f"${named}"
+    return "YOUR_KEY" if keys or auth.get("keys_file") else None
+
+
 def banner(stack: Stack) -> str:
     spec = stack.spec
     chat = next((w for w in spec.workers if w.loras or "smollm2" in w.names), spec.workers[0])
     model = chat.names[0]
     url = stack.url
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello in five words."}]})
+    key = client_key_hint(spec.gateway.settings)
+    header = f' -H "Authorization: Bearer {key}"' if key else ""
+    from_env = key is not None and key.startswith("$")
+    api_key = f'os.environ["{key[1:]}"]' if key and from_env else f'"{key or "none"}"'
     sdk = (
-        f'from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key="none"); '
-        f'print(c.chat.completions.create(model="{model}", '
+        f"{'import os; ' if from_env else ''}from openai import OpenAI; "
+        f'c = OpenAI(base_url="{url}/v1", api_key={api_key}); print(c.chat.completions.create(model="{model}", '
         'messages=[{"role": "user", "content": "Say hello in five words."}]).choices[0].message.content)'
     )
     return "\n".join(
@@ -240,7 +285,7 @@ def banner(stack: Stack) -> str:
             f"Switchyard is up at {url} serving: {', '.join(sorted(stack.expected_models()))}",
             "",
             "  curl:",
-            f"    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'",
+            f"    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{header} -d '{body}'",
             "  openai SDK:",
             f"    python -c '{sdk}'",
             "",
@@ -268,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     models = (args.models_dir or default_models_dir()).expanduser().resolve()
     try:
         spec = load_stack(args.stack, models) if args.stack else demo_stack(models, args.port)
+        worker_keys(spec, os.environ)  # an unset key variable stops here, before anything starts
         local = any(w.url is None for w in spec.workers)
         if not args.sim and local and importlib.util.find_spec("vllm") is None:
             raise StackError("vLLM is not installed here: run scripts/setup.sh, or try the stack with --sim")

@@ -8,6 +8,7 @@ workers:
     served_model_names: [smollm2]
     loras: {lora-a: "{models}/lora-a"}
     port: 8001
+    api_key_env: CHAT_KEY                     # this worker requires the key held in $CHAT_KEY
   - name: elsewhere
     url: http://10.0.0.7:8000                 # already running: routed to, not started
 ```
@@ -22,6 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from worker.models import ADAPTERS, DemoModels
+
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class StackFileError(ValueError):
@@ -54,6 +57,12 @@ class WorkerSpec(_Strict):
     sim_args: list[str] = Field(default_factory=list, description="Extra simulator arguments (with --sim).")
     env: dict[str, str] = Field(default_factory=dict)
     startup_timeout: float = Field(default=900.0, gt=0)
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=ENV_NAME,
+        description="Environment variable holding the API key this worker requires: a started worker gets it as "
+        "VLLM_API_KEY (never on its command line), the gateway sends it as the backend's key.",
+    )
 
     @model_validator(mode="after")
     def _started_or_external(self) -> WorkerSpec:

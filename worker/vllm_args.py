@@ -66,8 +66,6 @@ def build_vllm_argv(opts: WorkerOptions, engine: Engine, python: str) -> list[st
     if names:
         argv += ["--served-model-name", *names]
     argv += ["--host", opts.host, "--port", str(opts.port)]
-    if opts.api_key:
-        argv += ["--api-key", opts.api_key]
     if opts.max_model_len is not None:
         argv += ["--max-model-len", str(opts.max_model_len)]
     dtype = opts.dtype or ("bfloat16" if engine == "cpu" else None)
@@ -86,8 +84,14 @@ def build_vllm_argv(opts: WorkerOptions, engine: Engine, python: str) -> list[st
 
 
 def build_vllm_env(base: Mapping[str, str], opts: WorkerOptions, engine: Engine) -> dict[str, str]:
-    """The child's environment: base plus CPU defaults (never overriding what the user set)."""
+    """The child's environment: base plus CPU defaults (never overriding what the user set).
+
+    The API key goes here as VLLM_API_KEY rather than on the command line, where `ps` and vLLM's own log of
+    its arguments would show it.
+    """
     env = dict(base)
+    if opts.api_key:
+        env["VLLM_API_KEY"] = opts.api_key
     if engine == "cpu":
         for key, value in CPU_ENV_DEFAULTS.items():
             env.setdefault(key, value)

@@ -26,6 +26,7 @@ port = int(argv[argv.index("--port") + 1])
 mode = os.environ.get("STAND_IN_MODE", "serve")
 with open(os.environ["STAND_IN_RECORD"], "w") as f:
     f.write(" ".join(argv) + "\n" + os.environ.get("OMP_NUM_THREADS", "") + "\n")
+    f.write(os.environ.get("VLLM_API_KEY", "") + "\n")
 if mode == "crash":
     sys.exit(3)
 signal.signal(signal.SIGTERM, lambda *a: os._exit(7))
@@ -63,17 +64,23 @@ def _launch(
 
 
 def test_forwards_sigterm_and_exits_with_the_childs_code(stand_in: Path, tmp_path: Path) -> None:
-    proc, port, record = _launch(stand_in, tmp_path, "serve", "--lora", "a=/l/a", "--", "--max-num-seqs", "3")
+    key = "sk-launcher-secret"
+    proc, port, record = _launch(
+        stand_in, tmp_path, "serve", "--lora", "a=/l/a", "--api-key", key, "--", "--max-num-seqs", "3"
+    )
     wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 20, what="stand-in health")
-    argv_line, omp = record.read_text().splitlines()
+    argv_line, omp, child_key = record.read_text().splitlines()
     assert "--lora-modules a=/l/a" in argv_line
     assert argv_line.endswith("--max-num-seqs 3")
     assert omp == "1"  # CPU defaults applied to the child
+    assert child_key == key  # vLLM reads VLLM_API_KEY
+    assert key not in argv_line
     time.sleep(1.5)  # the launcher polls /health once a second; let it log that vLLM is healthy
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 7
     _, err = proc.communicate()
     assert "vLLM healthy after" in err
+    assert key not in err  # not in the launcher's log of the command it ran
     assert not http_ok(f"http://127.0.0.1:{port}/health")
 
 

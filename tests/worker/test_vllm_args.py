@@ -36,8 +36,15 @@ def test_loras_enable_lora_and_are_listed_in_order() -> None:
     assert "--enable-lora" in argv
     assert argv[argv.index("--max-lora-rank") + 1] == "8"
     assert argv[argv.index("--max-loras") + 1] == "2"
-    assert argv[argv.index("--api-key") + 1] == "k"
     assert argv[argv.index("--max-model-len") + 1] == "2048"
+
+
+def test_the_api_key_goes_to_the_environment_never_the_command_line() -> None:
+    opts = WorkerOptions(model="/m", api_key="sk-secret")
+    for engine in ("cpu", "gpu"):
+        assert not [arg for arg in build_vllm_argv(opts, engine, "py") if "sk-secret" in arg or arg == "--api-key"]
+        assert build_vllm_env({}, opts, engine)["VLLM_API_KEY"] == "sk-secret"
+    assert "VLLM_API_KEY" not in build_vllm_env({}, WorkerOptions(model="/m"), "cpu")
 
 
 def test_runtime_lora_enables_lora_without_modules_and_sets_the_env() -> None:
