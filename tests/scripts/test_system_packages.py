@@ -110,3 +110,22 @@ def test_test_sh_stops_before_any_test_with_that_line(world_readable: Path) -> N
     assert result.stderr == f"test.sh: {ADVICE}\n"
     assert "lint and types" not in result.stdout
     assert time.monotonic() - started < 30
+
+
+def test_install_as_root_installs_exactly_the_missing_packages_then_checks_again(world_readable: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the install path runs as root only (as scripts/setup.sh and CI run it)")
+    folder = world_readable / "bin"
+    path = _path_without({"prometheus", "promtool", "apt-get"}, folder)
+    calls = world_readable / "apt-calls"
+    # a stand-in apt-get that records its arguments and "installs" the package's two programs
+    (folder / "apt-get").write_text(
+        f'#!/bin/sh\necho "$@" >> {calls}\ncase "$*" in *install*) '
+        f"printf '#!/bin/sh\\n' > {folder}/prometheus; cp {folder}/prometheus {folder}/promtool; "
+        f"chmod +x {folder}/prometheus {folder}/promtool ;; esac\n"
+    )
+    (folder / "apt-get").chmod(0o755)
+    result = _run(["bash", str(SCRIPT), "--install"], path)
+    assert result.returncode == 0, result.stderr
+    assert calls.read_text().splitlines() == ["update -q", "install -y -q --no-install-recommends prometheus"]
+    assert result.stderr == ""
