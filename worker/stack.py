@@ -31,9 +31,21 @@ from worker.phases import READY, STARTING, LogPhases
 from worker.stack_file import StackFileError, StackSpec, WorkerSpec, demo_stack, load_stack
 from worker.startup_view import ChildStatus, StartupView, view_for
 
+# The simulator's KV events are being written on another branch; when it takes --kv-events-port and
+# --kv-replay-port, setting this to True gives simulated workers their ports too (worker_argv).
+SIM_KV_EVENTS = False
+
 
 class StackError(RuntimeError):
     """The stack could not start; the message says which part and why."""
+
+
+@dataclass(frozen=True)
+class KvEventPorts:
+    """Where one worker publishes its KV cache events (ZMQ PUB) and answers replays (ZMQ ROUTER)."""
+
+    events: int
+    replay: int
 
 
 Kind = Literal["vllm", "sim", "gateway"]
@@ -70,10 +82,10 @@ class Child:
         return ChildStatus(self.name, message, "failed", self.started, time.monotonic())
 
 
-def worker_argv(spec: WorkerSpec, sim: bool, api_key: str | None = None) -> list[str]:
+def worker_argv(spec: WorkerSpec, sim: bool, api_key: str | None = None, kv: KvEventPorts | None = None) -> list[str]:
     """The command that runs one stack worker: the launcher for vLLM, or the simulator.
 
-    vLLM gets its key from the environment (worker_env); the simulator only reads one from its command line.
+    vLLM gets its key as VLLM_API_KEY (Stack.start); the simulator only reads one from its command line.
     """
     if spec.model is None or spec.port is None:
         raise StackError(f"worker {spec.name} has no model/port to start")
@@ -86,6 +98,8 @@ def worker_argv(spec: WorkerSpec, sim: bool, api_key: str | None = None) -> list
             argv.append("--allow-runtime-lora")
         if api_key:
             argv += ["--api-key", api_key]
+        if SIM_KV_EVENTS and kv is not None:
+            argv += ["--kv-events-port", str(kv.events), "--kv-replay-port", str(kv.replay)]
         return [*argv, "--host", spec.host, "--port", str(spec.port), *spec.sim_args]
     argv = [sys.executable, "-m", "worker", "--model", spec.model, "--host", spec.host, "--port", str(spec.port)]
     for name in names:
@@ -96,8 +110,30 @@ def worker_argv(spec: WorkerSpec, sim: bool, api_key: str | None = None) -> list
         argv += ["--max-model-len", str(spec.max_model_len)]
     if spec.runtime_lora:
         argv.append("--runtime-lora")
+    if kv is not None:
+        argv += ["--kv-events", "on", "--kv-events-port", str(kv.events), "--kv-replay-port", str(kv.replay)]
+    else:  # explicit, so a SWITCHYARD_WORKER_KV_EVENTS in the caller's environment cannot turn it on
+        argv += ["--kv-events", "off"]
     argv += ["--startup-timeout", str(spec.startup_timeout)]
     return [*argv, "--", *spec.args] if spec.args else argv
+
+
+def kv_event_ports(stack: StackSpec) -> dict[str, KvEventPorts]:
+    """Each started worker with kv_events gets its own two ports: the stack file's, else free ports that no
+    other part of the stack uses, so two workers on one machine never collide."""
+    local = [w for w in stack.workers if w.url is None and w.kv_events]
+    taken = {w.port for w in stack.workers if w.port is not None} | {stack.gateway.port}
+    taken |= {p for w in local for p in (w.kv_events_port, w.kv_replay_port) if p is not None}
+
+    def free() -> int:
+        for _ in range(100):
+            port = procs.free_port_block(1)
+            if port not in taken:
+                taken.add(port)
+                return port
+        raise StackError("no free port for KV events")
+
+    return {w.name: KvEventPorts(w.kv_events_port or free(), w.kv_replay_port or free()) for w in local}
 
 
 def worker_keys(stack: StackSpec, environ: Mapping[str, str]) -> dict[str, str]:
@@ -147,6 +183,7 @@ class Stack:
         self.sim = sim
         self.workers: list[Child] = []
         self.gateway: Child | None = None
+        self.kv_ports: dict[str, KvEventPorts] = {}  # by worker name, once started
 
     @property
     def url(self) -> str:
@@ -168,15 +205,23 @@ class Stack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         local = [w for w in self.spec.workers if w.url is None]
         busy = [f"{w.name} ({w.port})" for w in local if w.port and port_in_use(w.host, w.port)]
+        busy += [
+            f"{w.name} KV events ({p})"
+            for w in local
+            if w.kv_events
+            for p in (w.kv_events_port, w.kv_replay_port)
+            if p and port_in_use(w.host, p)
+        ]
         if port_in_use(self.spec.gateway.host, self.spec.gateway.port):
             busy.append(f"gateway ({self.spec.gateway.port})")
         if busy:
             raise StackError(f"port(s) already in use: {', '.join(busy)}; stop what runs there or change the ports")
         keys = worker_keys(self.spec, os.environ)
+        self.kv_ports = kv_event_ports(self.spec)
         kind: Kind = "sim" if self.sim else "vllm"
         for w in local:
             key = keys.get(w.name)
-            argv = worker_argv(w, self.sim, key if self.sim else None)
+            argv = worker_argv(w, self.sim, key if self.sim else None, self.kv_ports.get(w.name))
             env = {**w.env, **({"VLLM_API_KEY": key} if key and not self.sim else {})}
             self.workers.append(self._spawn(w.name, kind, argv, f"{w.base_url}/health", env))
         config = self.log_dir / "gateway.yaml"
@@ -280,6 +325,12 @@ def banner(stack: Stack) -> str:
         f'c = OpenAI(base_url="{url}/v1", api_key={api_key}); print(c.chat.completions.create(model="{model}", '
         'messages=[{"role": "user", "content": "Say hello in five words."}]).choices[0].message.content)'
     )
+    kv_lines = []
+    if stack.kv_ports and (SIM_KV_EVENTS or not stack.sim):
+        published = ", ".join(
+            f"{name} tcp://127.0.0.1:{p.events} (replay {p.replay})" for name, p in stack.kv_ports.items()
+        )
+        kv_lines = [f"KV cache events: {published}"]
     return "\n".join(
         [
             f"Switchyard is up at {url} serving: {', '.join(sorted(stack.expected_models()))}",
@@ -289,6 +340,7 @@ def banner(stack: Stack) -> str:
             "  openai SDK:",
             f"    python -c '{sdk}'",
             "",
+            *kv_lines,
             f"Logs in {stack.log_dir}. Press Ctrl-C to stop everything.",
         ]
     )

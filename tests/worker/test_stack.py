@@ -30,6 +30,8 @@ def test_the_example_stack_file_is_valid_and_expands_the_models_dir() -> None:
     assert chat.loras == {"lora-a": "/m/lora-a", "lora-b": "/m/lora-b"}
     assert chat.names == ["smollm2", "lora-a", "lora-b"]
     assert embed.base_url == "http://127.0.0.1:8002"
+    assert chat.kv_events
+    assert not embed.kv_events
     assert gateway_config(spec) == {
         "model_refresh_interval": 2,
         "backends": [{"url": "http://127.0.0.1:8001"}, {"url": "http://127.0.0.1:8002"}],

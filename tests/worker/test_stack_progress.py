@@ -1,58 +1,27 @@
 """Startup progress of a real stack of processes: the gateway, the worker launcher, and in place of vLLM a
-stand-in that prints a real vLLM startup log line by line (pausing at each step) and then serves /health and
-/v1/models, so every phase is seen the way `switchyard up` sees a real vLLM. Real vLLM: tests/e2e."""
+stand-in that prints a real vLLM startup log line by line (tests/worker/replay_vllm.py), so every phase is seen
+the way `switchyard up` sees a real vLLM. Real vLLM: tests/e2e."""
 
 from __future__ import annotations
 
 import io
 import re
-import sys
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from tests.worker.vllm_startup_log import EMBED_PHASES, EMBED_STARTUP
+from tests.worker.replay_vllm import replay_env
+from tests.worker.vllm_startup_log import EMBED_PHASES
 from worker.procs import free_port_block
 from worker.stack import Stack, StackError
 from worker.stack_file import GatewaySpec, StackSpec, WorkerSpec
 from worker.startup_view import PlainView, RichView, StartupView
 
-REPLAY = r"""
-import http.server, json, os, sys, time
-argv = sys.argv[1:]
-port = int(argv[argv.index("--port") + 1])
-names = argv[argv.index("--served-model-name") + 1 : argv.index("--host")]
-pauses = os.environ["REPLAY_PAUSE_AT"].split(";")
-fail_at = os.environ.get("REPLAY_FAIL_AT")
-for line in open(os.environ["REPLAY_LOG"]).read().splitlines():
-    print(line, flush=True)
-    if fail_at and fail_at in line:
-        sys.exit(1)
-    if any(p in line for p in pauses):
-        time.sleep(1.5)  # longer than the stack's poll: each step is seen
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        cards = [{"id": n, "object": "model", "parent": None} for n in names]
-        body = json.dumps({"object": "list", "data": cards}).encode() if self.path == "/v1/models" else b""
-        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
-"""
-PAUSE_AT = "Initializing a V1 LLM engine;Starting to load model;Warming up model;Starting vLLM server on"
-
 
 def _stack(tmp_path: Path, fail_at: str | None = None) -> Stack:
-    script, log = tmp_path / "replay.py", tmp_path / "vllm-startup.log"
-    script.write_text(REPLAY)
-    log.write_text("\n".join(EMBED_STARTUP[1:]) + "\n")  # the launcher prints its own first line
-    python = tmp_path / "python"
-    python.write_text(f'#!/bin/sh\nshift 2\nexec {sys.executable} {script} "$@"\n')  # drops "-m module"
-    python.chmod(0o755)
-    env = {"SWITCHYARD_WORKER_VLLM_PYTHON": str(python), "SWITCHYARD_WORKER_ENGINE": "cpu"}
-    env |= {"REPLAY_LOG": str(log), "REPLAY_PAUSE_AT": PAUSE_AT, **({"REPLAY_FAIL_AT": fail_at} if fail_at else {})}
     port = free_port_block(2)
+    env = replay_env(tmp_path, fail_at)
     worker = WorkerSpec(name="embed", model="/m/embed", served_model_names=["minilm"], port=port + 1, env=env)
     spec = StackSpec(gateway=GatewaySpec(port=port, settings={"model_refresh_interval": 0.5}), workers=[worker])
     return Stack(spec, tmp_path / "logs")
