@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import sys
 import time
 import uuid
@@ -323,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     for b in bad_todo:  # reported before the progress display starts, so the lines stay readable
         print(f"switchyard batch: {b.message}", file=sys.stderr)
     progress = progress_for(len(todo) + len(bad_todo), sys.stderr, args.progress_every)
+    # Started from a background job, SIGINT arrives here ignored; restore it so asyncio turns it into a clean
+    # stop (as switchyard up does), rather than the batch running on after an interrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     counts = progress.counts
     try:
         for b in bad_todo:

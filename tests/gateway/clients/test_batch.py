@@ -207,7 +207,14 @@ def test_sigint_stops_cleanly_and_resumes(gateway_url: str, tmp_path: Path) -> N
     ]
     src.write_text("\n".join(lines) + "\n")
     argv = [sys.executable, "-m", "gateway.clients.batch", str(src), "--output", str(out), "--gateway", gateway_url]
-    proc = subprocess.Popen([*argv, "--concurrency", "2"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    # SIGINT ignored on the way in, as a background job of a shell would start it: the interrupt must still work
+    proc = subprocess.Popen(
+        [*argv, "--concurrency", "2"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 5):
         time.sleep(0.02)
