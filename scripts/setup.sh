@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The README's one set-up command: a .venv with Switchyard, its dev tools, the CPU build of vLLM and the demo
-# models. Safe to rerun (every step is idempotent).
+# models, and the Debian packages the tests run (scripts/system-packages.sh: installed when run as root,
+# otherwise one line says what to install). Safe to rerun (every step is idempotent).
 #
 #   scripts/setup.sh            everything (about 3.5 GB; a few minutes)
-#   scripts/setup.sh --no-vllm  only Switchyard and its dev tools (gateway, simulator, unit tests)
+#   scripts/setup.sh --no-vllm  no vLLM or demo models (gateway, simulator, the suite without e2e)
 #
 # Environment: PYTHON (interpreter for the venv, default python3.11 or python3), VENV (default .venv),
 # SWITCHYARD_MODELS_DIR (where the demo models go, default ~/.cache/switchyard/models).
@@ -15,13 +16,27 @@ WITH_VLLM=1
 for arg in "$@"; do
     case "$arg" in
         --no-vllm) WITH_VLLM=0 ;;
-        -h | --help) sed -n '2,10p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,11p' "$0"; exit 0 ;;
         *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
     esac
 done
 
 t0=$SECONDS
 step() { printf '\n==> [%4d s] %s\n' "$((SECONDS - t0))" "$*"; }
+
+step "system packages the tests run (prometheus, promtool, openssl, kubectl)"
+system_advice=""
+if [[ $EUID -eq 0 ]]; then
+    bash scripts/system-packages.sh --install
+else
+    # Not root: the venv is still worth building (switchyard up needs none of these); the line is repeated last.
+    system_advice=$(bash scripts/system-packages.sh --check 2>&1) || echo "$system_advice"
+fi
+finish() {
+    echo
+    echo "done in $((SECONDS - t0)) s. $1"
+    if [[ -n $system_advice ]]; then echo "setup.sh: $system_advice" >&2; fi
+}
 
 if [[ ! -x "$VENV/bin/python" ]]; then
     PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
@@ -34,7 +49,7 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --con
 if [[ $WITH_VLLM == 0 ]]; then
     step "installing Switchyard with dev extras"
     "${PIP[@]}" -e '.[dev]'
-    echo "done in $((SECONDS - t0)) s (no vLLM: use the simulator, e.g. switchyard up --sim)"
+    finish "No vLLM: use the simulator (switchyard up --sim) and scripts/test.sh --no-e2e."
     exit 0
 fi
 
@@ -58,5 +73,4 @@ step "checking that vLLM imports"
 step "preparing the demo models"
 "$VENV/bin/switchyard" models prepare
 
-echo
-echo "done in $((SECONDS - t0)) s. Run the stack with: $VENV/bin/switchyard up"
+finish "Run the stack with: $VENV/bin/switchyard up"

@@ -2,7 +2,8 @@
 # The README's test command: lint, types, the whole suite over real sockets (gateway, simulators, a real
 # Prometheus, Helm's engine), then the end-to-end suite against real vLLM CPU workers.
 #
-#   scripts/test.sh             everything (needs scripts/setup.sh run first, and Prometheus for its tests)
+#   scripts/test.sh             everything (needs scripts/setup.sh run first; stops at once, saying what to
+#                               install, when a program the tests run is missing)
 #   scripts/test.sh --no-e2e    skip the real-vLLM suite (no vLLM needed)
 #   scripts/test.sh -- ARGS     extra pytest arguments for the main suite (e.g. -k routing)
 set -euo pipefail
@@ -20,6 +21,8 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 [[ -x "$VENV/bin/python" ]] || { echo "test.sh: no $VENV; run scripts/setup.sh first" >&2; exit 2; }
+# Fail now, not after minutes of tests, and never skip a test because a program is missing.
+system_advice=$(bash scripts/system-packages.sh --check 2>&1) || { echo "test.sh: $system_advice" >&2; exit 2; }
 
 step() { printf '\n==> %s\n' "$*"; }
 t0=$SECONDS
@@ -35,6 +38,8 @@ if [[ $E2E == 1 ]]; then
     "$VENV/bin/python" -c "import vllm" 2>/dev/null \
         || { echo "test.sh: vLLM is not installed; run scripts/setup.sh (or pass --no-e2e)" >&2; exit 2; }
     step "end-to-end suite against real vLLM workers"
-    "$VENV/bin/python" -m pytest -q -m e2e tests/e2e
+    # Each test keeps its own time limit, but not the session fixture that starts the two vLLM workers: on a
+    # new machine (nothing compiled yet) they take about two minutes, bounded by the fixture's own deadline.
+    "$VENV/bin/python" -m pytest -q -m e2e -o timeout_func_only=true tests/e2e
 fi
 echo "all checks passed in $((SECONDS - t0)) s"

@@ -22,7 +22,16 @@ from dataclasses import dataclass
 from types import FrameType
 
 from worker import procs
-from worker.vllm_args import Engine, WorkerOptions, build_vllm_argv, build_vllm_env, health_url, parse_lora
+from worker.vllm_args import (
+    KV_EVENTS_PORT,
+    KV_REPLAY_PORT,
+    Engine,
+    WorkerOptions,
+    build_vllm_argv,
+    build_vllm_env,
+    health_url,
+    parse_lora,
+)
 
 ENV_PREFIX = "SWITCHYARD_WORKER_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -98,6 +107,28 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="allow loading adapters at runtime (/v1/load_lora_adapter) [RUNTIME_LORA]",
     )
     p.add_argument(
+        "--kv-events",
+        default=default("KV_EVENTS", "on"),
+        metavar="on|off",
+        help="publish KV cache events over ZMQ, with prefix caching (default on) [KV_EVENTS]",
+    )
+    p.add_argument(
+        "--kv-events-port",
+        default=default("KV_EVENTS_PORT", str(KV_EVENTS_PORT)),
+        help=f"port of the KV events publisher (default {KV_EVENTS_PORT}) [KV_EVENTS_PORT]",
+    )
+    p.add_argument(
+        "--kv-replay-port",
+        default=default("KV_REPLAY_PORT", str(KV_REPLAY_PORT)),
+        help=f"port of the KV events replay socket (default {KV_REPLAY_PORT}) [KV_REPLAY_PORT]",
+    )
+    p.add_argument(
+        "--prompt-tokens-details",
+        default=default("PROMPT_TOKENS_DETAILS", "on"),
+        metavar="on|off",
+        help="report cached prompt tokens in usage.prompt_tokens_details (default on) [PROMPT_TOKENS_DETAILS]",
+    )
+    p.add_argument(
         "--engine",
         choices=["auto", "cpu", "gpu"],
         default=default("ENGINE", "auto"),
@@ -114,6 +145,17 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="seconds to wait for /health before giving up [STARTUP_TIMEOUT]",
     )
     return p
+
+
+def _on_off(name: str, value: str) -> bool:
+    if value.strip().lower() in ("on", "off"):
+        return value.strip().lower() == "on"
+    raise ValueError(f"{name} must be on or off, got {value!r}")
+
+
+def _port(name: str, value: str | None, fallback: int) -> int:
+    port = _int(name, value)
+    return fallback if port is None else port
 
 
 def _int(name: str, value: str | None) -> int | None:
@@ -154,6 +196,10 @@ def parse_settings(argv: list[str], env: Mapping[str, str]) -> LaunchSettings:
         max_lora_rank=_int("--max-lora-rank", ns.max_lora_rank),
         max_loras=_int("--max-loras", ns.max_loras),
         runtime_lora=bool(ns.runtime_lora),
+        kv_events=_on_off("--kv-events", ns.kv_events),
+        kv_events_port=_port("--kv-events-port", ns.kv_events_port, KV_EVENTS_PORT),
+        kv_replay_port=_port("--kv-replay-port", ns.kv_replay_port, KV_REPLAY_PORT),
+        prompt_tokens_details=_on_off("--prompt-tokens-details", ns.prompt_tokens_details),
         extra_args=tuple(extra),
     )
     engine: Engine = detect_engine(ns.vllm_python) if ns.engine == "auto" else ns.engine

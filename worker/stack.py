@@ -16,31 +16,51 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
 from types import FrameType
-from typing import IO
+from typing import Any, Literal
 
 import yaml
 
 from worker import procs
 from worker.models import DemoModels, PrepareError, default_models_dir, prepare
+from worker.phases import READY, STARTING, LogPhases
 from worker.stack_file import StackFileError, StackSpec, WorkerSpec, demo_stack, load_stack
+from worker.startup_view import ChildStatus, StartupView, view_for
+
+# The simulator's KV events are being written on another branch; when it takes --kv-events-port and
+# --kv-replay-port, setting this to True gives simulated workers their ports too (worker_argv).
+SIM_KV_EVENTS = False
 
 
 class StackError(RuntimeError):
     """The stack could not start; the message says which part and why."""
 
 
+@dataclass(frozen=True)
+class KvEventPorts:
+    """Where one worker publishes its KV cache events (ZMQ PUB) and answers replays (ZMQ ROUTER)."""
+
+    events: int
+    replay: int
+
+
+Kind = Literal["vllm", "sim", "gateway"]
+
+
 @dataclass
 class Child:
     name: str
+    kind: Kind
     process: Popen[bytes]
     log: Path
     health_url: str
     started: float = field(default_factory=time.monotonic)
     ready_after: float | None = None
+    phases: LogPhases | None = None  # vLLM workers: the startup phase read from the log
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -48,9 +68,25 @@ class Child:
         except OSError:
             return "(no log)"
 
+    def phase(self) -> str:
+        if self.ready_after is not None:
+            return READY
+        return self.phases.poll() if self.phases is not None else STARTING
 
-def worker_argv(spec: WorkerSpec, sim: bool) -> list[str]:
-    """The command that runs one stack worker: the launcher for vLLM, or the simulator."""
+    def status(self, phase: str | None = None) -> ChildStatus:
+        if self.ready_after is None:
+            return ChildStatus(self.name, phase or self.phase(), "starting", self.started)
+        return ChildStatus(self.name, phase or READY, "ready", self.started, self.started + self.ready_after)
+
+    def failed(self, message: str) -> ChildStatus:
+        return ChildStatus(self.name, message, "failed", self.started, time.monotonic())
+
+
+def worker_argv(spec: WorkerSpec, sim: bool, api_key: str | None = None, kv: KvEventPorts | None = None) -> list[str]:
+    """The command that runs one stack worker: the launcher for vLLM, or the simulator.
+
+    vLLM gets its key as VLLM_API_KEY (Stack.start); the simulator only reads one from its command line.
+    """
     if spec.model is None or spec.port is None:
         raise StackError(f"worker {spec.name} has no model/port to start")
     names = spec.served_model_names or [spec.model]
@@ -60,6 +96,10 @@ def worker_argv(spec: WorkerSpec, sim: bool) -> list[str]:
             argv += ["--lora", lora]
         if spec.runtime_lora:
             argv.append("--allow-runtime-lora")
+        if api_key:
+            argv += ["--api-key", api_key]
+        if SIM_KV_EVENTS and kv is not None:
+            argv += ["--kv-events-port", str(kv.events), "--kv-replay-port", str(kv.replay)]
         return [*argv, "--host", spec.host, "--port", str(spec.port), *spec.sim_args]
     argv = [sys.executable, "-m", "worker", "--model", spec.model, "--host", spec.host, "--port", str(spec.port)]
     for name in names:
@@ -70,13 +110,50 @@ def worker_argv(spec: WorkerSpec, sim: bool) -> list[str]:
         argv += ["--max-model-len", str(spec.max_model_len)]
     if spec.runtime_lora:
         argv.append("--runtime-lora")
+    if kv is not None:
+        argv += ["--kv-events", "on", "--kv-events-port", str(kv.events), "--kv-replay-port", str(kv.replay)]
+    else:  # explicit, so a SWITCHYARD_WORKER_KV_EVENTS in the caller's environment cannot turn it on
+        argv += ["--kv-events", "off"]
     argv += ["--startup-timeout", str(spec.startup_timeout)]
     return [*argv, "--", *spec.args] if spec.args else argv
 
 
+def kv_event_ports(stack: StackSpec) -> dict[str, KvEventPorts]:
+    """Each started worker with kv_events gets its own two ports: the stack file's, else free ports that no
+    other part of the stack uses, so two workers on one machine never collide."""
+    local = [w for w in stack.workers if w.url is None and w.kv_events]
+    taken = {w.port for w in stack.workers if w.port is not None} | {stack.gateway.port}
+    taken |= {p for w in local for p in (w.kv_events_port, w.kv_replay_port) if p is not None}
+
+    def free() -> int:
+        for _ in range(100):
+            port = procs.free_port_block(1)
+            if port not in taken:
+                taken.add(port)
+                return port
+        raise StackError("no free port for KV events")
+
+    return {w.name: KvEventPorts(w.kv_events_port or free(), w.kv_replay_port or free()) for w in local}
+
+
+def worker_keys(stack: StackSpec, environ: Mapping[str, str]) -> dict[str, str]:
+    """Worker name -> the key its api_key_env names; StackError (naming the variable, never a value) if unset."""
+    keys: dict[str, str] = {}
+    for w in stack.workers:
+        if w.api_key_env is not None:
+            value = environ.get(w.api_key_env)
+            if not value:
+                raise StackError(f"worker {w.name}: api_key_env names {w.api_key_env}, which is not set here")
+            keys[w.name] = value
+    return keys
+
+
 def gateway_config(stack: StackSpec) -> dict[str, object]:
+    """The gateway's configuration file: keys appear in it only as the names of their environment variables."""
     config: dict[str, object] = {"model_refresh_interval": 2.0, **stack.gateway.settings}
-    config["backends"] = [{"url": w.base_url} for w in stack.workers]
+    config["backends"] = [
+        {"url": w.base_url, **({"api_key_env": w.api_key_env} if w.api_key_env else {})} for w in stack.workers
+    ]
     return config
 
 
@@ -87,11 +164,12 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def gateway_models(url: str) -> set[str]:
-    body = procs.http_get(f"{url}/v1/models")
+    """The models the gateway routes, from /ready (open even when client keys guard /v1/models)."""
+    body = procs.http_get(f"{url}/ready")
     if body is None:
         return set()
     try:
-        return {m["id"] for m in json.loads(body)["data"]}
+        return set(json.loads(body)["models"])
     except (ValueError, KeyError, TypeError):
         return set()
 
@@ -105,6 +183,7 @@ class Stack:
         self.sim = sim
         self.workers: list[Child] = []
         self.gateway: Child | None = None
+        self.kv_ports: dict[str, KvEventPorts] = {}  # by worker name, once started
 
     @property
     def url(self) -> str:
@@ -114,27 +193,44 @@ class Stack:
     def expected_models(self) -> set[str]:
         return {name for w in self.spec.workers for name in w.names}
 
-    def _spawn(self, name: str, argv: list[str], health_url: str, env: dict[str, str] | None = None) -> Child:
+    def _spawn(
+        self, name: str, kind: Kind, argv: list[str], health_url: str, env: dict[str, str] | None = None
+    ) -> Child:
         log = self.log_dir / f"{name}.log"
         with log.open("wb") as out:
             process = procs.spawn(argv, env={**os.environ, **(env or {})}, stdout=out)
-        return Child(name, process, log, health_url)
+        return Child(name, kind, process, log, health_url, phases=LogPhases(log) if kind == "vllm" else None)
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         local = [w for w in self.spec.workers if w.url is None]
         busy = [f"{w.name} ({w.port})" for w in local if w.port and port_in_use(w.host, w.port)]
+        busy += [
+            f"{w.name} KV events ({p})"
+            for w in local
+            if w.kv_events
+            for p in (w.kv_events_port, w.kv_replay_port)
+            if p and port_in_use(w.host, p)
+        ]
         if port_in_use(self.spec.gateway.host, self.spec.gateway.port):
             busy.append(f"gateway ({self.spec.gateway.port})")
         if busy:
             raise StackError(f"port(s) already in use: {', '.join(busy)}; stop what runs there or change the ports")
+        keys = worker_keys(self.spec, os.environ)
+        self.kv_ports = kv_event_ports(self.spec)
+        kind: Kind = "sim" if self.sim else "vllm"
         for w in local:
-            self.workers.append(self._spawn(w.name, worker_argv(w, self.sim), f"{w.base_url}/health", w.env))
+            key = keys.get(w.name)
+            argv = worker_argv(w, self.sim, key if self.sim else None, self.kv_ports.get(w.name))
+            env = {**w.env, **({"VLLM_API_KEY": key} if key and not self.sim else {})}
+            self.workers.append(self._spawn(w.name, kind, argv, f"{w.base_url}/health", env))
         config = self.log_dir / "gateway.yaml"
         config.write_text(yaml.safe_dump(gateway_config(self.spec), sort_keys=False))
         argv = [sys.executable, "-m", "gateway", "--config", str(config)]
         argv += ["--host", self.spec.gateway.host, "--port", str(self.spec.gateway.port)]
-        self.gateway = self._spawn("gateway", argv, f"{self.url}/health")
+        # the backends' api_key_env variables, set in the gateway's environment whatever the caller's holds
+        gateway_env = {w.api_key_env: keys[w.name] for w in self.spec.workers if w.api_key_env}
+        self.gateway = self._spawn("gateway", "gateway", argv, f"{self.url}/health", gateway_env)
 
     def children(self) -> list[Child]:
         return [*self.workers, *([self.gateway] if self.gateway else [])]
@@ -142,30 +238,36 @@ class Stack:
     def dead(self) -> Child | None:
         return next((c for c in self.children() if c.process.poll() is not None), None)
 
-    def wait_ready(self, timeout: float, show: IO[str] | None = None) -> None:
+    def wait_ready(self, timeout: float, view: StartupView | None = None) -> None:
         """Until every worker is healthy and the gateway lists every expected model; StackError otherwise."""
         expected = self.expected_models()
         deadline = time.monotonic() + timeout
-        last = ""
         while True:
             dead = self.dead()
             if dead is not None:
+                phase = dead.phase()
+                code = procs.exit_code(dead.process.returncode)
+                if view is not None:
+                    failed = dead.failed(f"failed: exited with code {code} while {phase}")
+                    view.show([failed if c is dead else c.status() for c in self.children()])
                 raise StackError(
-                    f"{dead.name} exited with code {procs.exit_code(dead.process.returncode)} while starting; "
-                    f"last lines of {dead.log}:\n{dead.tail()}"
+                    f"{dead.name} exited with code {code} while {phase} (after "
+                    f"{time.monotonic() - dead.started:.0f} s); last lines of {dead.log}:\n{dead.tail()}"
                 )
-            for child in self.children():
+            for child in self.workers:
                 if child.ready_after is None and procs.http_ok(child.health_url, timeout=1.0):
                     child.ready_after = time.monotonic() - child.started
-            missing = expected - gateway_models(self.url)
-            if show is not None:
-                last = self._show(show, missing, last)
-            if not missing and all(c.ready_after is not None for c in self.workers):
-                if show is not None and show.isatty():
-                    show.write("\n")
+            listed = expected & gateway_models(self.url)
+            gateway = self.gateway
+            if gateway is not None and gateway.ready_after is None and listed == expected:
+                gateway.ready_after = time.monotonic() - gateway.started
+            if view is not None:
+                view.show([*(w.status() for w in self.workers), *self._gateway_status(listed, expected)])
+            if listed == expected and all(c.ready_after is not None for c in self.workers):
                 return
             if time.monotonic() > deadline:
                 waiting = [c.name for c in self.children() if c.ready_after is None]
+                missing = expected - listed
                 raise StackError(
                     f"not ready after {timeout:.0f} s: waiting for {', '.join(waiting) or 'nothing'}; "
                     f"models not listed by the gateway: {', '.join(sorted(missing)) or 'none'} "
@@ -173,22 +275,15 @@ class Stack:
                 )
             time.sleep(1.0)
 
-    def _show(self, out: IO[str], missing: set[str], last: str) -> str:
-        parts = []
-        for c in self.children():
-            state = f"ready ({c.ready_after:.0f} s)" if c.ready_after is not None else "starting"
-            parts.append(f"{c.name}: {state}")
-        if missing:
-            parts.append(f"models pending: {len(missing)}")
-        line = " | ".join(parts)
-        if out.isatty():
-            elapsed = time.monotonic() - min(c.started for c in self.children())
-            out.write(f"\r\033[K[{elapsed:4.0f} s] {line}")
-            out.flush()
-        elif line != last:
-            out.write(line + "\n")
-            out.flush()
-        return line
+    def _gateway_status(self, listed: set[str], expected: set[str]) -> list[ChildStatus]:
+        gateway = self.gateway
+        if gateway is None:
+            return []
+        if gateway.ready_after is not None:
+            return [gateway.status(f"ready, serving {len(expected)} model(s)")]
+        if procs.http_ok(gateway.health_url, timeout=1.0):
+            return [gateway.status(f"waiting for the workers ({len(listed)}/{len(expected)} models listed)")]
+        return [gateway.status(STARTING)]
 
     def stop(self, grace: float = 30.0) -> None:
         """Gateway first (no new traffic), then all workers at once; SIGKILL whatever outlives grace."""
@@ -202,26 +297,50 @@ class Stack:
             procs.stop(w.process, grace=max(0.1, deadline - time.monotonic()))
 
 
+def client_key_hint(settings: Mapping[str, Any]) -> str | None:
+    """How the banner's examples name the gateway's client key: `$VAR` for the first key_env, a placeholder for
+    a key given any other way, None when the gateway is open. Never the key itself."""
+    auth = settings.get("auth")
+    if not isinstance(auth, dict):
+        return None
+    keys = [k for k in auth.get("keys") or [] if isinstance(k, dict)]
+    named = next((k["key_env"] for k in keys if isinstance(k.get("key_env"), str)), None)
+    if named is not None:
+        return f"${named}"
+    return "YOUR_KEY" if keys or auth.get("keys_file") else None
+
+
 def banner(stack: Stack) -> str:
     spec = stack.spec
     chat = next((w for w in spec.workers if w.loras or "smollm2" in w.names), spec.workers[0])
     model = chat.names[0]
     url = stack.url
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello in five words."}]})
+    key = client_key_hint(spec.gateway.settings)
+    header = f' -H "Authorization: Bearer {key}"' if key else ""
+    from_env = key is not None and key.startswith("$")
+    api_key = f'os.environ["{key[1:]}"]' if key and from_env else f'"{key or "none"}"'
     sdk = (
-        f'from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key="none"); '
-        f'print(c.chat.completions.create(model="{model}", '
+        f"{'import os; ' if from_env else ''}from openai import OpenAI; "
+        f'c = OpenAI(base_url="{url}/v1", api_key={api_key}); print(c.chat.completions.create(model="{model}", '
         'messages=[{"role": "user", "content": "Say hello in five words."}]).choices[0].message.content)'
     )
+    kv_lines = []
+    if stack.kv_ports and (SIM_KV_EVENTS or not stack.sim):
+        published = ", ".join(
+            f"{name} tcp://127.0.0.1:{p.events} (replay {p.replay})" for name, p in stack.kv_ports.items()
+        )
+        kv_lines = [f"KV cache events: {published}"]
     return "\n".join(
         [
             f"Switchyard is up at {url} serving: {', '.join(sorted(stack.expected_models()))}",
             "",
             "  curl:",
-            f"    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'",
+            f"    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{header} -d '{body}'",
             "  openai SDK:",
             f"    python -c '{sdk}'",
             "",
+            *kv_lines,
             f"Logs in {stack.log_dir}. Press Ctrl-C to stop everything.",
         ]
     )
@@ -246,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     models = (args.models_dir or default_models_dir()).expanduser().resolve()
     try:
         spec = load_stack(args.stack, models) if args.stack else demo_stack(models, args.port)
+        worker_keys(spec, os.environ)  # an unset key variable stops here, before anything starts
         local = any(w.url is None for w in spec.workers)
         if not args.sim and local and importlib.util.find_spec("vllm") is None:
             raise StackError("vLLM is not installed here: run scripts/setup.sh, or try the stack with --sim")
@@ -263,11 +383,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"starting {len(spec.workers)} {kind} worker(s) and the gateway (logs in {log_dir})", flush=True)
         stack.start()
-        stack.wait_ready(args.timeout, show=sys.stdout)
-        print(banner(stack), flush=True)
+        with view_for(sys.stdout) as view:
+            stack.wait_ready(args.timeout, view)
+        print(f"\n{banner(stack)}", flush=True)
         while (dead := stack.dead()) is None:
             time.sleep(1.0)
-        print(f"switchyard up: {dead.name} exited; stopping. Last lines of {dead.log}:\n{dead.tail()}", flush=True)
+        code = procs.exit_code(dead.process.returncode)
+        print(
+            f"switchyard up: {dead.name} exited with code {code}; stopping everything. "
+            f"Last lines of {dead.log}:\n{dead.tail()}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     except StackError as exc:
         print(f"\nswitchyard up: {exc}", file=sys.stderr)

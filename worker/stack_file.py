@@ -8,6 +8,13 @@ workers:
     served_model_names: [smollm2]
     loras: {lora-a: "{models}/lora-a"}
     port: 8001
+    api_key_env: CHAT_KEY                     # this worker requires the key held in $CHAT_KEY
+    kv_events_port: 5557                      # optional: KV cache events on fixed ports (default: free ones)
+    kv_replay_port: 5558
+  - name: embed
+    model: "{models}/all-minilm-l6-v2"
+    port: 8002
+    kv_events: false                          # no prefix caching, so no KV events (embedding models)
   - name: elsewhere
     url: http://10.0.0.7:8000                 # already running: routed to, not started
 ```
@@ -22,6 +29,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from worker.models import ADAPTERS, DemoModels
+
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class StackFileError(ValueError):
@@ -54,6 +63,19 @@ class WorkerSpec(_Strict):
     sim_args: list[str] = Field(default_factory=list, description="Extra simulator arguments (with --sim).")
     env: dict[str, str] = Field(default_factory=dict)
     startup_timeout: float = Field(default=900.0, gt=0)
+    kv_events: bool = Field(
+        default=True,
+        description="vLLM's KV cache events over ZMQ, with prefix caching (for KV-aware routing); off for models "
+        "without prefix caching, such as encoder-only embedding models.",
+    )
+    kv_events_port: int | None = Field(default=None, ge=1, le=65535, description="Default: a free port.")
+    kv_replay_port: int | None = Field(default=None, ge=1, le=65535, description="Default: a free port.")
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=ENV_NAME,
+        description="Environment variable holding the API key this worker requires: a started worker gets it as "
+        "VLLM_API_KEY (never on its command line), the gateway sends it as the backend's key.",
+    )
 
     @model_validator(mode="after")
     def _started_or_external(self) -> WorkerSpec:
@@ -86,9 +108,11 @@ class StackSpec(_Strict):
         names = [w.name for w in self.workers]
         if len(set(names)) != len(names):
             raise ValueError(f"worker names must be unique: {names}")
-        ports = [w.port for w in self.workers if w.url is None] + [self.gateway.port]
+        local = [w for w in self.workers if w.url is None]
+        kv = [p for w in local if w.kv_events for p in (w.kv_events_port, w.kv_replay_port) if p is not None]
+        ports = [w.port for w in local] + [self.gateway.port] + kv
         if len(set(ports)) != len(ports):
-            raise ValueError(f"ports must be unique (workers and gateway): {ports}")
+            raise ValueError(f"ports must be unique (workers, gateway and KV events): {ports}")
         return self
 
 
@@ -137,5 +161,9 @@ def demo_stack(models: Path, gateway_port: int = 8000, runtime_lora: bool = Fals
         # Without a tool-call parser vLLM answers any request carrying `tools` (tool_choice auto) with a 400.
         args=["--max-lora-rank", "8", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
     )
-    embed = WorkerSpec(name="embed", model=str(demo.embed), served_model_names=["minilm"], port=gateway_port + 2)
+    # vLLM 0.32 cannot cache the prefixes of this encoder-only model: with --enable-prefix-caching its engine
+    # fails to start ("HybridKVCacheCoordinator requires at least one cacheable group"), so no KV events.
+    embed = WorkerSpec(
+        name="embed", model=str(demo.embed), served_model_names=["minilm"], port=gateway_port + 2, kv_events=False
+    )
     return StackSpec(gateway=GatewaySpec(port=gateway_port), workers=[chat, embed])

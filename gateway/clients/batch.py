@@ -5,7 +5,8 @@ Each input line is `{"custom_id", "method", "url", "body"}`; each output line is
 Lines go out concurrently; 429/503 answers and connection errors are retried with exponential backoff (honouring
 Retry-After). Every finished line is appended, flushed and fsynced on its own, so a crash or Ctrl-C loses nothing
 finished, and a rerun skips the custom_ids already in the output (a torn last line is cut off first), so nothing
-is duplicated. Malformed input lines are reported by line number and written as error lines.
+is duplicated. Malformed input lines are reported by line number and written as error lines. Progress goes to
+stderr: a live bar on a terminal, otherwise a plain line every --progress-every seconds and a last one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import sys
 import time
 import uuid
@@ -25,6 +27,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import aiohttp
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichBar
 
 RETRY_STATUSES = frozenset({429, 503})
 DEFAULT_GATEWAY = "http://127.0.0.1:8000"
@@ -47,35 +52,80 @@ class BadLine:
 
 
 @dataclass
-class Progress:
-    """Counts and a one-line progress bar on stderr (redrawn in place on a terminal)."""
-
+class Counts:
     total: int
-    stream: IO[str] = field(default_factory=lambda: sys.stderr)
     done: int = 0
     failed: int = 0
     started: float = field(default_factory=time.monotonic)
-    _last_draw: float = 0.0
+
+    def summary(self) -> str:
+        elapsed = time.monotonic() - self.started
+        rate = self.done / max(elapsed, 1e-9)
+        return f"{self.done}/{self.total} done ({self.failed} failed), {rate:.1f} req/s, {elapsed:.0f} s elapsed"
+
+
+class PlainProgress:
+    """Where stderr is not a terminal (CI, a pipe, a file): one line every `interval` seconds, and a last one."""
+
+    def __init__(self, total: int, stream: IO[str], interval: float = 5.0) -> None:
+        self.counts = Counts(total)
+        self._stream = stream
+        self._interval = interval
+        self._last = time.monotonic()
 
     def add(self, ok: bool) -> None:
-        self.done += 1
-        self.failed += 0 if ok else 1
-        self.draw()
+        self.counts.done += 1
+        self.counts.failed += 0 if ok else 1
+        if time.monotonic() - self._last >= self._interval:
+            self._print()
 
-    def draw(self, final: bool = False) -> None:
-        now = time.monotonic()
-        tty = self.stream.isatty()
-        if not final and now - self._last_draw < (0.1 if tty else 5.0):
-            return
-        self._last_draw = now
-        width = 30
-        filled = width * self.done // self.total if self.total else width
-        rate = self.done / max(now - self.started, 1e-9)
-        text = (
-            f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} ({self.failed} failed) {rate:.1f} req/s"
+    def close(self) -> None:
+        self._print()
+
+    def _print(self) -> None:
+        self._last = time.monotonic()
+        self._stream.write(f"switchyard batch: {self.counts.summary()}\n")
+        self._stream.flush()
+
+
+class RichProgress:
+    """On a terminal: a live bar with counts, failures, rate, elapsed and remaining time."""
+
+    def __init__(self, total: int, console: Console) -> None:
+        self.counts = Counts(total)
+        self._bar = RichBar(
+            TextColumn("batch"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("[red]{task.fields[failed]} failed"),
+            TextColumn("{task.fields[rate]} req/s"),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+            console=console,
+            refresh_per_second=8,
         )
-        self.stream.write(("\r" + text + ("\n" if final else "")) if tty else text + "\n")
-        self.stream.flush()
+        self._task = self._bar.add_task("batch", total=total, failed=0, rate="0.0")
+        self._bar.start()
+
+    def add(self, ok: bool) -> None:
+        self.counts.done += 1
+        self.counts.failed += 0 if ok else 1
+        rate = self.counts.done / max(time.monotonic() - self.counts.started, 1e-9)
+        self._bar.update(self._task, advance=1, failed=self.counts.failed, rate=f"{rate:.1f}")
+
+    def close(self) -> None:
+        self._bar.stop()
+
+
+BatchProgress = PlainProgress | RichProgress
+
+
+def progress_for(total: int, stream: IO[str], interval: float = 5.0) -> BatchProgress:
+    """A rich bar when stream is a terminal, periodic plain lines otherwise."""
+    if stream.isatty():
+        return RichProgress(total, Console(file=stream))
+    return PlainProgress(total, stream, interval)
 
 
 def parse_input(lines: Iterable[str]) -> tuple[list[BatchRequest], list[BadLine]]:
@@ -210,7 +260,7 @@ async def run_batch(
     writer: Writer,
     gateway: str,
     concurrency: int,
-    progress: Progress,
+    progress: BatchProgress,
     retry: RetryPolicy,
     api_key: str | None = None,
     request_timeout: float = 600.0,
@@ -251,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer key (default $OPENAI_API_KEY)")
     p.add_argument("--max-attempts", type=int, default=6, help="attempts per line on 429/503/connection errors")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request attempt")
+    p.add_argument(
+        "--progress-every", type=float, default=5.0, help="seconds between progress lines when not on a terminal"
+    )
     args = p.parse_args(argv)
     if args.concurrency < 1 or args.max_attempts < 1:
         print("switchyard batch: --concurrency and --max-attempts must be >= 1", file=sys.stderr)
@@ -268,10 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         print(f"switchyard batch: resuming, {skipped} line(s) already in {args.output}", file=sys.stderr)
     writer = Writer(args.output)
-    progress = Progress(total=len(todo) + len(bad_todo))
+    for b in bad_todo:  # reported before the progress display starts, so the lines stay readable
+        print(f"switchyard batch: {b.message}", file=sys.stderr)
+    progress = progress_for(len(todo) + len(bad_todo), sys.stderr, args.progress_every)
+    # Started from a background job, SIGINT arrives here ignored; restore it so asyncio turns it into a clean
+    # stop (as switchyard up does), rather than the batch running on after an interrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    counts = progress.counts
     try:
         for b in bad_todo:
-            print(f"switchyard batch: {b.message}", file=sys.stderr)
             writer.write(result_line(b.custom_id, None, None, None, {"code": "invalid_request", "message": b.message}))
             progress.add(False)
         retry = RetryPolicy(attempts=args.max_attempts)
@@ -279,14 +337,17 @@ def main(argv: list[str] | None = None) -> int:
             run_batch(todo, writer, args.gateway, args.concurrency, progress, retry, args.api_key, args.timeout)
         )
     except KeyboardInterrupt:
-        progress.draw(final=True)
-        print(f"switchyard batch: interrupted; rerun the same command to resume ({progress.done} written)")
-        return 130
+        interrupted = True
+    else:
+        interrupted = False
     finally:
+        progress.close()  # the last progress line, or the bar left at its final state
         writer.close()
-    progress.draw(final=True)
-    print(f"switchyard batch: {progress.done - progress.failed} succeeded, {progress.failed} failed -> {args.output}")
-    return 0 if progress.failed == 0 else 1
+    if interrupted:
+        print(f"switchyard batch: interrupted; rerun the same command to resume ({counts.done} written)")
+        return 130
+    print(f"switchyard batch: {counts.done - counts.failed} succeeded, {counts.failed} failed -> {args.output}")
+    return 0 if counts.failed == 0 else 1
 
 
 if __name__ == "__main__":

@@ -43,9 +43,7 @@ def promtool_binary() -> str | None:
     return shutil.which("promtool")
 
 
-MISSING_REASON = (
-    "the `prometheus` binary is not installed (Debian package `prometheus`; run scripts/install-prometheus.sh)"
-)
+MISSING_REASON = "the `prometheus` binary is not installed (Debian package `prometheus`; scripts/setup.sh installs it)"
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,7 @@ def test_alert_rules_shape() -> None:
 def test_promtool_checks_the_rules() -> None:
     promtool = promtool_binary()
     if promtool is None:
-        pytest.skip("promtool is not installed (Debian package `prometheus`; run scripts/install-prometheus.sh)")
+        pytest.skip("promtool is not installed (Debian package `prometheus`; scripts/setup.sh installs it)")
     for path in ALERT_FILES:
         done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -176,7 +176,7 @@ def test_promtool_unit_tests_of_the_alerts() -> None:
     annotations rendered; healthy neighbours (a steady long queue, 4xx, a fast model) stay quiet."""
     promtool = promtool_binary()
     if promtool is None:
-        pytest.skip("promtool is not installed (Debian package `prometheus`; run scripts/install-prometheus.sh)")
+        pytest.skip("promtool is not installed (Debian package `prometheus`; scripts/setup.sh installs it)")
     tests = Path(__file__).with_name("alerts-test.yaml")
     done = subprocess.run(
         [promtool, "test", "rules", tests.name], cwd=tests.parent, capture_output=True, text=True, check=False

@@ -26,6 +26,7 @@ port = int(argv[argv.index("--port") + 1])
 mode = os.environ.get("STAND_IN_MODE", "serve")
 with open(os.environ["STAND_IN_RECORD"], "w") as f:
     f.write(" ".join(argv) + "\n" + os.environ.get("OMP_NUM_THREADS", "") + "\n")
+    f.write(os.environ.get("VLLM_API_KEY", "") + "\n")
 if mode == "crash":
     sys.exit(3)
 signal.signal(signal.SIGTERM, lambda *a: os._exit(7))
@@ -63,17 +64,24 @@ def _launch(
 
 
 def test_forwards_sigterm_and_exits_with_the_childs_code(stand_in: Path, tmp_path: Path) -> None:
-    proc, port, record = _launch(stand_in, tmp_path, "serve", "--lora", "a=/l/a", "--", "--max-num-seqs", "3")
+    key = "sk-launcher-secret"
+    proc, port, record = _launch(
+        stand_in, tmp_path, "serve", "--lora", "a=/l/a", "--api-key", key, "--", "--max-num-seqs", "3"
+    )
     wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 20, what="stand-in health")
-    argv_line, omp = record.read_text().splitlines()
+    argv_line, omp, child_key = record.read_text().splitlines()
     assert "--lora-modules a=/l/a" in argv_line
+    assert "--enable-prefix-caching --kv-events-config" in argv_line  # on by default
     assert argv_line.endswith("--max-num-seqs 3")
     assert omp == "1"  # CPU defaults applied to the child
+    assert child_key == key  # vLLM reads VLLM_API_KEY
+    assert key not in argv_line
     time.sleep(1.5)  # the launcher polls /health once a second; let it log that vLLM is healthy
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 7
     _, err = proc.communicate()
     assert "vLLM healthy after" in err
+    assert key not in err  # not in the launcher's log of the command it ran
     assert not http_ok(f"http://127.0.0.1:{port}/health")
 
 
@@ -116,6 +124,10 @@ def test_every_option_comes_from_the_environment() -> None:
         "SWITCHYARD_WORKER_VLLM_PYTHON": "/opt/py",
         "SWITCHYARD_WORKER_STARTUP_TIMEOUT": "30",
         "SWITCHYARD_WORKER_EXTRA_ARGS": "--max-num-seqs 4",
+        "SWITCHYARD_WORKER_KV_EVENTS": "off",
+        "SWITCHYARD_WORKER_KV_EVENTS_PORT": "6557",
+        "SWITCHYARD_WORKER_KV_REPLAY_PORT": "6558",
+        "SWITCHYARD_WORKER_PROMPT_TOKENS_DETAILS": "OFF",
     }
     s = parse_settings(["--", "--enforce-eager"], env)
     o = s.options
@@ -128,6 +140,15 @@ def test_every_option_comes_from_the_environment() -> None:
     assert (o.max_lora_rank, o.max_loras, o.runtime_lora) == (8, 2, True)
     assert (s.engine, s.python, s.startup_timeout) == ("gpu", "/opt/py", 30.0)
     assert o.extra_args == ("--max-num-seqs", "4", "--enforce-eager")
+    assert (o.kv_events, o.kv_events_port, o.kv_replay_port, o.prompt_tokens_details) == (False, 6557, 6558, False)
+
+
+def test_kv_events_and_prompt_token_details_are_on_by_default_on_5557_and_5558() -> None:
+    o = parse_settings(["--model", "/m", "--engine", "cpu"], {}).options
+    assert (o.kv_events, o.kv_events_port, o.kv_replay_port, o.prompt_tokens_details) == (True, 5557, 5558, True)
+    argv = ["--model", "/m", "--engine", "gpu", "--kv-events", "on", "--kv-events-port", "7001"]
+    o = parse_settings([*argv, "--kv-replay-port", "7002", "--prompt-tokens-details", "off"], {}).options
+    assert (o.kv_events, o.kv_events_port, o.kv_replay_port, o.prompt_tokens_details) == (True, 7001, 7002, False)
 
 
 def test_argv_wins_over_the_environment() -> None:
@@ -144,6 +165,11 @@ def test_argv_wins_over_the_environment() -> None:
         (["--model", "/m", "--max-model-len", "big"], "--max-model-len"),
         (["--model", "/m", "--startup-timeout", "0"], "positive"),
         (["--model", "/m", "--port", "0"], "port"),
+        (["--model", "/m", "--kv-events", "yes"], "--kv-events must be on or off"),
+        (["--model", "/m", "--prompt-tokens-details", "1"], "--prompt-tokens-details must be on or off"),
+        (["--model", "/m", "--kv-events-port", "x"], "--kv-events-port must be an integer"),
+        (["--model", "/m", "--kv-replay-port", "0"], "KV replay port must be 1..65535"),
+        (["--model", "/m", "--port", "5557"], "must differ"),
     ],
 )
 def test_bad_settings_name_the_option(argv: list[str], message: str) -> None:

@@ -3,8 +3,10 @@ starts them), the batch command runs as a process too, so crashes and kills are 
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
-from gateway.clients.batch import finished_ids, parse_input
+from gateway.clients.batch import RichProgress, finished_ids, parse_input
 from worker.procs import free_port_block
 from worker.stack import Stack
 from worker.stack_file import GatewaySpec, StackSpec, WorkerSpec
@@ -204,7 +207,14 @@ def test_sigint_stops_cleanly_and_resumes(gateway_url: str, tmp_path: Path) -> N
     ]
     src.write_text("\n".join(lines) + "\n")
     argv = [sys.executable, "-m", "gateway.clients.batch", str(src), "--output", str(out), "--gateway", gateway_url]
-    proc = subprocess.Popen([*argv, "--concurrency", "2"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    # SIGINT ignored on the way in, as a background job of a shell would start it: the interrupt must still work
+    proc = subprocess.Popen(
+        [*argv, "--concurrency", "2"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 5):
         time.sleep(0.02)
@@ -229,3 +239,38 @@ def test_finished_ids_cuts_a_torn_last_line(tmp_path: Path) -> None:
     assert finished_ids(out) == {"a", "b"}
     assert out.read_text() == '{"custom_id": "a"}\n{"custom_id": "b"}\n'
     assert finished_ids(tmp_path / "missing.jsonl") == set()
+
+
+def test_progress_through_a_pipe_is_a_plain_line_per_interval_and_a_last_one(gateway_url: str, tmp_path: Path) -> None:
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    # 32 tokens at 1 ms each, two at a time: 40 lines take about a second, several progress intervals
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 32, "ignore_eos": True, "model": "chat"}
+    src.write_text("\n".join(_line(f"p-{i}", **body) for i in range(40)) + "\n")
+    args = ["--gateway", gateway_url, "--concurrency", "2", "--progress-every", "0.2"]
+    result = _batch(str(src), "--output", str(out), *args, check=True)
+    pattern = r"switchyard batch: (\d+)/40 done \((\d+) failed\), [\d.]+ req/s, \d+ s elapsed"
+    lines = result.stderr.splitlines()
+    matches = [re.fullmatch(pattern, line) for line in lines]
+    assert all(matches), lines
+    done = [int(m.group(1)) for m in matches if m]
+    assert len(done) >= 3, lines
+    assert done == sorted(done)
+    assert done[-1] == 40
+    assert "\r" not in result.stderr
+    assert "\x1b[" not in result.stderr
+
+
+def test_progress_on_a_terminal_is_a_live_bar() -> None:
+    out = io.StringIO()
+    progress = RichProgress(5, Console(file=out, force_terminal=True, width=120))
+    for ok in (True, True, False, True):
+        progress.add(ok)
+        time.sleep(0.15)  # the bar redraws on its own between results
+    progress.add(True)
+    progress.close()
+    text = out.getvalue()
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    assert "\x1b[" in text  # colours and cursor moves: redrawn in place
+    assert "━" in plain  # the bar
+    assert re.search(r"batch .*2/5 0 failed", plain)
+    assert re.search(r"batch .*5/5 1 failed [\d.]+ req/s", plain)
