@@ -31,10 +31,6 @@ from worker.phases import READY, STARTING, LogPhases
 from worker.stack_file import StackFileError, StackSpec, WorkerSpec, demo_stack, load_stack
 from worker.startup_view import ChildStatus, StartupView, view_for
 
-# The simulator's KV events are being written on another branch; when it takes --kv-events-port and
-# --kv-replay-port, setting this to True gives simulated workers their ports too (worker_argv).
-SIM_KV_EVENTS = False
-
 
 class StackError(RuntimeError):
     """The stack could not start; the message says which part and why."""
@@ -82,10 +78,11 @@ class Child:
         return ChildStatus(self.name, message, "failed", self.started, time.monotonic())
 
 
-def worker_argv(spec: WorkerSpec, sim: bool, api_key: str | None = None, kv: KvEventPorts | None = None) -> list[str]:
+def worker_argv(spec: WorkerSpec, sim: bool, kv: KvEventPorts | None = None) -> list[str]:
     """The command that runs one stack worker: the launcher for vLLM, or the simulator.
 
-    vLLM gets its key as VLLM_API_KEY (Stack.start); the simulator only reads one from its command line.
+    A worker's key goes in its environment as VLLM_API_KEY (Stack.start), never on a command line: vLLM and
+    the simulator both read it there.
     """
     if spec.model is None or spec.port is None:
         raise StackError(f"worker {spec.name} has no model/port to start")
@@ -96,10 +93,11 @@ def worker_argv(spec: WorkerSpec, sim: bool, api_key: str | None = None, kv: KvE
             argv += ["--lora", lora]
         if spec.runtime_lora:
             argv.append("--allow-runtime-lora")
-        if api_key:
-            argv += ["--api-key", api_key]
-        if SIM_KV_EVENTS and kv is not None:
-            argv += ["--kv-events-port", str(kv.events), "--kv-replay-port", str(kv.replay)]
+        argv.append("--enable-prompt-tokens-details")  # as the launcher turns it on for vLLM
+        if kv is not None:  # vLLM's own flags, which the simulator takes as they are
+            config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{kv.events}",
+                      "replay_endpoint": f"tcp://*:{kv.replay}"}  # fmt: skip
+            argv += ["--enable-prefix-caching", "--kv-events-config", json.dumps(config)]
         return [*argv, "--host", spec.host, "--port", str(spec.port), *spec.sim_args]
     argv = [sys.executable, "-m", "worker", "--model", spec.model, "--host", spec.host, "--port", str(spec.port)]
     for name in names:
@@ -221,8 +219,8 @@ class Stack:
         kind: Kind = "sim" if self.sim else "vllm"
         for w in local:
             key = keys.get(w.name)
-            argv = worker_argv(w, self.sim, key if self.sim else None, self.kv_ports.get(w.name))
-            env = {**w.env, **({"VLLM_API_KEY": key} if key and not self.sim else {})}
+            argv = worker_argv(w, self.sim, self.kv_ports.get(w.name))
+            env = {**w.env, **({"VLLM_API_KEY": key} if key else {})}
             self.workers.append(self._spawn(w.name, kind, argv, f"{w.base_url}/health", env))
         config = self.log_dir / "gateway.yaml"
         config.write_text(yaml.safe_dump(gateway_config(self.spec), sort_keys=False))
@@ -326,7 +324,7 @@ def banner(stack: Stack) -> str:
         'messages=[{"role": "user", "content": "Say hello in five words."}]).choices[0].message.content)'
     )
     kv_lines = []
-    if stack.kv_ports and (SIM_KV_EVENTS or not stack.sim):
+    if stack.kv_ports:
         published = ", ".join(
             f"{name} tcp://127.0.0.1:{p.events} (replay {p.replay})" for name, p in stack.kv_ports.items()
         )

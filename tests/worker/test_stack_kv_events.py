@@ -1,6 +1,6 @@
 """KV cache events in `switchyard up`: each started vLLM worker gets its own two ports, an opt-out, fixed ports
-from the stack file, and simulators get no flags yet. The process tests run the real launcher with a stand-in
-for vLLM that binds the ports it is given (tests/worker/replay_vllm.py); real vLLM publishes in tests/e2e."""
+from the stack file, and simulators get vLLM's own flags with them. The process tests run the real launcher with a
+stand-in for vLLM that binds the ports it is given (tests/worker/replay_vllm.py); real vLLM publishes in tests/e2e."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 
 from tests.worker.replay_vllm import replay_env
 from worker.procs import free_port_block
-from worker.stack import SIM_KV_EVENTS, KvEventPorts, Stack, StackError, kv_event_ports, worker_argv
+from worker.sim.kv_events import parse_kv_events_config
+from worker.stack import KvEventPorts, Stack, StackError, kv_event_ports, worker_argv
 from worker.stack_file import GatewaySpec, StackFileError, StackSpec, WorkerSpec, demo_stack, parse_stack
 
 
@@ -30,11 +31,15 @@ def test_vllm_workers_get_their_ports_and_the_opted_out_get_off() -> None:
     assert _flag(worker_argv(embed, sim=False), "--kv-events") == "off"
 
 
-def test_simulators_get_no_kv_flags_yet() -> None:
+def test_simulators_get_vllms_own_flags_with_their_ports() -> None:
     chat = demo_stack(Path("/m")).workers[0]
     argv = worker_argv(chat, sim=True, kv=KvEventPorts(21557, 21558))
-    assert SIM_KV_EVENTS is False
-    assert not [arg for arg in argv if "kv" in arg]
+    assert "--enable-prefix-caching" in argv
+    assert "--enable-prompt-tokens-details" in argv
+    config = parse_kv_events_config(_flag(argv, "--kv-events-config"))  # as the simulator reads it
+    assert (config.endpoint, config.replay_endpoint) == ("tcp://*:21557", "tcp://*:21558")
+    assert config.publishing
+    assert "--kv-events-config" not in worker_argv(chat, sim=True)  # no ports: no events
 
 
 def test_every_worker_gets_distinct_free_ports_and_explicit_ones_are_kept() -> None:

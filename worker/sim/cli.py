@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="decode step time grows by this fraction per extra running request")  # fmt: skip
     a("--lora-load-ms", type=float, default=d.lora_load_ms, help="cost of loading an adapter into a GPU slot")
     a("--embedding-dim", type=int, default=d.embedding_dim, help="length of /v1/embeddings vectors")
-    a("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* (401 otherwise)")
+    a("--api-key", default=os.environ.get("VLLM_API_KEY"),
+      help="require `Authorization: Bearer KEY` on /v1/* (401 otherwise; default: env VLLM_API_KEY)")  # fmt: skip
     a("--allow-runtime-lora", action="store_true",
       help=f"enable /v1/load_lora_adapter and /v1/unload_lora_adapter (also: env {RUNTIME_LORA_ENV}=1)")  # fmt: skip
     a("--seed", type=int, default=d.seed, help="seed for unseeded sampling and fault draws")
