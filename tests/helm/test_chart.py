@@ -174,7 +174,9 @@ def test_discovery_finds_exactly_the_worker_services(ci_objects: list[Obj]) -> N
     assert len(picked) == len(worker_deployments) >= 1
     for service in picked:
         assert service["spec"]["clusterIP"] == "None"
-        (port,) = service["spec"]["ports"]
+        # the API port, then vLLM's KV event sockets (on in every CI value set); the gateway reads them by name
+        assert [port["name"] for port in service["spec"]["ports"]] == ["http", "kv-events", "kv-replay"]
+        port = service["spec"]["ports"][0]
         assert port["name"] == config["kubernetes"]["port_name"] == "http"
         assert port["targetPort"] == "http"
 
