@@ -172,10 +172,14 @@ def test_discovery_finds_exactly_the_worker_services(ci_objects: list[Obj]) -> N
     # EndpointSlices carry their Service's labels: the selector must pick exactly the worker Services.
     picked = [s for s in of_kind(ci_objects, "Service") if _selector_matches(selector, s["metadata"]["labels"])]
     assert len(picked) == len(worker_deployments) >= 1
+    deployments = {d["metadata"]["name"]: d for d in worker_deployments}
     for service in picked:
         assert service["spec"]["clusterIP"] == "None"
-        # the API port, then vLLM's KV event sockets (on in every CI value set); the gateway reads them by name
-        assert [port["name"] for port in service["spec"]["ports"]] == ["http", "kv-events", "kv-replay"]
+        # the API port, then vLLM's KV event sockets where the model has them; the gateway reads them by name
+        container = deployments[service["metadata"]["name"]]["spec"]["template"]["spec"]["containers"][0]
+        declared = [port["name"] for port in container["ports"]]
+        assert declared in (["http", "kv-events", "kv-replay"], ["http"])
+        assert [port["name"] for port in service["spec"]["ports"]] == declared
         port = service["spec"]["ports"][0]
         assert port["name"] == config["kubernetes"]["port_name"] == "http"
         assert port["targetPort"] == "http"
