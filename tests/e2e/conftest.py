@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +26,8 @@ from worker.stack import Stack
 from worker.stack_file import GatewaySpec, StackSpec, WorkerSpec, demo_stack
 
 REFRESH_INTERVAL = 1.0  # the gateway's /v1/models polling period in this suite
+ADMIN_KEY_ENV = "SWITCHYARD_E2E_ADMIN_KEY"  # the gateway's admin key (GET /admin/fleet) in this suite
+ADMIN_KEY = "e2e-admin-key"
 STARTUP_TIMEOUT = 900.0
 
 
@@ -45,6 +48,12 @@ class E2EStack:
     def embed_worker(self) -> str:
         return self.stack.spec.workers[1].base_url
 
+    def fleet(self) -> dict[str, Any]:
+        """The gateway's GET /admin/fleet, backends by URL."""
+        answer = httpx.get(f"{self.gateway}/admin/fleet", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+        answer.raise_for_status()
+        return {backend["url"]: backend for backend in answer.json()["backends"]}
+
     def client(self, timeout: float = 120.0) -> OpenAI:
         return OpenAI(base_url=f"{self.gateway}/v1", api_key="unused", timeout=timeout, max_retries=0)
 
@@ -61,10 +70,13 @@ def _spec(models: Path) -> StackSpec:
     demo = demo_stack(models, runtime_lora=True)
     port = free_port_block(3)
     chat, embed = demo.workers
+    settings = {"model_refresh_interval": REFRESH_INTERVAL, "admin": {"key_env": ADMIN_KEY_ENV}}
+    # The chat worker runs vLLM's dev routes too: POST /reset_prefix_cache, to see AllBlocksCleared arrive.
+    chat_env = {**chat.env, "VLLM_SERVER_DEV_MODE": "1"}
     return StackSpec(
-        gateway=GatewaySpec(port=port, settings={"model_refresh_interval": REFRESH_INTERVAL}),
+        gateway=GatewaySpec(port=port, settings=settings),
         workers=[
-            chat.model_copy(update={"port": port + 1}),
+            chat.model_copy(update={"port": port + 1, "env": chat_env}),
             embed.model_copy(update={"port": port + 2}),
         ],
     )
@@ -77,6 +89,7 @@ def e2e() -> Iterator[E2EStack]:
     root = Path(os.environ.get("SWITCHYARD_MODELS_DIR") or default_models_dir())
     models = DemoModels(root) if DemoModels(root).ready() else prepare(root)
     log_dir = Path(tempfile.mkdtemp(prefix="switchyard-e2e-"))
+    os.environ[ADMIN_KEY_ENV] = ADMIN_KEY  # the gateway process inherits it
     stack = Stack(_spec(root), log_dir)
     started = time.monotonic()
     try:

@@ -14,4 +14,5 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def target(e2e: E2EStack) -> Target:
-    return Target(e2e.chat_worker, "smollm2", "lora-a", None)
+    # The chat worker publishes KV events and reports cached prompt tokens (the launcher's defaults).
+    return Target(e2e.chat_worker, "smollm2", "lora-a", None, kv_events=True, prompt_tokens_details=True)

@@ -72,3 +72,64 @@ def test_the_embedding_worker_runs_without_prefix_caching(e2e: E2EStack) -> None
     assert "--kv-events-config" not in command
     assert "--enable-prompt-tokens-details" in command
     assert "embed" not in e2e.stack.kv_ports
+
+
+def _metric(e2e: E2EStack, name: str, backend: str) -> float:
+    total = 0.0
+    for line in httpx.get(f"{e2e.gateway}/metrics", timeout=10).text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.startswith(name + "{") and f'backend="{backend}"' in series:
+            total += float(value)
+    return total
+
+
+def _chat(e2e: E2EStack, system: str) -> dict[str, Any]:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Which item is first?"}]
+    body = {"model": "smollm2", "max_tokens": 1, "temperature": 0, "messages": messages}
+    response = httpx.post(f"{e2e.gateway}/v1/chat/completions", json=body, timeout=120)
+    response.raise_for_status()
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def _wait(check: Any, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_the_gateway_indexes_the_real_engines_blocks_and_predicts_a_repeat(e2e: E2EStack) -> None:
+    """Through the gateway: the KV events of the real worker fill its precise index, and a repeated long prompt
+    is predicted as cached within one 128-token block of what vLLM itself reports."""
+    chat = e2e.chat_worker
+    _wait(lambda: e2e.fleet()[chat]["cache"]["state"] == "live", 60, "the gateway's subscription")
+    system = _long_prompt()
+    first = _chat(e2e, system)["usage"]
+    blocks = first["prompt_tokens"] // 128
+    assert blocks >= 3
+    _wait(lambda: e2e.fleet()[chat]["cache"]["blocks"] >= blocks, 60, "the prompt's blocks in the index")
+    assert e2e.fleet()[chat]["cache"]["block_size"] == 128
+    predicted = _metric(e2e, "switchyard_cached_tokens_predicted_total", chat)
+    second = _chat(e2e, system)["usage"]
+    reported = second["prompt_tokens_details"]["cached_tokens"]
+    assert reported >= 128 * (blocks - 1)
+    predicted = _metric(e2e, "switchyard_cached_tokens_predicted_total", chat) - predicted
+    assert abs(predicted - reported) <= 128, (predicted, reported)
+
+
+def test_a_cleared_cache_is_noticed_and_not_trusted(e2e: E2EStack) -> None:
+    """vLLM's AllBlocksCleared (here from POST /reset_prefix_cache) empties the worker's part of the index: the
+    prompt cached before is predicted, and reported, as not cached."""
+    chat = e2e.chat_worker
+    system = _long_prompt()
+    _chat(e2e, system)
+    _wait(lambda: e2e.fleet()[chat]["cache"]["blocks"] >= 3, 60, "blocks in the index")
+    reset = httpx.post(f"{chat}/reset_prefix_cache", timeout=30)
+    assert reset.json() == {"success": True}
+    # The event goes out with the engine's next step: any request makes one.
+    _chat(e2e, _long_prompt())
+    predicted = _metric(e2e, "switchyard_cached_tokens_predicted_total", chat)
+    again = _chat(e2e, system)["usage"]
+    assert again["prompt_tokens_details"]["cached_tokens"] == 0
+    assert _metric(e2e, "switchyard_cached_tokens_predicted_total", chat) == predicted  # predicted nothing cached
