@@ -68,8 +68,10 @@ WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel
 SIM_TIMING = ["--decode-ms-per-token", "10", "--prefill-ms-per-token", "0.15", "--num-gpu-blocks", "1000"]
 DEFAULT_ROW = "gw affinity"  # the default policy; with the simulators' KV events: the precise mode
 APPROXIMATE_ROW = "gw affinity approximate"  # the same policy from the gateway's own record only
-KV_EVENTS = ('{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://127.0.0.1:@PUB@", '
-             '"replay_endpoint": "tcp://127.0.0.1:@REPLAY@"}')  # fmt: skip
+KV_EVENTS = (
+    '{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:@PUB@", '
+    '"replay_endpoint": "tcp://*:@REPLAY@"}'
+)  # fmt: skip  (a wildcard host binds, as vLLM's)
 
 
 def text(rng: random.Random, chars: int) -> str:
@@ -185,7 +187,7 @@ class TightGroups(Workload):
 
     name = "tight_groups"
     servers = TIGHT_FLEET
-    sim_args = ["--num-gpu-blocks", "640"]
+    sim_args = ["--num-gpu-blocks", "640", "--max-model-len", "4096"]
 
     def __init__(self, seed: int) -> None:
         rng = random.Random(seed)
@@ -206,7 +208,7 @@ class SharedSystemChats(Workload):
 
     name = "chats"
     servers = TIGHT_FLEET
-    sim_args = ["--num-gpu-blocks", "1200"]
+    sim_args = ["--num-gpu-blocks", "1200", "--max-model-len", "4096"]
     turns = 6
 
     def __init__(self, seed: int) -> None:
@@ -233,7 +235,7 @@ class Mixed(Workload):
 
     name = "mixed"
     servers = TIGHT_FLEET
-    sim_args = ["--num-gpu-blocks", "1000"]
+    sim_args = ["--num-gpu-blocks", "1000", "--max-model-len", "4096"]
 
     def __init__(self, seed: int) -> None:
         self.parts: list[Workload] = [TightGroups(seed), SharedSystemChats(seed + 1), Unique(seed + 2)]
@@ -623,9 +625,9 @@ def parse_args() -> argparse.Namespace:
 
 
 RATES = {"shared_prefix": [15, 30, 45, 60], "sessions": [20, 40], "unique": [30], "lora": [15, 25, 35],
-         "tight_groups": [6, 12, 18], "chats": [6, 12, 18], "mixed": [6, 12, 18]}  # fmt: skip
-QUICK_RATES = {"shared_prefix": [30, 45], "sessions": [40], "unique": [30], "lora": [25], "tight_groups": [12],
-               "chats": [12], "mixed": [12]}  # fmt: skip
+         "tight_groups": [16, 24, 32], "chats": [32, 48, 64], "mixed": [24, 36, 48]}  # fmt: skip
+QUICK_RATES = {"shared_prefix": [30, 45], "sessions": [40], "unique": [30], "lora": [25], "tight_groups": [24],
+               "chats": [48], "mixed": [36]}  # fmt: skip
 
 
 def main() -> int:
