@@ -5,9 +5,10 @@ For each candidate it predicts the prompt tokens already cached there, from the 
 them into a predicted time to first token (cost_model.py). Overloaded candidates (bounded load: in-flight
 above `load_factor` x the mean + `load_slack`, or a long engine queue) are passed over while others remain.
 
-Costs closer than one block's prefill are ties, and ties go by rendezvous order of the request's anchor
-(its session, else its first prompt block): a prefix nobody holds yet goes to the same backend from every
-gateway replica fed by the same events, and unique prompts spread evenly. LoRA adapters keep their own
+Costs closer than one block's prefill are ties. Ties go to the candidates with the fewest requests in flight
+(so unique prompts spread as evenly as least-load spreads them), then by rendezvous order of the request's
+anchor (its session, else its first prompt block): among equally busy backends, a prefix nobody holds yet
+goes to the same one from every gateway replica fed by the same events. LoRA adapters keep their own
 placement (policies.Affinity): an adapter's slot matters more than its prefix.
 """
 
@@ -110,6 +111,9 @@ class CacheAware:
         best = min(costs[i] for i in allowed)
         tolerance = self._cost.prefill_rate(candidates) * block_tokens
         tied = [i for i in allowed if costs[i] - best <= tolerance]
+        if len(tied) > 1:  # fewest requests in flight first (exact, at pick time), then rendezvous order
+            fewest = min(candidates[i].inflight for i in tied)
+            tied = [i for i in tied if candidates[i].inflight == fewest]
         anchor = self._anchor(request, view, char_keys)
         choice = max(tied, key=lambda i: rendezvous_score(anchor, self._url_hash(urls[i])))
         caches.approximate.record(urls[choice], char_keys)
