@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import random
 import subprocess
@@ -38,6 +39,7 @@ from tests.observability.prometheus import (
     running_prometheus,
 )
 from tests.servers import GatewayServer, SimProcess, running_sims, sim
+from worker.procs import free_port_block
 
 pytestmark = [
     pytest.mark.skipif(prometheus_binary() is None, reason=MISSING_REASON),
@@ -189,14 +191,25 @@ def models_of(samples: Samples, label: str = "model") -> set[str]:
     return {sample["metric"].get(label, "") for sample in samples}
 
 
+def kv_events() -> list[str]:
+    """vLLM's flags for KV cache events on two free ports (the prefix-cache panels need some)."""
+    port = free_port_block(2)
+    config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{port}",
+              "replay_endpoint": f"tcp://*:{port + 1}"}  # fmt: skip
+    return ["--enable-prefix-caching", "--kv-events-config", json.dumps(config)]
+
+
 @contextlib.contextmanager
 def fleet() -> Iterator[dict[str, SimProcess]]:
+    details = "--enable-prompt-tokens-details"
     sims = {
-        "alpha-0": sim("alpha", "--lora", "alpha-lora", "--max-num-seqs", "4"),
+        "alpha-0": sim("alpha", "--lora", "alpha-lora", "--max-num-seqs", "4", details),
         "alpha-1": sim("alpha", "--lora", "alpha-lora", "--fail-rate", "1", "--fail-status", "503"),
-        "beta-0": sim("beta"),
+        "beta-0": sim("beta", details, *kv_events()),
         # later options win: slow prefill over sim()'s fast default
-        "gamma-0": sim("gamma", "--prefill-ms-per-token", "30", "--fail-rate", "0.5", "--fail-status", "500"),
+        "gamma-0": sim(
+            "gamma", "--prefill-ms-per-token", "30", "--fail-rate", "0.5", "--fail-status", "500", details, *kv_events()
+        ),
     }
     with running_sims(*sims.values()):
         yield sims
