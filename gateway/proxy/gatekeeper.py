@@ -83,6 +83,7 @@ class Gatekeeper:
                 if name in self._routing_headers
             },
             tenant=principal.name if principal else client_host(scope),
+            size=len(body),
         )
         exchange.body = body
         exchange.candidates = candidates

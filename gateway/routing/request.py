@@ -20,4 +20,5 @@ class RequestInfo:
     payload: Mapping[str, Any] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)  # those routing reads (session, priority), lower-case
     tenant: str = ""  # API key name, or the client address when no keys are configured
+    size: int = 0  # bytes of the request body: a body shorter than one prefix block holds no block to route by
     prompt: PromptView | None = None  # read off the payload (and tokenized) by the router, for the prefix indexes
