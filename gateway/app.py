@@ -44,6 +44,7 @@ from gateway.routing.router import Router
 from gateway.routing.tokenizer import Tokenizer
 from gateway.settings import Settings
 from gateway.tenancy.auth import KeyRing
+from gateway.tracing import Tracing
 
 
 def _discovery(settings: Settings) -> Discovery:
@@ -177,16 +178,19 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> Gatew
             tokenizer = Tokenizer(pool.fetch, settings.routing.tokenize_timeout)
             router = Router(policy, registry, settings.routing, caches, tokenizer)
             relay = Relay(metrics, settings.timeouts.idle, responses, router)
+            tracing = Tracing(settings.tracing.enabled)  # its export thread lives as long as the lifespan
             proxy = Proxy(
                 Gatekeeper(settings, keys, registry, admission, responses),
                 Attempts(settings, router, admission, outliers, pool, relay, metrics),
                 Recorder(metrics, log),
+                tracing,
             )
             try:
                 yield {STATE_KEY: proxy}
             finally:
                 if log is not None:
                     log.flush()
+                await tracing.shutdown()
                 pool.close()
                 for task in tasks:
                     task.cancel()

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -28,6 +28,9 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gateway.proxy.exchange import Exchange
 
 log = logging.getLogger("switchyard.tracing")
 
@@ -142,3 +145,31 @@ class Tracing:
 def fail(span: Span, error_type: str, message: str) -> None:
     span.set_attribute(ERROR_TYPE, error_type)
     span.set_status(Status(StatusCode.ERROR, message))
+
+
+def end_server_span(span: Span, exchange: Exchange) -> None:
+    """The request's span gets what happened to it, then ends."""
+    outcome = exchange.outcome
+    info = outcome.info
+    attributes: dict[str, Any] = {HTTP_STATUS: outcome.status, GEN_AI_MODEL: exchange.label, RETRIES: outcome.retries}
+    operation = OPERATIONS.get(exchange.route)
+    if operation is not None:
+        attributes[GEN_AI_OPERATION] = operation
+    if info.payload is not None:
+        attributes[GEN_AI_STREAM] = info.payload.get("stream") is True
+    if outcome.backend is not None:
+        attributes[BACKEND] = outcome.backend
+    if outcome.ttft is not None:
+        attributes[GEN_AI_TTFT] = outcome.ttft
+    usage = outcome.usage
+    if usage is not None:
+        attributes[GEN_AI_INPUT_TOKENS] = usage.prompt_tokens
+        attributes[GEN_AI_OUTPUT_TOKENS] = usage.completion_tokens
+        if usage.cached_tokens is not None:
+            attributes[GEN_AI_CACHED_TOKENS] = usage.cached_tokens
+    if outcome.predicted_cached is not None:
+        attributes[PREDICTED_CACHED] = outcome.predicted_cached
+    span.set_attributes(attributes)
+    if outcome.status >= 500:
+        fail(span, str(outcome.status), f"answered {outcome.status}")
+    span.end()

@@ -95,6 +95,6 @@ class OtlpReceiver:
         raise AssertionError(f"timed out waiting for spans; have {[s.name for s in self.spans]}")
 
 
-def otlp_receiver() -> tuple[ThreadedServer, OtlpReceiver]:
+def otlp_receiver(port: int | None = None) -> tuple[ThreadedServer, OtlpReceiver]:
     receiver = OtlpReceiver()
-    return ThreadedServer(receiver), receiver
+    return ThreadedServer(receiver, port), receiver

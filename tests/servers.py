@@ -129,8 +129,8 @@ def sim(model: str, *extra: str, count: int = 1, fast: bool = True) -> SimProces
 class ThreadedServer:
     """An ASGI app under a real uvicorn (httptools, uvloop) in a background thread, on a loopback port."""
 
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.app = app
         self._server = uvicorn.Server(
             uvicorn.Config(

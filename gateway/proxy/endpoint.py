@@ -25,20 +25,24 @@ from gateway.proxy.gatekeeper import Gatekeeper
 from gateway.proxy.headers import request_id
 from gateway.proxy.outcome import Outcome, Recorder
 from gateway.proxy.request_body import BodyKind
+from gateway.tracing import Tracing, end_server_span
 
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request", used in metrics only
 STATE_KEY = "proxy"  # where the lifespan puts the Proxy in its state (scope["state"] of every request)
 
 
 class Proxy:
-    def __init__(self, gatekeeper: Gatekeeper, attempts: Attempts, recorder: Recorder) -> None:
+    def __init__(self, gatekeeper: Gatekeeper, attempts: Attempts, recorder: Recorder, tracing: Tracing) -> None:
         self._gatekeeper = gatekeeper
         self._attempts = attempts
         self._recorder = recorder
+        self._tracing = tracing
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, route: str, kind: BodyKind) -> None:
         exchange = Exchange(scope, receive, send, route, kind, Outcome(request_id(scope), perf_counter()))
         outcome = exchange.outcome
+        if self._tracing.tracer is not None:
+            exchange.span = self._tracing.server_span(route, scope["method"], scope["path"], scope["headers"])
         try:
             await self._gatekeeper.check(exchange)
             await self._forward(exchange)
@@ -53,6 +57,8 @@ class Proxy:
             if principal is not None and outcome.usage is not None:
                 principal.charge_tokens(outcome.usage.prompt_tokens + outcome.usage.completion_tokens)
             self._recorder.record(exchange.label, route, outcome, perf_counter() - outcome.started)
+            if exchange.span is not None:
+                end_server_span(exchange.span, exchange)
 
     async def _forward(self, exchange: Exchange) -> None:
         task = asyncio.current_task()

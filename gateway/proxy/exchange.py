@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from opentelemetry.trace import Span
 from starlette.types import Receive, Scope, Send
 
 from gateway.errors import GatewayError, error_parts
@@ -36,6 +37,7 @@ class Exchange:
     candidates: Sequence[Backend] = ()
     hide_usage: bool = False  # the gateway asked for the stream's usage: hide it from the client
     watch: DisconnectWatch | None = None  # while a response may still be cut short by the client leaving
+    span: Span | None = None  # its server span, when tracing is on
 
     @property
     def info(self) -> RequestInfo:

@@ -28,6 +28,8 @@ from worker.stack_file import GatewaySpec, StackSpec, WorkerSpec, demo_stack
 REFRESH_INTERVAL = 1.0  # the gateway's /v1/models polling period in this suite
 ADMIN_KEY_ENV = "SWITCHYARD_E2E_ADMIN_KEY"  # the gateway's admin key (GET /admin/fleet) in this suite
 ADMIN_KEY = "e2e-admin-key"
+# Where the gateway and the chat worker export their traces; test_tracing_real.py listens there.
+OTLP_PORT = free_port_block(1)
 STARTUP_TIMEOUT = 900.0
 
 
@@ -70,13 +72,20 @@ def _spec(models: Path) -> StackSpec:
     demo = demo_stack(models, runtime_lora=True)
     port = free_port_block(3)
     chat, embed = demo.workers
-    settings = {"model_refresh_interval": REFRESH_INTERVAL, "admin": {"key_env": ADMIN_KEY_ENV}}
+    settings = {
+        "model_refresh_interval": REFRESH_INTERVAL,
+        "admin": {"key_env": ADMIN_KEY_ENV},
+        "tracing": {"enabled": True},
+    }
     # The chat worker runs vLLM's dev routes too: POST /reset_prefix_cache, to see AllBlocksCleared arrive.
-    chat_env = {**chat.env, "VLLM_SERVER_DEV_MODE": "1"}
+    # It exports its request spans over OTLP/HTTP, as the gateway does (OTEL_EXPORTER_OTLP_ENDPOINT below).
+    chat_env = {**chat.env, "VLLM_SERVER_DEV_MODE": "1", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+                "OTEL_SERVICE_NAME": "vllm-chat"}  # fmt: skip
+    chat_args = [*chat.args, "--otlp-traces-endpoint", f"http://127.0.0.1:{OTLP_PORT}/v1/traces"]
     return StackSpec(
         gateway=GatewaySpec(port=port, settings=settings),
         workers=[
-            chat.model_copy(update={"port": port + 1, "env": chat_env}),
+            chat.model_copy(update={"port": port + 1, "env": chat_env, "args": chat_args}),
             embed.model_copy(update={"port": port + 2}),
         ],
     )
@@ -89,7 +98,9 @@ def e2e() -> Iterator[E2EStack]:
     root = Path(os.environ.get("SWITCHYARD_MODELS_DIR") or default_models_dir())
     models = DemoModels(root) if DemoModels(root).ready() else prepare(root)
     log_dir = Path(tempfile.mkdtemp(prefix="switchyard-e2e-"))
-    os.environ[ADMIN_KEY_ENV] = ADMIN_KEY  # the gateway process inherits it
+    os.environ[ADMIN_KEY_ENV] = ADMIN_KEY  # the gateway process inherits these
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{OTLP_PORT}"
+    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"  # export batches every 200 ms, not 5 s
     stack = Stack(_spec(root), log_dir)
     started = time.monotonic()
     try:
