@@ -43,6 +43,9 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm_head_timer()
+        transport = self.transport
+        if isinstance(transport, CorkedTransport):
+            transport.cork()  # this request's answer: its head leaves with what follows it
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
