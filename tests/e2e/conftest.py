@@ -20,6 +20,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from tests.otlp_receiver import OtlpReceiver, otlp_receiver
 from worker.models import DemoModels, default_models_dir, prepare
 from worker.procs import free_port_block
 from worker.stack import Stack
@@ -28,7 +29,7 @@ from worker.stack_file import GatewaySpec, StackSpec, WorkerSpec, demo_stack
 REFRESH_INTERVAL = 1.0  # the gateway's /v1/models polling period in this suite
 ADMIN_KEY_ENV = "SWITCHYARD_E2E_ADMIN_KEY"  # the gateway's admin key (GET /admin/fleet) in this suite
 ADMIN_KEY = "e2e-admin-key"
-# Where the gateway and the chat worker export their traces; test_tracing_real.py listens there.
+# Where the gateway and the chat worker export their traces: a receiver that lives as long as the stack.
 OTLP_PORT = free_port_block(1)
 STARTUP_TIMEOUT = 900.0
 
@@ -37,6 +38,7 @@ STARTUP_TIMEOUT = 900.0
 class E2EStack:
     stack: Stack
     models: DemoModels
+    traces: OtlpReceiver  # every span the gateway and the chat worker exported
 
     @property
     def gateway(self) -> str:
@@ -102,16 +104,18 @@ def e2e() -> Iterator[E2EStack]:
     os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{OTLP_PORT}"
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"  # export batches every 200 ms, not 5 s
     stack = Stack(_spec(root), log_dir)
+    receiver_server, receiver = otlp_receiver(OTLP_PORT)
     started = time.monotonic()
-    try:
-        stack.start()
-        stack.wait_ready(STARTUP_TIMEOUT)
-        print(f"\ne2e stack ready in {time.monotonic() - started:.0f} s: "
-              + ", ".join(f"{c.name} {c.ready_after:.0f} s" for c in stack.workers if c.ready_after)
-              + f" (logs in {log_dir})")  # fmt: skip
-        yield E2EStack(stack, models)
-    finally:
-        stack.stop()
+    with receiver_server:
+        try:
+            stack.start()
+            stack.wait_ready(STARTUP_TIMEOUT)
+            print(f"\ne2e stack ready in {time.monotonic() - started:.0f} s: "
+                  + ", ".join(f"{c.name} {c.ready_after:.0f} s" for c in stack.workers if c.ready_after)
+                  + f" (logs in {log_dir})")  # fmt: skip
+            yield E2EStack(stack, models, receiver)
+        finally:
+            stack.stop()
 
 
 def worker_spec(e2e: E2EStack, name: str) -> WorkerSpec:
