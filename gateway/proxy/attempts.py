@@ -126,7 +126,7 @@ class Attempts:
                         continue
                 outcome.status = response.status
                 if continuable:
-                    continuations = _Continuations(self, exchange, held, headers, (target, body))
+                    continuations = _Continuations(self, exchange, held, headers, (target, body), tried)
                 await self._relay.relay(exchange, response, backend, continuations)
                 if continuations is not None and not continuations.taken_over:
                     self._feedback.success(backend)
@@ -187,13 +187,14 @@ class _Continuations:
         held: _Held,
         headers: list[tuple[bytes, bytes]],
         original: tuple[bytes, bytes],
+        tried: list[Backend],
     ) -> None:
         self._attempts = attempts
         self._exchange = exchange
         self._held = held
         self._headers = headers
         self._original = original  # target and body of the request as first sent
-        self._tried: list[Backend] = []
+        self._tried = list(tried)  # backends this request failed on (connect errors before the stream began)
         self._count = 0
         self.taken_over = False  # the first backend failed the stream
 

@@ -188,7 +188,7 @@ def test_accounting_counts_the_stream_once(
 def test_failed_backend_gets_outlier_treatment() -> None:
     good, bad = sim("m", "--positional-output"), sim("m", "--drop-after-tokens", "2", "--positional-output")
     with running_sims(good, bad), gateway(good.url, bad.url, health={"eject_after": 2, "eject_base": 30}) as gw:
-        for n in range(12):  # different prompts: some routed to the dropping backend first
+        for n in range(20):  # different prompts: some routed to the dropping backend first
             payload = {**body(COMPLETIONS, 4, False), "prompt": f"Count {n}."}
             raw = stream_text(gw, payload, COMPLETIONS)
             assert "".join(json.loads(p)["choices"][0]["text"] for p in sse_payloads(raw)[:-1]) == positional(4)
