@@ -59,7 +59,7 @@ class Worker:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, model_dir: Path) -> None:
+    def start(self, model_dir: Path, kv_ports: tuple[int, int]) -> None:
         options = WorkerOptions(
             model=str(model_dir),
             served_model_names=(MODEL,),
@@ -67,6 +67,8 @@ class Worker:
             port=self.port,
             max_model_len=512,
             dtype=DTYPE,
+            kv_events_port=kv_ports[0],
+            kv_replay_port=kv_ports[1],
             extra_args=("--enable-lora",),
         )
         argv = build_vllm_argv(options, "cpu", sys.executable)
@@ -90,14 +92,18 @@ def workers() -> Iterator[tuple[Worker, Worker]]:
     root = Path(os.environ.get("SWITCHYARD_MODELS_DIR") or default_models_dir())
     models = DemoModels(root) if DemoModels(root).ready() else prepare(root)
     log_dir = Path(tempfile.mkdtemp(prefix="switchyard-failover-e2e-"))
-    port = procs.free_port_block(2)
+    port = procs.free_port_block(6)  # per worker: HTTP, and its KV events' PUB and replay ports
     pair = [Worker(port + i, (log_dir / f"worker{i}.log").open("wb")) for i in range(2)]
     started = time.monotonic()
     try:
-        for worker in pair:
-            worker.start(models.chat)
-        for worker in pair:
-            wait_until(lambda w=worker: _healthy(w), 600, interval=1, what=f"vLLM on {worker.url} (logs in {log_dir})")
+        for i, worker in enumerate(pair):
+            worker.start(models.chat, (port + 2 + 2 * i, port + 3 + 2 * i))
+        while not all(_healthy(worker) for worker in pair):
+            for worker in pair:
+                if worker.process.poll() is not None:
+                    pytest.fail(f"vLLM on {worker.url} exited with {worker.process.returncode} (logs in {log_dir})")
+            assert time.monotonic() - started < 600, f"vLLM not ready after 600 s (logs in {log_dir})"
+            time.sleep(1)
         print(f"\ntwo {DTYPE} workers ready in {time.monotonic() - started:.0f} s (logs in {log_dir})")
         yield pair[0], pair[1]
     finally:
@@ -108,8 +114,10 @@ def workers() -> Iterator[tuple[Worker, Worker]]:
 
 
 def _healthy(worker: Worker) -> bool:
-    assert worker.process.poll() is None, f"vLLM exited with {worker.process.returncode}"
-    return httpx.get(worker.url + "/health", timeout=2).status_code == 200
+    try:
+        return httpx.get(worker.url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @pytest.fixture(scope="module")
