@@ -9,10 +9,13 @@ so what the benchmark sees on top of it is the gateway's cost.
     POST /v1/chat/completions   non-stream: a fixed small chat.completion JSON (317 bytes);
     POST /v1/completions        "stream": true: `max_tokens` SSE chunks (default 16), each written with its
                                 own send() as fast as the event loop allows, then `data: [DONE]`; with
-                                `"interval_ms": N` in the body, one chunk every N ms, like a model decoding
+                                `"interval_ms": N` in the body, one chunk every N ms, like a model decoding;
+                                with vLLM's `"return_token_ids": true` (what the gateway asks of a stream
+                                it may fail over) each chunk carries its token's id, as vLLM 0.32's do
     anything else               404
 
-The request body is parsed with orjson only to read `stream` and `max_tokens`.
+The request body is parsed with orjson only to read `stream`, `max_tokens`, `interval_ms` and
+`return_token_ids`.
 
 Run on its own (for profiling by hand):  .venv/bin/python bench/fast_upstream.py --port 9001
 """
@@ -58,14 +61,17 @@ def _completion(model: str) -> bytes:
     )
 
 
-def _chunk(model: str) -> bytes:
+def _chunk(model: str, token_ids: bool = False) -> bytes:
+    choice: dict[str, Any] = {"index": 0, "delta": {"content": " tok"}, "logprobs": None, "finish_reason": None}
+    if token_ids:
+        choice["token_ids"] = [10957]
     event = orjson.dumps(
         {
             "id": "chatcmpl-bench0000000000000000",
             "object": "chat.completion.chunk",
             "created": 1700000000,
             "model": model,
-            "choices": [{"index": 0, "delta": {"content": " tok"}, "logprobs": None, "finish_reason": None}],
+            "choices": [choice],
         }
     )
     return b"data: " + event + b"\n\n"
@@ -80,6 +86,7 @@ class FastUpstream:
         self._models = orjson.dumps({"object": "list", "data": [card]})
         self._completion = _completion(model)
         self._chunk = _chunk(model)
+        self._chunk_with_ids = _chunk(model, token_ids=True)
         labels = f'{{engine="0",model_name="{model}"}}'
         gauges = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
         self._metrics = "".join(f"vllm:{name}{labels} 0.0\n" for name in gauges).encode()
@@ -102,6 +109,7 @@ class FastUpstream:
                     send,
                     chunks if isinstance(chunks, int) and chunks > 0 else DEFAULT_CHUNKS,
                     interval / 1000 if isinstance(interval, int | float) and interval > 0 else 0.0,
+                    request.get("return_token_ids") is True,
                 )
             else:
                 await _answer(send, 200, self._completion, JSON_HEADERS)
@@ -114,9 +122,10 @@ class FastUpstream:
         else:
             await _answer(send, 404, NOT_FOUND, JSON_HEADERS)
 
-    async def _stream(self, send: Send, chunks: int, interval: float) -> None:
+    async def _stream(self, send: Send, chunks: int, interval: float, token_ids: bool) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-        message = {"type": "http.response.body", "body": self._chunk, "more_body": True}
+        chunk = self._chunk_with_ids if token_ids else self._chunk
+        message = {"type": "http.response.body", "body": chunk, "more_body": True}
         loop = asyncio.get_running_loop()
         due = loop.time()
         for _ in range(chunks):

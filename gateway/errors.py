@@ -7,6 +7,7 @@ client errors to OpenAI-shaped responses (`error_parts`).
     ├── AnswerTruncated             a non-stream answer broke after its head went out
     ├── UpstreamError               talking to a backend failed (internal: never answered as it is)
     │   ├── ConnectFailed, BadResponse, BodyBroken, HeadTimeout, IdleTimeout
+    │   └── ErrorEvent              a stream's backend sent vLLM's in-band error event (a failover may follow)
     └── GatewayError                answered as {"error": {"message", "type", "param", "code"}}
         ├── InvalidRequest (400) ── ModelRequired, UnsupportedMediaType
         ├── Unauthorized (401), RouteNotFound, ModelNotFound, ResponseNotFound (404), MethodNotAllowed (405)
@@ -198,6 +199,15 @@ class IdleTimeout(UpstreamError):
         self.seconds = seconds
 
 
+class ErrorEvent(UpstreamError):
+    """A stream's backend sent vLLM's mid-stream error event (`data: {"error": ...}`) after content went out.
+    `event` is that SSE event as received, passed on to the client when the stream cannot be continued."""
+
+    def __init__(self, event: bytes) -> None:
+        super().__init__("the backend sent an error event mid-stream")
+        self.event = event
+
+
 def upstream_failure(
     exc: UpstreamError, *, model: str, backend: str, mid_body: bool = False
 ) -> tuple[str, GatewayError]:
@@ -206,6 +216,8 @@ def upstream_failure(
     if mid_body:
         if isinstance(exc, IdleTimeout):
             return "idle_timeout", UpstreamUnavailable(f"The backend sent nothing for {exc.seconds:g} s.")
+        if isinstance(exc, ErrorEvent):
+            return "error_event", UpstreamUnavailable("The backend failed mid-stream.")
         return "disconnect", UpstreamUnavailable(f"The backend connection broke: {exc}.")
     if isinstance(exc, ConnectFailed):
         return "connect", UpstreamUnavailable(f"No backend of model `{model}` could be reached ({backend}: {exc}).")

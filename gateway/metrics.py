@@ -19,8 +19,12 @@ from gateway.fleet.registry import Registry
 UNKNOWN_MODEL = "__unknown__"  # a name no backend serves (answered 404)
 # Label values known in advance: their counters are exported from 0, so rate() and dashboards show 0, not
 # "No data", before the first event (Prometheus' instrumentation advice).
-UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol", "status", "disconnect", "idle_timeout")
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol", "status", "disconnect", "idle_timeout", "error_event")
 REJECT_REASONS = ("rate_limit", "saturated", "queue_full", "queue_timeout", "shed")
+# What became of a stream whose backend failed mid-stream (switchyard_stream_failovers_total): continued on
+# another backend; a continuation tried that failed too; not continuable (n > 1, logprobs, a tool call, ...);
+# no other backend or no retry budget left; out of `failover.max_attempts`.
+FAILOVER_OUTCOMES = ("continued", "failed", "unsupported", "no_backend", "exhausted")
 NO_MODEL = "__none__"  # rejected before a model was known (bad body, too large)
 
 # Up to 10 minutes: long generations are normal for LLM serving.
@@ -136,6 +140,12 @@ class Metrics:
         self.retries = Counter(
             "switchyard_retries", "Requests sent again to another backend.", ["model"], registry=self.registry
         )
+        self.stream_failovers = Counter(
+            "switchyard_stream_failovers",
+            "Streams whose backend failed after the stream began, by what the gateway did (outcome).",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
         self.rejected = Counter(
             "switchyard_rejected_requests",
             "Requests turned away by admission control or rate limits, by reason.",
@@ -203,6 +213,8 @@ class Metrics:
         for model in registry.backends_per_model().keys() - self._model_series:
             for reason in REJECT_REASONS:
                 self.rejected.labels(model, reason)
+            for outcome in FAILOVER_OUTCOMES:
+                self.stream_failovers.labels(model, outcome)
             self._model_series.add(model)
 
     def observe(self, model: str, route: str, code: int, seconds: float) -> None:

@@ -120,6 +120,24 @@ class RetrySettings(StrictModel):
     max_retries: int = Field(default=2, ge=0, le=10)
     budget_ratio: float = Field(default=0.2, ge=0, le=1, description="Retries allowed per request, on average.")
     on_status: list[int] = Field(default_factory=lambda: [503], description="Backend statuses worth a retry.")
+    budget_reserve: float = Field(
+        default=10.0,
+        ge=0,
+        description="Retries the budget holds at most, and at start: how many may happen in one burst (a backend "
+        "that dies with many streams on it needs one stream failover each).",
+    )
+
+
+class FailoverSettings(StrictModel):
+    """Mid-stream failover: a chat or completions stream whose backend dies, stalls past `timeouts.idle` or sends
+    an error event after content went out is continued on another backend of its model, as one stream."""
+
+    enabled: bool = Field(
+        default=True, description="Continue broken streams (a request opts out with X-Switchyard-Failover: off)."
+    )
+    max_attempts: int = Field(
+        default=1, ge=0, le=10, description="Continuations per stream at most; each one spends from the retry budget."
+    )
 
 
 class HealthSettings(StrictModel):
@@ -262,6 +280,7 @@ class Settings(BaseSettings):
     )
     retry_after: int = Field(default=1, ge=0, description="Retry-After seconds sent with a 503.")
     retries: RetrySettings = Field(default_factory=RetrySettings)
+    failover: FailoverSettings = Field(default_factory=FailoverSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)

@@ -4,21 +4,29 @@ A request waits for an admission slot and holds it until its answer ends. It is 
 of its model only while nothing has reached the client: when the connection fails (connect refused, reset
 before a response byte) or the backend answers a status from `retries.on_status`. Retries are bounded per
 request (`retries.max_retries`) and overall (the retry budget), and every outcome feeds passive health.
+
+A failover-capable stream whose backend fails mid-stream is continued on another backend (`_Continuations`),
+at most `failover.max_attempts` times, each continuation spending from the same retry budget.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from prometheus_client import Gauge
+
 from gateway.errors import ConnectFailed, HeadTimeout, UpstreamError, upstream_failure
 from gateway.fleet.registry import Backend
 from gateway.metrics import Metrics
 from gateway.proxy.exchange import Exchange
+from gateway.proxy.failover import COMPLETIONS_TARGET, continuation_body, inject_return_token_ids, max_model_len
+from gateway.proxy.failover_stream import FailoverStream
 from gateway.proxy.headers import upstream_headers
-from gateway.proxy.interfaces import AdmissionGate, BackendFeedback, Picker
-from gateway.proxy.relay import Relay
+from gateway.proxy.interfaces import AdmissionGate, BackendDirectory, BackendFeedback, Picker
+from gateway.proxy.relay import SSE, Relay
 from gateway.proxy.upstream import UpstreamPool, UpstreamResponse
 from gateway.proxy.usage import inject_include_usage
+from gateway.routing.request import RequestInfo
 from gateway.routing.retry_budget import RetryBudget
 from gateway.settings import Settings
 
@@ -33,6 +41,7 @@ class Attempts:
         pool: UpstreamPool,
         relay: Relay,
         metrics: Metrics,
+        directory: BackendDirectory,
     ) -> None:
         self._picker = picker
         self._gate = gate
@@ -40,10 +49,12 @@ class Attempts:
         self._pool = pool
         self._relay = relay
         self._metrics = metrics
+        self._directory = directory
         self._first_byte_timeout = settings.timeouts.first_byte
         self._max_retries = settings.retries.max_retries
         self._retry_statuses = frozenset(settings.retries.on_status)
-        self._budget = RetryBudget(settings.retries.budget_ratio)
+        self._budget = RetryBudget(settings.retries.budget_ratio, settings.retries.budget_reserve)
+        self._max_failovers = settings.failover.max_attempts
 
     async def run(self, exchange: Exchange) -> None:
         info = exchange.info
@@ -63,6 +74,9 @@ class Attempts:
         if exchange.hide_usage:
             assert info.payload is not None
             body = inject_include_usage(body, info.payload)
+        plan = exchange.failover
+        if plan is not None and plan.capable:
+            body = inject_return_token_ids(body)
         scope = exchange.scope
         headers = upstream_headers(scope, outcome.request_id)
         path = scope["raw_path"] or scope["path"].encode()
@@ -76,11 +90,11 @@ class Attempts:
         pool: Sequence[Backend] = candidates
         errors = self._metrics.upstream_errors
         while True:
-            backend = self._picker.pick(pool, info)
-            gauge = self._metrics.inflight_gauge(model, backend.url)
-            gauge.inc()
+            held = _Held(self._picker, info, self._picker.pick(pool, info), self._metrics)
+            backend = held.backend
             outcome.backend = backend.url
             outcome.predicted_cached = self._picker.predicted_cached(info, backend)
+            continuations = None
             try:
                 try:
                     response = await self._open(backend, method, target, headers, body)
@@ -97,9 +111,10 @@ class Attempts:
                         raise error from None
                     outcome.retries += 1
                     continue
+                continuable = plan is not None and plan.capable and response.status == 200
                 if response.status >= 500:
                     self._feedback.failure(backend)
-                else:
+                elif not continuable:  # a stream that may fail over is judged by how it ends
                     self._feedback.success(backend)
                 if response.status in self._retry_statuses:
                     errors.labels(backend.url, "status").inc()
@@ -110,13 +125,18 @@ class Attempts:
                         outcome.retries += 1
                         continue
                 outcome.status = response.status
-                await self._relay.relay(exchange, response, backend)
+                if continuable:
+                    continuations = _Continuations(self, exchange, held, headers, (target, body), tried)
+                await self._relay.relay(exchange, response, backend, continuations)
+                if continuations is not None and not continuations.taken_over:
+                    self._feedback.success(backend)
                 if outcome.usage is not None:
                     self._picker.observe(info, outcome.usage.prompt_tokens)
                 return
             finally:
-                self._picker.release(backend, info)
-                gauge.dec()
+                held.release()
+                if continuations is not None:
+                    continuations.release()
 
     def _retry_pool(self, candidates: Sequence[Backend], tried: list[Backend]) -> list[Backend]:
         """Backends left for one more try, or none when out of candidates, retries or budget."""
@@ -133,3 +153,135 @@ class Attempts:
         if backend.api_key:
             headers = [*headers, (b"authorization", b"Bearer " + backend.api_key.encode("latin-1"))]
         return await self._pool.request(backend.url, method, target, headers, body, self._first_byte_timeout)
+
+
+class _Held:
+    """A backend one request holds: counted in flight (the picker's count and the gauge) until released, once."""
+
+    __slots__ = ("_gauge", "_info", "_picker", "backend")
+
+    def __init__(self, picker: Picker, info: RequestInfo, backend: Backend, metrics: Metrics) -> None:
+        self._picker = picker
+        self._info = info
+        self.backend = backend
+        self._gauge: Gauge | None = metrics.inflight_gauge(info.model, backend.url)
+        self._gauge.inc()
+
+    def release(self) -> None:
+        gauge = self._gauge
+        if gauge is not None:
+            self._gauge = None
+            self._picker.release(self.backend, self._info)
+            gauge.dec()
+
+
+class _Continuations:
+    """The takeover of one failover-capable stream (relay.Takeover): when its backend fails, the same stream
+    goes on from another backend of the model, at most `failover.max_attempts` times and within the retry budget;
+    the failed backend gets the passive-health treatment of any failure."""
+
+    def __init__(
+        self,
+        attempts: Attempts,
+        exchange: Exchange,
+        held: _Held,
+        headers: list[tuple[bytes, bytes]],
+        original: tuple[bytes, bytes],
+        tried: list[Backend],
+    ) -> None:
+        self._attempts = attempts
+        self._exchange = exchange
+        self._held = held
+        self._headers = headers
+        self._original = original  # target and body of the request as first sent
+        self._tried = list(tried)  # backends this request failed on (connect errors before the stream began)
+        self._count = 0
+        self.taken_over = False  # the first backend failed the stream
+
+    def release(self) -> None:
+        self._held.release()
+
+    async def __call__(
+        self, failure: UpstreamError, backend: Backend, stream: FailoverStream
+    ) -> tuple[UpstreamResponse, Backend] | None:
+        attempts = self._attempts
+        exchange = self._exchange
+        model = exchange.info.model
+        self.taken_over = True
+        attempts._feedback.failure(backend)
+        self._held.release()  # the failed backend is no longer counted busy with this stream
+        self._tried.append(backend)
+        if stream.finished:
+            return None  # only usage and [DONE] were missing: the relay ends the stream itself
+        if stream.refusal() is not None:
+            self._record("unsupported")
+            return None
+        sent = False  # a continuation request went out
+        while True:
+            if self._count >= attempts._max_failovers:
+                self._record("failed" if sent else "exhausted")
+                return None
+            pool = [other for other in attempts._directory.candidates(model) if other not in self._tried]
+            if not pool:
+                self._record("failed" if sent else "no_backend")
+                return None
+            if not attempts._budget.try_spend():
+                self._record("exhausted")
+                return None
+            backend = attempts._picker.pick(pool, exchange.info)
+            self._held = _Held(attempts._picker, exchange.info, backend, attempts._metrics)
+            self._tried.append(backend)
+            request = self._request(stream, backend)
+            if request is None:
+                self._held.release()
+                self._record("unsupported")
+                return None
+            target, body = request
+            try:
+                response = await attempts._open(backend, b"POST", target, self._headers, body)
+            except UpstreamError as exc:
+                kind, _ = upstream_failure(exc, model=model, backend=backend.url)
+                attempts._metrics.upstream_errors.labels(backend.url, kind).inc()
+                self._held.release()
+                if isinstance(exc, ConnectFailed | HeadTimeout):
+                    attempts._feedback.failure(backend)
+                if not isinstance(exc, ConnectFailed):  # it went out: one attempt used
+                    self._count += 1
+                    sent = True
+                continue
+            self._count += 1
+            sent = True
+            if response.status >= 500:
+                attempts._feedback.failure(backend)
+            else:
+                attempts._feedback.success(backend)
+            if response.status != 200 or response.content_type != SSE:
+                attempts._metrics.upstream_errors.labels(backend.url, "status").inc()
+                response.close()
+                self._held.release()
+                continue
+            exchange.outcome.failovers += 1
+            attempts._metrics.stream_failovers.labels(exchange.label, "continued").inc()
+            if stream.started:
+                stream.continue_from_here(translate=stream.plan.chat)
+            else:
+                stream.resend()
+            return response, backend
+
+    def _request(self, stream: FailoverStream, backend: Backend) -> tuple[bytes, bytes] | None:
+        """Target and body of the request that goes on with the stream on `backend`."""
+        if not stream.started:
+            return self._original  # nothing reached the client: the same request again
+        info = self._exchange.info
+        assert info.payload is not None
+        body = continuation_body(
+            info.payload,
+            stream.plan.chat,
+            stream.token_ids(),
+            stream.generated,
+            max_model_len(backend.models, info.model),
+        )
+        return None if body is None else (COMPLETIONS_TARGET, body)
+
+    def _record(self, outcome: str) -> None:
+        self._attempts._metrics.stream_failovers.labels(self._exchange.label, outcome).inc()

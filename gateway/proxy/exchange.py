@@ -12,6 +12,7 @@ from gateway.errors import GatewayError, error_parts
 from gateway.fleet.registry import Backend
 from gateway.metrics import NO_MODEL
 from gateway.proxy.disconnect import DisconnectWatch
+from gateway.proxy.failover import FailoverPlan
 from gateway.proxy.outcome import Outcome
 from gateway.proxy.request_body import BodyKind
 from gateway.routing.request import RequestInfo
@@ -36,6 +37,7 @@ class Exchange:
     body: bytes = b""
     candidates: Sequence[Backend] = ()
     hide_usage: bool = False  # the gateway asked for the stream's usage: hide it from the client
+    failover: FailoverPlan | None = None  # a chat or completions stream: continued elsewhere if its backend fails
     watch: DisconnectWatch | None = None  # while a response may still be cut short by the client leaving
     span: Span | None = None  # its server span, when tracing is on
 

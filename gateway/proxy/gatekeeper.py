@@ -13,6 +13,7 @@ from gateway.errors import HeadersTooLarge, ModelNotFound, ModelRequired, NoHeal
 from gateway.fleet.registry import Backend
 from gateway.metrics import UNKNOWN_MODEL
 from gateway.proxy.exchange import Exchange
+from gateway.proxy.failover import FailoverPolicy
 from gateway.proxy.headers import client_host, header
 from gateway.proxy.interfaces import AdmissionGate, BackendDirectory
 from gateway.proxy.request_body import BodyKind, read_body, routing_fields
@@ -45,6 +46,7 @@ class Gatekeeper:
         self._directory = directory
         self._gate = gate
         self._responses = responses
+        self._failover = FailoverPolicy(settings.failover)
 
     async def check(self, exchange: Exchange) -> None:
         scope = exchange.scope
@@ -88,6 +90,7 @@ class Gatekeeper:
         exchange.body = body
         exchange.candidates = candidates
         exchange.hide_usage = wants_usage_injection(exchange.route, payload)
+        exchange.failover = self._failover.plan(exchange.route, payload, scope)
 
     def _check_headers(self, exchange: Exchange) -> None:
         headers = exchange.scope["headers"]

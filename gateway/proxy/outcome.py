@@ -24,6 +24,7 @@ class Outcome:
     status: int = 0
     backend: str | None = None
     retries: int = 0
+    failovers: int = 0  # continuations of a stream on other backends after its backend failed mid-stream
     ttft: float | None = None
     usage: Usage | None = None
     predicted_cached: int | None = None  # prompt tokens routing expected the backend to have cached
@@ -69,6 +70,7 @@ class Recorder:
                         "prompt_tokens": usage.prompt_tokens if usage else None,
                         "completion_tokens": usage.completion_tokens if usage else None,
                         "retries": outcome.retries,
+                        "failovers": outcome.failovers,
                         "cached_tokens_predicted": predicted,
                         "cached_tokens_reported": reported,
                     }

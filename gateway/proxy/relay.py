@@ -2,24 +2,32 @@
 
 Reading pauses while the client is slow (uvicorn's flow control on one side, the pool's on the other), and
 the idle timer runs only while the proxy waits on the backend. When the backend fails after the status line
-went out, an SSE client is told in-band (an error event, then `[DONE]`); any other answer is cut off, so
-that it cannot pass for a complete one.
+went out, a failover-capable stream is continued on another backend (the attempts stage finds one, see
+failover.py); any other SSE client is told in-band (an error event, then `[DONE]`); any other answer is cut
+off, so that it cannot pass for a complete one.
 """
 
 from __future__ import annotations
 
-from gateway.errors import AnswerTruncated, UpstreamError, error_body, upstream_failure
+from collections.abc import Awaitable, Callable
+
+from gateway.errors import AnswerTruncated, BodyBroken, ErrorEvent, UpstreamError, error_body, upstream_failure
 from gateway.fleet.registry import Backend
 from gateway.metrics import Metrics
 from gateway.proxy.exchange import Exchange
+from gateway.proxy.failover_stream import DONE, FailoverStream
 from gateway.proxy.gatekeeper import RESPONSES_ROUTE
 from gateway.proxy.headers import DROP_RESPONSE_HEADERS, DROP_RESPONSE_HEADERS_AND_LENGTH
 from gateway.proxy.interfaces import Picker
 from gateway.proxy.responses_api import ResponseDirectory
-from gateway.proxy.stream_observer import ChunkObserver
+from gateway.proxy.stream_observer import ChunkObserver, StreamFilter
 from gateway.proxy.upstream import UpstreamResponse
+from gateway.proxy.usage import UsageChunkFilter
 
 SSE = b"text/event-stream"
+
+# Finds the continuation of a failed stream: (its response, its backend), or None to end the stream.
+Takeover = Callable[[UpstreamError, Backend, FailoverStream], Awaitable[tuple[UpstreamResponse, Backend] | None]]
 
 
 class Relay:
@@ -29,36 +37,78 @@ class Relay:
         self._responses = responses
         self._picker = picker
 
-    async def relay(self, exchange: Exchange, response: UpstreamResponse, backend: Backend) -> None:
+    async def relay(
+        self, exchange: Exchange, response: UpstreamResponse, backend: Backend, takeover: Takeover | None = None
+    ) -> None:
         outcome = exchange.outcome
         is_sse = response.content_type == SSE
+        plan = exchange.failover
+        stream = None
+        if plan is not None and plan.capable and is_sse and response.status == 200:
+            stream = FailoverStream(plan)
         hide_usage = exchange.hide_usage and is_sse
-        # Hiding the usage event shortens the body: a length the backend declared would no longer hold.
-        drop = DROP_RESPONSE_HEADERS_AND_LENGTH if hide_usage else DROP_RESPONSE_HEADERS
+        stream_filter: StreamFilter | None = stream or (UsageChunkFilter() if hide_usage else None)
+        # A rewritten body is not as long as the backend declared.
+        drop = DROP_RESPONSE_HEADERS_AND_LENGTH if stream_filter is not None else DROP_RESPONSE_HEADERS
         headers = [(name, value) for name, value in response.raw_headers if name.lower() not in drop]
         headers.append((b"x-request-id", outcome.request_id))
         headers += outcome.extra_headers
-        observer = ChunkObserver(is_sse, hide_usage, outcome.started, self._metrics.model_series(exchange.label).itl)
+        observer = ChunkObserver(is_sse, stream_filter, outcome.started, self._metrics.model_series(exchange.label).itl)
         learn_response_id = exchange.route == RESPONSES_ROUTE and response.status == 200
         try:
             await exchange.send({"type": "http.response.start", "status": response.status, "headers": headers})
-            failure = await self._copy(exchange, response, observer, learn_response_id, backend)
+            failure = await self._copy(exchange, response, observer, learn_response_id, backend, stream)
+            while failure is not None:
+                self._count_failure(exchange, failure, backend)
+                if stream is None or takeover is None:
+                    break
+                response.close()  # tells a stalled or erring backend to stop
+                resumed = await takeover(failure, backend, stream)
+                if resumed is None:
+                    break
+                response, backend = resumed
+                failure = await self._copy(exchange, response, observer, False, backend, stream)
         finally:
             response.close()  # no-op once released; drops the upstream connection when cut short
             outcome.ttft = observer.ttft
         if failure is None:
             outcome.usage = observer.usage()
             return
-        kind, error = upstream_failure(failure, model=exchange.label, backend=backend.url, mid_body=True)
+        if stream is not None:
+            await self._end_stream(exchange, stream, failure)
+            return
+        _, error = upstream_failure(failure, model=exchange.label, backend=backend.url, mid_body=True)
         outcome.status = 502
-        self._metrics.upstream_errors.labels(backend.url, kind).inc()
         if not is_sse:
             raise AnswerTruncated(error.message)
+        if plan is not None:
+            self._metrics.stream_failovers.labels(exchange.label, "unsupported").inc()
         # The status line is gone: tell an SSE client in-band, then end the stream cleanly.
         rest = observer.flush()
         separator = b"" if (rest or observer.sent_tail).endswith(b"\n\n") else b"\n\n"
         event = b"data: " + error_body(error.message, error.error_type, None, error.status) + b"\n\ndata: [DONE]\n\n"
         await exchange.finish(rest + separator + event)
+
+    async def _end_stream(self, exchange: Exchange, stream: FailoverStream, failure: UpstreamError) -> None:
+        """End a failover-capable stream its backends left unfinished: whole when only usage and [DONE] were
+        missing, else with the backend's error event (or the gateway's) and [DONE]."""
+        stream.flush()  # half an event of a backend that failed: nothing the client can use
+        if stream.finished:
+            await exchange.finish(stream.ending())
+            exchange.outcome.usage = stream.usage
+            self._metrics.stream_failovers.labels(exchange.label, "continued").inc()
+            return
+        exchange.outcome.status = 502
+        if isinstance(failure, ErrorEvent):
+            await exchange.finish(failure.event + DONE)
+            return
+        _, error = upstream_failure(failure, model=exchange.label, backend="", mid_body=True)
+        event = b"data: " + error_body(error.message, error.error_type, None, error.status) + b"\n\n"
+        await exchange.finish(event + DONE)
+
+    def _count_failure(self, exchange: Exchange, failure: UpstreamError, backend: Backend) -> None:
+        kind, _ = upstream_failure(failure, model=exchange.label, backend=backend.url, mid_body=True)
+        self._metrics.upstream_errors.labels(backend.url, kind).inc()
 
     async def _copy(
         self,
@@ -67,8 +117,10 @@ class Relay:
         observer: ChunkObserver,
         learn_response_id: bool,
         backend: Backend,
+        stream: FailoverStream | None,
     ) -> UpstreamError | None:
-        """Copy the upstream body to the client; returns the upstream's failure, if it failed."""
+        """Copy the upstream body to the client; returns the upstream's failure, if it failed. A failover-capable
+        stream that ends before its [DONE], or sends an error event, failed too: it is not finished here."""
         idle = self._idle_timeout
         send = exchange.send
         waiting_first_token = observer.sse
@@ -86,12 +138,20 @@ class Relay:
                 if waiting_first_token and observer.ttft is not None:
                     waiting_first_token = False
                     self._picker.discharge(exchange.info)  # its prefill is done
+                if stream is not None and (stream.failure is not None or (content.at_eof() and not stream.done)):
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                    return stream.failure or BodyBroken("the stream ended before [DONE]")
                 if content.at_eof():  # the last chunk ends the response: one send instead of two
                     await exchange.finish(out + observer.flush())
                     return None
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
         except UpstreamError as exc:
-            return exc
+            if stream is None or not stream.done:
+                return exc
+            # the stream's [DONE] came: whatever broke after it, the client has all of it
+        if stream is not None and not stream.done:
+            return BodyBroken("the stream ended before [DONE]")
         await exchange.finish(observer.flush())
         return None

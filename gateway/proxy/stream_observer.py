@@ -1,18 +1,29 @@
 """Per-response bookkeeping on the chunks that pass through: time to first token, inter-token gaps,
-usage, and what the client was last sent. The bytes are only looked at, except for the usage-only event
-the gateway itself asked for, which is removed."""
+usage, and what the client was last sent. The bytes are only looked at, unless a filter rewrites them: the
+usage-only event the gateway itself asked for is removed (UsageChunkFilter), a failover-capable stream is
+kept one stream over its backends (FailoverStream)."""
 
 from __future__ import annotations
 
 from time import perf_counter
+from typing import Protocol
 
 from prometheus_client import Histogram
 
-from gateway.proxy.usage import Usage, UsageChunkFilter, UsageTail, count_content_events
+from gateway.proxy.usage import Usage, UsageTail, count_content_events
+
+
+class StreamFilter(Protocol):
+    """Rewrites an SSE body on its way to the client; holds the usage it saw."""
+
+    usage: Usage | None
+
+    def feed(self, chunk: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
 
 
 class ChunkObserver:
-    def __init__(self, is_sse: bool, hide_usage: bool, started: float, itl: Histogram) -> None:
+    def __init__(self, is_sse: bool, stream_filter: StreamFilter | None, started: float, itl: Histogram) -> None:
         self.ttft: float | None = None
         self.sent_tail = b"\n\n"  # last bytes sent: does an injected event need a separator first?
         self.sse = is_sse
@@ -20,7 +31,7 @@ class ChunkObserver:
         self._itl = itl
         self._last_token_at = 0.0
         self._tail = UsageTail()
-        self._filter = UsageChunkFilter() if hide_usage and is_sse else None
+        self._filter = stream_filter if is_sse else None
 
     def feed(self, chunk: bytes) -> bytes:
         """Observe an upstream chunk; return the bytes to send the client (possibly none)."""

@@ -127,8 +127,9 @@ def test_access_log_line(gw: GatewayServer, caplog: pytest.LogCaptureFixture) ->
 
 
 def test_counters_with_known_label_values_start_at_zero(upstream: SimProcess) -> None:
-    """Upstream errors per backend and kind, rejections per model and reason: exported at 0 before the first
-    one, so that rate() over them is 0 and not "No data"; a backend that leaves takes its series along."""
+    """Upstream errors per backend and kind, rejections and stream failovers per model and reason or outcome:
+    exported at 0 before the first one, so that rate() over them is 0 and not "No data"; a backend that leaves
+    takes its series along."""
     with running_sims(sim("other")) as (other,), gateway(upstream.url, other.url) as gw:
 
         def lines() -> set[str]:
@@ -137,11 +138,13 @@ def test_counters_with_known_label_values_start_at_zero(upstream: SimProcess) ->
         wait_until(lambda: 'switchyard_rejected_requests_total{model="other",reason="shed"} 0.0' in lines(), 5)
         text = lines()
         for url in (upstream.url, other.url):
-            for kind in ("connect", "timeout", "protocol", "status", "disconnect", "idle_timeout"):
+            for kind in ("connect", "timeout", "protocol", "status", "disconnect", "idle_timeout", "error_event"):
                 assert f'switchyard_upstream_errors_total{{backend="{url}",kind="{kind}"}} 0.0' in text
         for model in ("m", "other"):
             for reason in ("rate_limit", "saturated", "queue_full", "queue_timeout", "shed"):
                 assert f'switchyard_rejected_requests_total{{model="{model}",reason="{reason}"}} 0.0' in text
+            for outcome in ("continued", "failed", "unsupported", "no_backend", "exhausted"):
+                assert f'switchyard_stream_failovers_total{{model="{model}",outcome="{outcome}"}} 0.0' in text
         gw.registry.reconcile([spec for spec in _specs(gw) if spec.url != other.url])
         wait_until(lambda: not any(f'backend="{other.url}"' in line and "upstream_errors" in line for line in lines()),
                    5, what="the departed backend's series gone")  # fmt: skip

@@ -178,3 +178,41 @@ def iter_sse(response: httpx.Response) -> Iterator[str]:
             for line in event.splitlines():
                 if line.startswith("data: "):
                     yield line[len("data: ") :]
+
+
+def positional(count: int) -> str:
+    """The text of `count` answer tokens from a simulator run with --positional-output."""
+    return "".join(f"{i:>4}" for i in range(count))
+
+
+def assert_one_stream(raw: str, route: str, tokens: int, prompt: int, usage: bool) -> None:
+    """A well-formed SSE body of `tokens` positional tokens (a simulator with --positional-output), as one
+    uninterrupted backend would have sent it: one head (id, object, created, model), one role chunk, no token ids,
+    exactly one finish_reason, the usage event when asked for (`prompt` tokens), and one [DONE]."""
+    payloads = sse_payloads(raw)
+    assert payloads[-1] == "[DONE]", raw[-300:]
+    assert payloads.count("[DONE]") == 1, raw[-300:]
+    assert not any(is_error_event(p) for p in payloads), raw[-300:]
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert len({(c["id"], c["object"], c["created"], c["model"]) for c in chunks}) == 1, "the stream's head changed"
+    content = [c for c in chunks if c["choices"]]
+    choices = [c["choices"][0] for c in content]
+    if route == "/v1/chat/completions":
+        assert [i for i, choice in enumerate(choices) if "role" in choice["delta"]] == [0], "not one role chunk"
+        text = "".join(choice["delta"].get("content") or "" for choice in choices)
+        assert content[0]["prompt_token_ids"] is None
+    else:
+        text = "".join(choice["text"] for choice in choices)
+        assert all(choice["prompt_token_ids"] is None for choice in choices)
+    assert text == positional(tokens)
+    assert [choice["finish_reason"] for choice in choices if choice["finish_reason"]] == ["length"]
+    assert choices[-1]["finish_reason"] == "length"
+    assert all(choice.get("token_ids") is None for choice in choices), "token ids the client did not ask for"
+    usages = [c for c in chunks if not c["choices"]]
+    if usage:
+        assert usages == [chunks[-1]]
+        assert usages[0]["usage"]["prompt_tokens"] == prompt
+        assert usages[0]["usage"]["completion_tokens"] == tokens
+        assert usages[0]["usage"]["total_tokens"] == prompt + tokens
+    else:
+        assert usages == []

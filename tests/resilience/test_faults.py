@@ -194,11 +194,12 @@ def test_rolling_restart_under_steady_load_fails_no_request() -> None:
 
 
 def test_kill_9_under_load_fails_only_the_victims_in_flight_requests_promptly() -> None:
+    """Without mid-stream failover (test_failover_load.py has it on): the victim's streams end in-band."""
     fleet = [sim("load", "--decode-ms-per-token", "10") for _ in range(3)]
     victim = fleet[1]
     with (
         running_sims(*fleet),
-        gateway(*(s.url for s in fleet)) as gw,
+        gateway(*(s.url for s in fleet), failover={"enabled": False}) as gw,
         Load(gw.url, "load", workers=9, max_tokens=25, stream_share=0.8) as load,
     ):
         (victim_backend,) = [b for b in gw.registry.backends if b.url == victim.url]
