@@ -181,7 +181,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> Gatew
             tracing = Tracing(settings.tracing.enabled)  # its export thread lives as long as the lifespan
             proxy = Proxy(
                 Gatekeeper(settings, keys, registry, admission, responses),
-                Attempts(settings, router, admission, outliers, pool, relay, metrics, registry),
+                Attempts(settings, router, admission, outliers, pool, relay, metrics, registry, tracing),
                 Recorder(metrics, log),
                 tracing,
             )

@@ -55,6 +55,9 @@ PREDICTED_CACHED = "switchyard.cached_tokens.predicted"
 RETRIES = "switchyard.retries"
 FAILOVERS = "switchyard.failovers"
 ATTEMPT = "switchyard.attempt"
+QUEUED = "switchyard.admission.queued"  # the request waited for an admission slot
+# The W3C context headers: a client's are continued by the server span, and each attempt sends its own.
+TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
 
 OPERATIONS = {
     "/v1/chat/completions": "chat",
@@ -96,9 +99,10 @@ class Tracing:
         self._propagator = TraceContextTextMapPropagator()
         if not enabled:
             return
-        resource = Resource({"service.name": DEFAULT_SERVICE}).merge(Resource.create())
-        if os.environ.get("OTEL_SERVICE_NAME"):
-            resource = resource.merge(Resource({"service.name": os.environ["OTEL_SERVICE_NAME"]}))
+        resource = Resource.create()  # OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME
+        named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+        if not named:  # else the SDK's unknown_service:<executable>
+            resource = resource.merge(Resource({"service.name": DEFAULT_SERVICE}))
         self._provider = TracerProvider(resource=resource)
         self._provider.add_span_processor(BatchSpanProcessor(exporter or _exporter()))
         self.tracer = self._provider.get_tracer("switchyard.gateway")
@@ -108,7 +112,7 @@ class Tracing:
         assert self.tracer is not None
         carrier: dict[str, str] = {}
         for name, value in headers:
-            if name == b"traceparent" or name == b"tracestate":
+            if name in TRACE_HEADERS:
                 carrier[name.decode()] = value.decode("latin-1")
         context = self._propagator.extract(carrier) if carrier else None
         return self.tracer.start_span(
@@ -151,7 +155,12 @@ def end_server_span(span: Span, exchange: Exchange) -> None:
     """The request's span gets what happened to it, then ends."""
     outcome = exchange.outcome
     info = outcome.info
-    attributes: dict[str, Any] = {HTTP_STATUS: outcome.status, GEN_AI_MODEL: exchange.label, RETRIES: outcome.retries}
+    attributes: dict[str, Any] = {
+        HTTP_STATUS: outcome.status,
+        GEN_AI_MODEL: exchange.label,
+        RETRIES: outcome.retries,
+        FAILOVERS: outcome.failovers,
+    }
     operation = OPERATIONS.get(exchange.route)
     if operation is not None:
         attributes[GEN_AI_OPERATION] = operation

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from opentelemetry.trace import Span, SpanKind
 from prometheus_client import Gauge
 
 from gateway.errors import ConnectFailed, HeadTimeout, UpstreamError, upstream_failure
@@ -29,6 +30,19 @@ from gateway.proxy.usage import inject_include_usage
 from gateway.routing.request import RequestInfo
 from gateway.routing.retry_budget import RetryBudget
 from gateway.settings import Settings
+from gateway.tracing import (
+    ATTEMPT,
+    BACKEND,
+    HTTP_STATUS,
+    POLICY,
+    PREDICTED_CACHED,
+    QUEUED,
+    SERVER_ADDRESS,
+    TRACE_HEADERS,
+    URL_FULL,
+    Tracing,
+    fail,
+)
 
 
 class Attempts:
@@ -42,6 +56,7 @@ class Attempts:
         relay: Relay,
         metrics: Metrics,
         directory: BackendDirectory,
+        tracing: Tracing,
     ) -> None:
         self._picker = picker
         self._gate = gate
@@ -50,6 +65,8 @@ class Attempts:
         self._relay = relay
         self._metrics = metrics
         self._directory = directory
+        self._tracing = tracing
+        self._policy = settings.routing.policy
         self._first_byte_timeout = settings.timeouts.first_byte
         self._max_retries = settings.retries.max_retries
         self._retry_statuses = frozenset(settings.retries.on_status)
@@ -59,14 +76,27 @@ class Attempts:
     async def run(self, exchange: Exchange) -> None:
         info = exchange.info
         gate = self._gate
-        if not gate.try_enter(info):
-            await gate.enter(info)
+        routing = None  # the span of admission and the first pick, when tracing
+        if exchange.span is not None:
+            routing = self._tracing.child(exchange.span, "switchyard.route", SpanKind.INTERNAL, {POLICY: self._policy})
         try:
-            await self._attempts(exchange)
+            if not gate.try_enter(info):
+                if routing is not None:
+                    routing.set_attribute(QUEUED, True)
+                await gate.enter(info)
+        except BaseException as exc:
+            if routing is not None:
+                fail(routing, type(exc).__name__, str(exc))
+                routing.end()
+            raise
+        try:
+            await self._attempts(exchange, routing)
         finally:
             gate.leave(info.model)
+            if routing is not None and routing.is_recording():
+                routing.end()  # the request ended before its first pick
 
-    async def _attempts(self, exchange: Exchange) -> None:
+    async def _attempts(self, exchange: Exchange, routing: Span | None) -> None:
         info = exchange.info
         outcome = exchange.outcome
         model = info.model
@@ -79,6 +109,8 @@ class Attempts:
             body = inject_return_token_ids(body)
         scope = exchange.scope
         headers = upstream_headers(scope, outcome.request_id)
+        if exchange.span is not None:  # each attempt's own context replaces the client's
+            headers = [item for item in headers if item[0] not in TRACE_HEADERS]
         path = scope["raw_path"] or scope["path"].encode()
         query = scope["query_string"]
         target = path + b"?" + query if query else path
@@ -90,17 +122,24 @@ class Attempts:
         pool: Sequence[Backend] = candidates
         errors = self._metrics.upstream_errors
         while True:
-            held = _Held(self._picker, info, self._picker.pick(pool, info), self._metrics)
+            held = self._hold(exchange, self._picker.pick(pool, info), target)
             backend = held.backend
             outcome.backend = backend.url
             outcome.predicted_cached = self._picker.predicted_cached(info, backend)
+            if routing is not None:
+                routing.set_attribute(BACKEND, backend.url)
+                if outcome.predicted_cached is not None:
+                    routing.set_attribute(PREDICTED_CACHED, outcome.predicted_cached)
+                routing.end()
+                routing = None
             continuations = None
             try:
                 try:
-                    response = await self._open(backend, method, target, headers, body)
+                    response = await self._open(backend, method, target, held.headers(headers), body)
                 except UpstreamError as exc:
                     kind, error = upstream_failure(exc, model=model, backend=backend.url)
                     errors.labels(backend.url, kind).inc()
+                    held.failed(kind, str(exc))
                     if isinstance(exc, ConnectFailed | HeadTimeout):
                         self._feedback.failure(backend)
                     if not isinstance(exc, ConnectFailed):
@@ -111,6 +150,7 @@ class Attempts:
                         raise error from None
                     outcome.retries += 1
                     continue
+                held.answered(response.status)
                 continuable = plan is not None and plan.capable and response.status == 200
                 if response.status >= 500:
                     self._feedback.failure(backend)
@@ -138,6 +178,23 @@ class Attempts:
                 if continuations is not None:
                     continuations.release()
 
+    def _hold(self, exchange: Exchange, backend: Backend, target: bytes) -> _Held:
+        """`backend` held for one upstream request of `exchange`, with that attempt's span when tracing."""
+        exchange.attempts += 1
+        span = None
+        if exchange.span is not None:
+            span = self._tracing.child(
+                exchange.span,
+                f"POST {exchange.route}",
+                SpanKind.CLIENT,
+                {
+                    SERVER_ADDRESS: backend.url,
+                    URL_FULL: backend.url + target.decode("latin-1"),
+                    ATTEMPT: exchange.attempts,
+                },
+            )
+        return _Held(self._picker, exchange.info, backend, self._metrics, self._tracing, span)
+
     def _retry_pool(self, candidates: Sequence[Backend], tried: list[Backend]) -> list[Backend]:
         """Backends left for one more try, or none when out of candidates, retries or budget."""
         if len(tried) > self._max_retries:
@@ -156,16 +213,43 @@ class Attempts:
 
 
 class _Held:
-    """A backend one request holds: counted in flight (the picker's count and the gauge) until released, once."""
+    """A backend one request holds for one upstream request: counted in flight (the picker's count and the
+    gauge) until released, once; with tracing, that attempt's client span, ended on release."""
 
-    __slots__ = ("_gauge", "_info", "_picker", "backend")
+    __slots__ = ("_gauge", "_info", "_picker", "_span", "_tracing", "backend")
 
-    def __init__(self, picker: Picker, info: RequestInfo, backend: Backend, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        picker: Picker,
+        info: RequestInfo,
+        backend: Backend,
+        metrics: Metrics,
+        tracing: Tracing,
+        span: Span | None,
+    ) -> None:
         self._picker = picker
         self._info = info
         self.backend = backend
         self._gauge: Gauge | None = metrics.inflight_gauge(info.model, backend.url)
         self._gauge.inc()
+        self._tracing = tracing
+        self._span = span
+
+    def headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The upstream request's headers: with this attempt's trace context, so the backend's span is its child."""
+        if self._span is None:
+            return headers
+        return headers + self._tracing.context_headers(self._span)
+
+    def answered(self, status: int) -> None:
+        if self._span is not None:
+            self._span.set_attribute(HTTP_STATUS, status)
+            if status >= 400:
+                fail(self._span, str(status), f"answered {status}")
+
+    def failed(self, error_type: str, message: str) -> None:
+        if self._span is not None:
+            fail(self._span, error_type, message)
 
     def release(self) -> None:
         gauge = self._gauge
@@ -173,6 +257,8 @@ class _Held:
             self._gauge = None
             self._picker.release(self.backend, self._info)
             gauge.dec()
+            if self._span is not None:
+                self._span.end()
 
 
 class _Continuations:
@@ -209,6 +295,8 @@ class _Continuations:
         model = exchange.info.model
         self.taken_over = True
         attempts._feedback.failure(backend)
+        kind, _ = upstream_failure(failure, model=model, backend=backend.url, mid_body=True)
+        self._held.failed(kind, str(failure))
         self._held.release()  # the failed backend is no longer counted busy with this stream
         self._tried.append(backend)
         if stream.finished:
@@ -229,19 +317,19 @@ class _Continuations:
                 self._record("exhausted")
                 return None
             backend = attempts._picker.pick(pool, exchange.info)
-            self._held = _Held(attempts._picker, exchange.info, backend, attempts._metrics)
             self._tried.append(backend)
             request = self._request(stream, backend)
             if request is None:
-                self._held.release()
                 self._record("unsupported")
                 return None
             target, body = request
+            self._held = attempts._hold(exchange, backend, target)
             try:
-                response = await attempts._open(backend, b"POST", target, self._headers, body)
+                response = await attempts._open(backend, b"POST", target, self._held.headers(self._headers), body)
             except UpstreamError as exc:
                 kind, _ = upstream_failure(exc, model=model, backend=backend.url)
                 attempts._metrics.upstream_errors.labels(backend.url, kind).inc()
+                self._held.failed(kind, str(exc))
                 self._held.release()
                 if isinstance(exc, ConnectFailed | HeadTimeout):
                     attempts._feedback.failure(backend)
@@ -251,6 +339,7 @@ class _Continuations:
                 continue
             self._count += 1
             sent = True
+            self._held.answered(response.status)
             if response.status >= 500:
                 attempts._feedback.failure(backend)
             else:

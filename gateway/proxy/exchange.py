@@ -40,6 +40,7 @@ class Exchange:
     failover: FailoverPlan | None = None  # a chat or completions stream: continued elsewhere if its backend fails
     watch: DisconnectWatch | None = None  # while a response may still be cut short by the client leaving
     span: Span | None = None  # its server span, when tracing is on
+    attempts: int = 0  # upstream requests opened for it (first try, retries, continuations)
 
     @property
     def info(self) -> RequestInfo:
