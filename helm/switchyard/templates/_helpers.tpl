@@ -149,3 +149,54 @@ return lists). Per-model keys win; nested maps merge key by key; lists replace.
 {{- end }}
 {{- dict "models" $models | toJson }}
 {{- end }}
+
+{{/*
+Tracing (OpenTelemetry over OTLP). "switchyard.tracing.check" fails on inconsistent values and renders nothing;
+the gateway's ConfigMap and Deployment and every worker include it, so any render with tracing on checks them.
+*/}}
+{{- define "switchyard.tracing.check" -}}
+{{- $t := .Values.tracing }}
+{{- if $t.enabled }}
+{{- if not $t.endpoint }}
+{{- fail "tracing.enabled is true but tracing.endpoint is empty: set it to the OTLP collector's URL, e.g. http://otel-collector.observability:4318 (http/protobuf) or http://otel-collector.observability:4317 (grpc)" }}
+{{- end }}
+{{- if and (include "switchyard.tracing.samplerArg" .) (not $t.sampler) }}
+{{- fail "tracing.samplerArg is set but tracing.sampler is empty: set the sampler it is the argument of, e.g. parentbased_traceidratio" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* vLLM's --otlp-traces-endpoint: the full traces URL over http/protobuf (vLLM's exporter appends no path),
+the endpoint as it is over grpc. */}}
+{{- define "switchyard.tracing.workerEndpoint" -}}
+{{- $t := .Values.tracing }}
+{{- if eq $t.protocol "grpc" }}
+{{- $t.endpoint }}
+{{- else }}
+{{- printf "%s/v1/traces" ($t.endpoint | trimSuffix "/") }}
+{{- end }}
+{{- end }}
+
+{{/* OTEL_* env vars, as a YAML list of EnvVar, from (dict "vars" (list (list NAME VALUE) ...) "env" $userEnv):
+pairs with an empty value are left out, and so are the names the user's own env list sets (theirs win). */}}
+{{- define "switchyard.tracing.env" -}}
+{{- $taken := dict }}
+{{- range .env }}
+{{- if kindIs "map" . }}
+{{- $_ := set $taken (toString .name) true }}
+{{- end }}
+{{- end }}
+{{- range .vars }}
+{{- $name := index . 0 }}
+{{- $value := toString (index . 1) }}
+{{- if and (ne $value "") (not (hasKey $taken $name)) }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* tracing.samplerArg as a string ("" when unset); a number such as 0.1 is written as it reads. */}}
+{{- define "switchyard.tracing.samplerArg" -}}
+{{- if not (kindIs "invalid" .Values.tracing.samplerArg) }}{{ toString .Values.tracing.samplerArg }}{{ end }}
+{{- end }}
