@@ -5,11 +5,13 @@ For each candidate it predicts the prompt tokens already cached there, from the 
 them into a predicted time to first token (cost_model.py). Overloaded candidates (bounded load: in-flight
 above `load_factor` x the mean + `load_slack`, or a long engine queue) are passed over while others remain.
 
-Costs closer than one block's prefill are ties. Ties go to the candidates with the fewest requests in flight
+Costs closer than one block's prefill, or than `tie_ratio` of the best (the engine rates behind them are
+measured: identical engines differ by noise), are ties. Ties go to the candidates with the fewest requests in flight
 (so unique prompts spread as evenly as least-load spreads them), then by rendezvous order of the request's
-anchor (its session, else its first prompt block): among equally busy backends, a prefix nobody holds yet
-goes to the same one from every gateway replica fed by the same events. LoRA adapters keep their own
-placement (policies.Affinity): an adapter's slot matters more than its prefix.
+anchor (its session, else its first prompt block past the longest prefix any candidate holds): among equally
+busy backends, a prefix nobody holds yet goes to the same one from every gateway replica fed by the same
+events, and a system prompt every backend holds does not send all its requests the same way. LoRA adapters
+keep their own placement (policies.Affinity): an adapter's slot matters more than its prefix.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class CacheAware:
         self._factor = settings.load_factor
         self._slack = settings.load_slack
         self._queue_threshold = settings.queue_threshold
+        self._tie_ratio = settings.tie_ratio
         self._stale_after = settings.stale_after
         self._url_hashes: dict[str, int] = {}
 
@@ -98,7 +101,7 @@ class CacheAware:
         model = request.model
         cpt = caches.chars_per_token_of(model)
         urls = [backend.url for backend in candidates]
-        cached, prompt_tokens, block_tokens = self._cached_tokens(view, urls, cpt)
+        cached, prompt_tokens, block_tokens, keys = self._cached_tokens(view, urls, cpt)
         view.predicted = dict(zip(urls, cached, strict=True))
         if len(candidates) == 1:
             caches.approximate.record(urls[0], char_keys)
@@ -109,29 +112,34 @@ class CacheAware:
         if not allowed:
             allowed = list(range(len(candidates)))
         best = min(costs[i] for i in allowed)
-        tolerance = self._cost.prefill_rate(candidates) * block_tokens
+        tolerance = max(self._cost.prefill_rate(candidates) * block_tokens, self._tie_ratio * best)
         tied = [i for i in allowed if costs[i] - best <= tolerance]
         if len(tied) > 1:  # fewest requests in flight first (exact, at pick time), then rendezvous order
             fewest = min(candidates[i].inflight for i in tied)
             tied = [i for i in tied if candidates[i].inflight == fewest]
-        anchor = self._anchor(request, view, char_keys)
+        anchor = self._anchor(request, view, keys, int(max(cached) / block_tokens + 1e-6))
         choice = max(tied, key=lambda i: rendezvous_score(anchor, self._url_hash(urls[i])))
         caches.approximate.record(urls[choice], char_keys)
         return candidates[choice]
 
-    def _cached_tokens(self, view: PromptView, urls: list[str], cpt: float) -> tuple[list[float], float, float]:
-        """(predicted cached tokens per backend, the prompt's tokens, tokens per block) for this prompt."""
+    def _cached_tokens(
+        self, view: PromptView, urls: list[str], cpt: float
+    ) -> tuple[list[float], float, float, list[int]]:
+        """(predicted cached tokens per backend, the prompt's tokens, tokens per block, the prompt's block keys
+        in the index that counted them) for this prompt."""
         caches = self._caches
         block_chars = caches.block_chars
-        approx_blocks = caches.approximate.match(view.char_keys(block_chars), urls)
+        char_keys = view.char_keys(block_chars)
+        approx_blocks = caches.approximate.match(char_keys, urls)
         prompt_tokens = float(len(view.token_ids)) if view.token_ids is not None else len(view.text) / cpt
         most = max(prompt_tokens - 1.0, 0.0)  # the engine always computes the prompt's last token
         approx = [min(blocks * block_chars / cpt, most) for blocks in approx_blocks]
         block_size = caches.precise_block_size(urls)
         if block_size is None or view.token_ids is None:
-            return approx, prompt_tokens, block_chars / cpt
+            return approx, prompt_tokens, block_chars / cpt, char_keys
         cap = (len(view.token_ids) - 1) // block_size  # whole blocks the engine may reuse
-        precise = caches.kv.match(view.token_keys(block_size), urls)
+        token_keys = view.token_keys(block_size)
+        precise = caches.kv.match(token_keys, urls)
         cached: list[float] = []
         for url, blocks, guess in zip(urls, precise, approx, strict=True):
             exact = float(min(blocks, cap) * block_size)
@@ -142,14 +150,17 @@ class CacheAware:
                 cached.append(max(exact, guess))  # what events show is held, and the gateway's guess
             else:
                 cached.append(guess)
-        return cached, prompt_tokens, float(block_size)
+        return cached, prompt_tokens, float(block_size), token_keys
 
-    def _anchor(self, request: RequestInfo, view: PromptView, char_keys: list[int]) -> int:
+    def _anchor(self, request: RequestInfo, view: PromptView, keys: list[int], held: int) -> int:
+        """What ties are broken by: the session, else the prompt's first block past the longest prefix any
+        candidate holds. A prefix nobody holds yet goes the same way from every replica (its first block), while
+        a part every backend holds (a shared system prompt) says nothing: what follows it decides."""
         key = session_key(request.model, request.payload, request.headers, self._session_header)
         if key is not None:
             return key
-        if char_keys:
-            return char_keys[0]
+        if keys:
+            return keys[min(held, len(keys) - 1)]
         return name_key(view.text[:256].decode("utf-8", "replace"))
 
     def _url_hash(self, url: str) -> int:

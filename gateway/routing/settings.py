@@ -67,6 +67,13 @@ class RoutingSettings(StrictModel):
     queue_threshold: float = Field(
         default=4.0, ge=0, description="Bounded load: leave the preferred backend when its engine queue exceeds this."
     )
+    tie_ratio: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="Predicted times to first token within this fraction of the best one are ties, decided by load: "
+        "the per-engine rates behind them are measured, so identical engines differ by noise.",
+    )
     lora_backends: int = Field(
         default=1, ge=1, description="Backends an adapter is kept on before it spills to others under load."
     )

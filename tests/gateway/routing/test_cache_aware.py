@@ -157,3 +157,64 @@ def test_two_replicas_fed_the_same_events_make_the_same_choices() -> None:
         one = picks[0].pick(backends[0], with_tokens(prompt)).url
         two = picks[1].pick(list(reversed(backends[1])), with_tokens(prompt)).url  # other listing order
         assert one == two
+
+
+def test_unique_prompts_after_a_system_prompt_every_backend_holds_spread_evenly() -> None:
+    """The adversarial case of a shared system prompt: it is cached everywhere, so it must not decide ties
+    (were it the tie-break's anchor, every request would prefer the same backend among the least busy)."""
+    backends = fleet(8)
+    caches = PrefixCaches(RoutingSettings(), KvIndex(10**6))
+    system = tokens(8 * BS, seed=7)
+    for number, backend in enumerate(backends):
+        store(caches.kv, backend.url, system, 1_000 * (number + 1))
+    pick = policy(caches)
+    counts: Counter[str] = Counter()
+    open_requests: list[Backend] = []
+    for i in range(800):
+        chosen = pick.pick(backends, with_tokens([*system, *tokens(10 * BS, seed=10_000 + i)]))
+        chosen.inflight += 1
+        open_requests.append(chosen)
+        counts[chosen.url] += 1
+        if len(open_requests) > 24:
+            open_requests.pop(0).inflight -= 1
+    assert max(counts.values()) <= 1.25 * 800 / 8, counts
+
+
+def test_chats_after_a_shared_system_message_spread_evenly_on_the_approximate_index() -> None:
+    backends = fleet(8)
+    pick = policy()
+    system = {"role": "system", "content": "You are a careful assistant who answers briefly. " * 6}
+    for backend in backends:  # each has served the system message once: the approximate index knows it
+        chosen = pick.pick([backend], chat([system, {"role": "user", "content": "warm up " * 40}]))
+        assert chosen is backend
+    counts: Counter[str] = Counter()
+    open_requests: list[Backend] = []
+    for i in range(800):
+        request = chat([system, {"role": "user", "content": f"question {i}: {random.Random(i).random()} " * 20}])
+        chosen = pick.pick(backends, request)
+        chosen.inflight += 1
+        open_requests.append(chosen)
+        counts[chosen.url] += 1
+        if len(open_requests) > 24:
+            open_requests.pop(0).inflight -= 1
+    assert max(counts.values()) <= 1.25 * 800 / 8, counts
+
+
+def test_unique_prompts_spread_evenly_over_engines_whose_measured_speeds_differ_by_noise() -> None:
+    """Identical engines never measure identical prefill rates: a few percent of noise must not make the one
+    that happened to measure fastest take every request while the fleet is lightly loaded."""
+    backends = fleet(8)
+    jitter = random.Random(3)
+    for backend in backends:
+        backend.rates = EngineRates(prefill=0.00015 * jitter.uniform(0.9, 1.1), departures=2.0)
+    pick = policy()
+    counts: Counter[str] = Counter()
+    open_requests: list[Backend] = []
+    for i in range(800):
+        chosen = pick.pick(backends, with_tokens(tokens(20 * BS, seed=20_000 + i)))
+        chosen.inflight += 1
+        open_requests.append(chosen)
+        counts[chosen.url] += 1
+        if len(open_requests) > 4:  # a light load: most backends idle at any time
+            open_requests.pop(0).inflight -= 1
+    assert max(counts.values()) <= 1.25 * 800 / 8, counts
