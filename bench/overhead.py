@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import platform
@@ -559,9 +560,9 @@ async def paced_streams(target: Target, count: int, interval_ms: float, seconds:
     conns: list[StreamConnection] = []
     waits: list[asyncio.Future[None]] = []
     for _ in range(count):  # opened one after another: a thundering herd is not what this measures
-        done = loop.create_future()
+        done: asyncio.Future[None] = loop.create_future()
         _, conn = await loop.create_connection(
-            lambda done=done: StreamConnection(done, gaps, measuring), "127.0.0.1", target.port
+            functools.partial(StreamConnection, done, gaps, measuring), "127.0.0.1", target.port
         )
         assert conn.transport is not None
         conn.transport.write(request)
@@ -606,6 +607,8 @@ class Target:
 
 LATENCY_PATHS = ("direct", "gateway", "vllm-router")
 CPU_PATHS = ("direct", "gateway", "no-log", "keys", "tracing", "vllm-router")
+# no-failover: what watching every stream for a failover (return_token_ids, the id bookkeeping) costs
+STREAM_PATHS = ("direct", "gateway", "no-failover", "vllm-router")
 
 
 @dataclass
@@ -701,7 +704,7 @@ class Bench:
             f"streams {args.streams} x {args.chunks} chunks",
             rounds,
             lambda i: lambda t: streams(t.port, args.streams, args.chunks, duration / rounds, t.headers),
-            LATENCY_PATHS,
+            STREAM_PATHS,
         )
         if args.paced_streams:
             await self.phase(
@@ -781,6 +784,8 @@ def report(bench: Bench) -> dict[str, Any]:
                 path, sample.requests, f"{sample.chunks / sample.seconds:.0f}" if sample.seconds else "-",
                 sample.errors, "" if path == "direct" else f"{cpu:.2f}",
             ))  # fmt: skip
+            if path != "direct":
+                headline[f"cpu_us_per_chunk_{path}"] = round(cpu, 2)
 
     for phase in bench.phases:
         if "streams," not in phase.name:
@@ -847,6 +852,9 @@ def goal_lines(h: dict[str, float]) -> list[str]:
     tracing = h.get("cpu_us_per_request_tracing")
     if gw is not None and tracing is not None:
         check("tracing on, CPU / off", tracing / gw, "reported", None if tracing is None else True)
+    chunk, chunk_off = h.get("cpu_us_per_chunk_gateway"), h.get("cpu_us_per_chunk_no-failover")
+    if chunk is not None and chunk_off:
+        check("stream failover watch, CPU per chunk on / off", chunk / chunk_off, "reported", True)
     gap, memory = h.get("stream_gap_added_p99_ms_gateway"), h.get("stream_memory_kib_gateway")
     if gap is not None:
         check("open streams, added inter-chunk p99 ms", gap, "<= 5", gap <= 5)
@@ -923,7 +931,12 @@ def gateway_configs(upstream_port: int, tracing: bool) -> dict[str, str]:
         "auth:\n  keys:\n    - {name: bench, key_env: SWITCHYARD_BENCH_KEY, requests_per_minute: 100000000,"
         " tokens_per_minute: 1000000000}\n"
     )
-    configs = {"gateway": backend, "no-log": backend + "access_log: false\n", "keys": backend + keys}
+    configs = {
+        "gateway": backend,
+        "no-log": backend + "access_log: false\n",
+        "keys": backend + keys,
+        "no-failover": backend + "failover: {enabled: false}\n",
+    }
     if tracing:
         configs["tracing"] = backend + "tracing: {enabled: true}\n"
     return configs
