@@ -22,6 +22,7 @@ import zmq
 from tests.conformance import kv_events_client as kv
 from tests.worker.sim.conftest import RunningSim, SimFactory, sim_process
 from worker.sim.cli import main as cli_main
+from worker.sim.engine import Engine, RequestState, SimRequest
 from worker.sim.kv_events import KVEventsSettings
 from worker.sim.text import EOS_ID
 
@@ -48,6 +49,42 @@ class BlockIndex:
                     self.hashes.difference_update(event.block_hashes)
                 else:
                     self.hashes.clear()
+
+
+class EngineGate:
+    """Holds a simulator's engine between two steps: from the end of the first step after which `when(engine)`
+    is true until `release()`. While held, the engine schedules nothing and its driver waits; nothing else changes.
+
+    A test that must act between two given steps cannot sleep or poll for that moment: the engine follows the
+    wall clock, and after the event loop stalled (a loaded machine) it runs every step it missed at once, so it
+    may run past the moment, even to the end of a request, before the test's next line runs."""
+
+    def __init__(self, sim: RunningSim, monkeypatch: pytest.MonkeyPatch, when: Callable[[Engine], bool]) -> None:
+        engine, self._driver = sim.app.state.engine, sim.app.state.driver
+        self._held = asyncio.Event()
+        self._released = False
+        begin_step, end_step = engine.begin_step, engine.end_step
+
+        def gated_begin(now: float) -> float | None:
+            return None if self._held.is_set() and not self._released else begin_step(now)
+
+        def gated_end(now: float) -> list[SimRequest]:
+            out = end_step(now)
+            if not self._released and when(engine):
+                self._held.set()
+            return out
+
+        monkeypatch.setattr(engine, "begin_step", gated_begin)
+        monkeypatch.setattr(engine, "end_step", gated_end)
+
+    async def held(self) -> None:
+        await asyncio.wait_for(self._held.wait(), 10)
+
+    def release(self) -> None:
+        self._released = True
+        wake = self._driver._wake  # the driver waits on it after the engine reported nothing to schedule
+        assert wake is not None
+        wake.set()
 
 
 async def sources(sim: RunningSim) -> dict[str, Any]:
@@ -222,17 +259,24 @@ async def test_replay_ignores_a_malformed_request(kv_factory: SimFactory) -> Non
     assert got
 
 
-async def test_reset_prefix_cache_sends_all_blocks_cleared_with_the_next_step(kv_factory: SimFactory) -> None:
+async def test_reset_prefix_cache_sends_all_blocks_cleared_with_the_next_step(
+    kv_factory: SimFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with kv_factory(server_dev_mode=True) as sim, subscribed(sim) as sub, \
             httpx.AsyncClient(base_url=sim.url) as http:  # fmt: skip
+        engine = sim.app.state.engine
         await complete(http, "cached prompt " * 4, 1)
+        gate = EngineGate(sim, monkeypatch, lambda e: bool(e.running))  # the reset must find it running
         running = asyncio.create_task(complete(http, "long answer", 400))
-        await asyncio.sleep(0.05)
+        await gate.held()
         busy = (await http.post("/reset_prefix_cache")).json()
         running.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await running
-        await asyncio.sleep(0.05)
+        gate.release()
+        # the request is aborted once the server sees the client gone (the engine has no event to wait for)
+        while engine.has_work():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
         before = await received(sub)
         idle = (await http.post("/reset_prefix_cache")).json()
         quiet = await received(sub, quiet=0.3)
@@ -249,12 +293,20 @@ async def test_reset_prefix_cache_sends_all_blocks_cleared_with_the_next_step(kv
     assert first[1].parent_block_hash is None
 
 
-async def test_forced_reset_with_running_requests(kv_factory: SimFactory) -> None:
+async def test_forced_reset_with_running_requests(kv_factory: SimFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     async with kv_factory(server_dev_mode=True, decode_ms_per_token=5) as sim, subscribed(sim) as sub, \
             httpx.AsyncClient(base_url=sim.url) as http:  # fmt: skip
+        engine = sim.app.state.engine
+        # the reset must land while the request runs with blocks in the prefix cache (had it finished first, the
+        # idle engine would hold the AllBlocksCleared back, as vLLM does, and nothing would store blocks again)
+        gate = EngineGate(sim, monkeypatch, lambda e: any(r.num_registered for r in e.running))
         running = asyncio.create_task(complete(http, "abcdefgh", 40))
-        await asyncio.sleep(0.05)
+        await gate.held()
+        (req,) = engine.running
+        assert engine.pool.cached_hashes()
         r = await http.post("/reset_prefix_cache?reset_running_requests=true")
+        assert req.state is RequestState.RUNNING
+        gate.release()
         out = await running
         messages = await received(sub)
         index = BlockIndex()
