@@ -46,6 +46,12 @@ def trace_of(spans: list[ReceivedSpan], trace_id: str) -> list[ReceivedSpan]:
     return [span for span in spans if span.trace_id == trace_id]
 
 
+def attempts_of(spans: list[ReceivedSpan], server: ReceivedSpan) -> list[ReceivedSpan]:
+    """The client spans of the server span's trace, in attempt order."""
+    attempts = [span for span in trace_of(spans, server.trace_id) if span.kind == CLIENT]
+    return sorted(attempts, key=lambda span: span.attributes["switchyard.attempt"])
+
+
 def test_server_span_continues_the_clients_trace(receiver: OtlpReceiver, echo: ThreadedServer) -> None:
     with traced_gateway(echo.url) as gw:
         ready(gw, "chat")
@@ -88,8 +94,7 @@ def test_each_attempt_is_a_span_and_a_failed_one_says_why(receiver: OtlpReceiver
     servers = [s for s in spans if s.kind == SERVER]
     assert any(s.attributes["switchyard.retries"] == 1 for s in servers)
     for server in servers:
-        attempts = [s for s in trace_of(spans, server.trace_id) if s.kind == CLIENT]
-        attempts.sort(key=lambda s: s.attributes["switchyard.attempt"])
+        attempts = attempts_of(spans, server)
         assert all(s.parent_span_id == server.span_id for s in attempts)
         if server.attributes["switchyard.retries"] == 0:
             assert [s.attributes["server.address"] for s in attempts] == [echo.url]
@@ -121,8 +126,7 @@ def test_a_stream_that_fails_over_has_an_attempt_span_per_backend(receiver: Otlp
     servers = [s for s in spans if s.kind == SERVER]
     assert any(s.attributes["switchyard.failovers"] == 1 for s in servers)
     for server in servers:
-        attempts = [s for s in trace_of(spans, server.trace_id) if s.kind == CLIENT]
-        attempts.sort(key=lambda s: s.attributes["switchyard.attempt"])
+        attempts = attempts_of(spans, server)
         if server.attributes["switchyard.failovers"] == 0:
             assert [s.attributes["server.address"] for s in attempts] == [healthy.url]
             continue

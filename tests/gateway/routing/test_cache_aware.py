@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 from gateway.fleet.engine_rates import EngineRates
@@ -58,6 +59,20 @@ def store(index: KvIndex, url: str, ids: list[int], first_hash: int) -> None:
     index.apply(url, 0, [BlockStored(list(range(first_hash, first_hash + blocks)), None, ids[: blocks * BS], BS)])
 
 
+def spread(pick: Any, backends: list[Backend], requests: Iterable[RequestInfo], in_flight: int) -> Counter[str]:
+    """Requests picked one after another with about `in_flight` of them open at any time: picks per backend."""
+    counts: Counter[str] = Counter()
+    open_requests: list[Backend] = []
+    for request in requests:
+        chosen = pick.pick(backends, request)
+        chosen.inflight += 1
+        open_requests.append(chosen)
+        counts[chosen.url] += 1
+        if len(open_requests) > in_flight:
+            open_requests.pop(0).inflight -= 1
+    return counts
+
+
 def test_the_backend_holding_the_prompt_wins_until_its_queue_costs_more_than_the_prefill_saved() -> None:
     backends = fleet()
     routing = RoutingSettings()
@@ -99,15 +114,8 @@ def test_a_conversations_next_turn_follows_its_history_on_the_approximate_index(
 def test_unique_prompts_spread_evenly_under_load() -> None:
     backends = fleet(8)
     pick = policy()
-    counts: Counter[str] = Counter()
-    open_requests: list[Backend] = []
-    for i in range(800):
-        chosen = pick.pick(backends, chat([{"role": "user", "content": f"unique prompt number {i} " * 30}]))
-        chosen.inflight += 1
-        open_requests.append(chosen)
-        counts[chosen.url] += 1
-        if len(open_requests) > 24:  # about 24 requests in flight at any time
-            open_requests.pop(0).inflight -= 1
+    requests = (chat([{"role": "user", "content": f"unique prompt number {i} " * 30}]) for i in range(800))
+    counts = spread(pick, backends, requests, in_flight=24)
     assert max(counts.values()) <= 1.25 * 800 / 8, counts
 
 
@@ -168,15 +176,8 @@ def test_unique_prompts_after_a_system_prompt_every_backend_holds_spread_evenly(
     for number, backend in enumerate(backends):
         store(caches.kv, backend.url, system, 1_000 * (number + 1))
     pick = policy(caches)
-    counts: Counter[str] = Counter()
-    open_requests: list[Backend] = []
-    for i in range(800):
-        chosen = pick.pick(backends, with_tokens([*system, *tokens(10 * BS, seed=10_000 + i)]))
-        chosen.inflight += 1
-        open_requests.append(chosen)
-        counts[chosen.url] += 1
-        if len(open_requests) > 24:
-            open_requests.pop(0).inflight -= 1
+    requests = (with_tokens([*system, *tokens(10 * BS, seed=10_000 + i)]) for i in range(800))
+    counts = spread(pick, backends, requests, in_flight=24)
     assert max(counts.values()) <= 1.25 * 800 / 8, counts
 
 
@@ -187,16 +188,11 @@ def test_chats_after_a_shared_system_message_spread_evenly_on_the_approximate_in
     for backend in backends:  # each has served the system message once: the approximate index knows it
         chosen = pick.pick([backend], chat([system, {"role": "user", "content": "warm up " * 40}]))
         assert chosen is backend
-    counts: Counter[str] = Counter()
-    open_requests: list[Backend] = []
-    for i in range(800):
-        request = chat([system, {"role": "user", "content": f"question {i}: {random.Random(i).random()} " * 20}])
-        chosen = pick.pick(backends, request)
-        chosen.inflight += 1
-        open_requests.append(chosen)
-        counts[chosen.url] += 1
-        if len(open_requests) > 24:
-            open_requests.pop(0).inflight -= 1
+    requests = (
+        chat([system, {"role": "user", "content": f"question {i}: {random.Random(i).random()} " * 20}])
+        for i in range(800)
+    )
+    counts = spread(pick, backends, requests, in_flight=24)
     assert max(counts.values()) <= 1.25 * 800 / 8, counts
 
 
@@ -208,13 +204,6 @@ def test_unique_prompts_spread_evenly_over_engines_whose_measured_speeds_differ_
     for backend in backends:
         backend.rates = EngineRates(prefill=0.00015 * jitter.uniform(0.9, 1.1), departures=2.0)
     pick = policy()
-    counts: Counter[str] = Counter()
-    open_requests: list[Backend] = []
-    for i in range(800):
-        chosen = pick.pick(backends, with_tokens(tokens(20 * BS, seed=20_000 + i)))
-        chosen.inflight += 1
-        open_requests.append(chosen)
-        counts[chosen.url] += 1
-        if len(open_requests) > 4:  # a light load: most backends idle at any time
-            open_requests.pop(0).inflight -= 1
+    requests = (with_tokens(tokens(20 * BS, seed=20_000 + i)) for i in range(800))
+    counts = spread(pick, backends, requests, in_flight=4)  # a light load: most backends idle at any time
     assert max(counts.values()) <= 1.25 * 800 / 8, counts
