@@ -89,10 +89,10 @@ class CacheAware:
     def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
         if is_adapter(candidates[0], request.model) and len(candidates) > 1:
             return self._affinity.pick(candidates, request)
-        view = request.prompt
-        if view is None:
-            view = prompt_view(request.payload, None)
         caches = self._caches
+        view = request.prompt
+        if view is None and not 0 < request.size < caches.block_chars:  # a shorter body holds no whole block
+            view = prompt_view(request.payload, None)
         char_keys = [] if view is None else view.char_keys(caches.block_chars)
         if view is None or (not char_keys and view.token_ids is None):
             # Not one whole block: nothing any cache could hold. Sessions and load decide, at no extra cost.
