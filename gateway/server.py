@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
+import socket
 import sys
 import time
 from types import FrameType
@@ -16,6 +18,12 @@ from gateway.lifecycle import Lifecycle
 from gateway.proxy.access_log import LOGGER, StreamAccessLog
 from gateway.proxy.client_protocol import with_header_timeout
 from gateway.settings import load_settings
+
+# Each proxied request allocates a few hundred container objects, so CPython's default collector (a young
+# collection every 700 allocations, a full one over every long-lived object now and then) took about a fifth
+# of the gateway's CPU under load. A larger young generation, and the startup objects frozen out of full
+# collections, keep the collector's work in proportion to the garbage requests actually leave.
+GC_YOUNG_THRESHOLD = 10_000
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,8 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=int(settings.shutdown.grace_period) or None,
     )
     server = DrainingServer(config, app.lifecycle, settings.shutdown.drain_delay)
+    widen_young_generation()
     server.run()
     return 0 if server.started else 1
+
+
+def widen_young_generation() -> None:
+    """This process's collector runs a young collection every GC_YOUNG_THRESHOLD allocations, not 700."""
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 class DrainingServer(uvicorn.Server):
@@ -69,6 +84,12 @@ class DrainingServer(uvicorn.Server):
         self._lifecycle = lifecycle
         self._drain_delay = drain_delay
         self._exit_at: float | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # The lifespan has built every long-lived resource: move them out of the collector's way.
+        gc.collect()
+        gc.freeze()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._exit_at is not None or self._drain_delay <= 0:
