@@ -35,7 +35,8 @@ class ChunkObserver:
 
     def feed(self, chunk: bytes) -> bytes:
         """Observe an upstream chunk; return the bytes to send the client (possibly none)."""
-        self._tail.feed(chunk)
+        if self._filter is None:  # a filter reads the usage itself
+            self._tail.feed(chunk)
         if not self.sse:
             return chunk
         tokens = count_content_events(chunk)

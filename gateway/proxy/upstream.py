@@ -200,6 +200,8 @@ class UpstreamResponse:
         "_connection",
         "_error",
         "_head",
+        "_idle_deadline",
+        "_idle_timer",
         "_waiter",
         "complete",
         "raw_headers",
@@ -216,6 +218,11 @@ class UpstreamResponse:
         self._buffered = 0
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # One idle timer per response, not one per read: a stream waits once a token, and a timer armed and
+        # cancelled each time cost more than the chunk's own bookkeeping. It fires at the deadline of the
+        # first wait and moves itself to the current wait's deadline until one is missed.
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_deadline = 0.0
 
     @property
     def content_type(self) -> bytes:
@@ -251,17 +258,34 @@ class UpstreamResponse:
                 raise self._error
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            timer = None if idle_limit is None else loop.call_later(idle_limit, _expire, waiter, idle_limit)
+            if idle_limit is not None:
+                self._idle_deadline = deadline = loop.time() + idle_limit
+                if self._idle_timer is None:
+                    self._idle_timer = loop.call_at(deadline, self._idle_check, loop, idle_limit)
             try:
                 await waiter
             finally:
                 self._waiter = None
-                if timer is not None:
-                    timer.cancel()
         return self.read_nowait()
+
+    def _idle_check(self, loop: asyncio.AbstractEventLoop, idle_limit: float) -> None:
+        self._idle_timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # not waiting now: the next wait arms the timer again
+        if loop.time() >= self._idle_deadline:
+            waiter.set_exception(IdleTimeout(idle_limit))
+        else:
+            self._idle_timer = loop.call_at(self._idle_deadline, self._idle_check, loop, idle_limit)
+
+    def _stop_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
 
     def close(self) -> None:
         """Done with the response: a connection still carrying its body is aborted (the backend notices)."""
+        self._stop_idle_timer()
         connection = self._connection
         if connection is not None:
             self._connection = None
@@ -280,10 +304,12 @@ class UpstreamResponse:
     def _finish(self) -> None:
         self.complete = True
         self._connection = None
+        self._stop_idle_timer()
         self._wake()
 
     def _fail(self, error: UpstreamError) -> None:
         self._connection = None
+        self._stop_idle_timer()
         if not self._head.done():
             self._head.set_exception(error)
             return
@@ -471,11 +497,6 @@ class _Connection(asyncio.Protocol):
         self.resume()
         if not (self._parser.should_keep_alive() and self._pool.release(self, self._origin)):
             self.abort()
-
-
-def _expire(waiter: asyncio.Future[None], seconds: float) -> None:
-    if not waiter.done():
-        waiter.set_exception(IdleTimeout(seconds))
 
 
 def _broken(response: UpstreamResponse, message: str) -> UpstreamError:

@@ -354,6 +354,46 @@ async def test_a_stalled_body_times_out_only_while_waiting_on_the_backend() -> N
         response.close()
 
 
+async def test_the_idle_limit_applies_to_each_wait_of_a_steady_stream() -> None:
+    """One timer serves every wait: chunks 0.1 s apart never trip a 0.25 s limit, however long the stream runs
+    (the first wait's deadline has long passed), and the first gap longer than the limit trips it on time."""
+
+    async def steady_then_stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(8):
+            await asyncio.sleep(0.1)
+            writer.write(b"1\r\nx\r\n")
+        await reader.read()
+
+    async with RawServer(steady_then_stall) as server, pool() as upstream:
+        response = await post(upstream, server.url)
+        received = b""
+        while len(received) < 8:
+            received += await response.readany(idle_limit=0.25)
+        assert received == b"x" * 8
+        waited = time.monotonic()
+        with pytest.raises(IdleTimeout, match=r"nothing for 0\.25 s"):
+            await response.readany(idle_limit=0.25)
+        assert 0.2 <= time.monotonic() - waited < 1.0  # the stall's own deadline, not an earlier wait's
+        response.close()
+
+
+async def test_a_finished_response_leaves_no_idle_timer_behind() -> None:
+    async def late_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        await asyncio.sleep(0.05)  # the reader waits on the body: its idle timer is armed
+        writer.write(b"{}")
+        await reader.read()
+
+    async with RawServer(late_body) as server, pool() as upstream:
+        response = await post(upstream, server.url)
+        assert await response.readany(idle_limit=300.0) == b"{}"
+        assert response.complete
+        assert response._idle_timer is None  # a 300 s timer left per request would pile up under load
+
+
 async def test_closing_a_response_mid_body_aborts_its_connection() -> None:
     gone = asyncio.Event()
 
