@@ -49,8 +49,9 @@ class BlockHolders:
     def held(self, key: int, slot: int) -> bool:
         return bool(self._masks.get(key, 0) >> slot & 1)
 
-    def match(self, keys: Sequence[int], urls: Sequence[str]) -> list[int]:
-        """For each url, how many of `keys` it holds from the first one on (its cached prefix in blocks)."""
+    def match(self, keys: Sequence[int], urls: Sequence[str], also: dict[int, int] | None = None) -> list[int]:
+        """For each url, how many of `keys` it holds from the first one on (its cached prefix in blocks); with
+        `also` (more masks over the same slots), a block held in either counts."""
         slots = [self._slots.get(url) for url in urls]
         remaining = 0
         for slot in slots:
@@ -62,7 +63,7 @@ class BlockHolders:
         for depth, key in enumerate(keys):
             if not remaining:
                 break
-            held = masks.get(key, 0) & remaining
+            held = (masks.get(key, 0) | also.get(key, 0) if also else masks.get(key, 0)) & remaining
             lost = remaining & ~held
             while lost:
                 low = lost & -lost

@@ -1,13 +1,19 @@
 """The default policy (`affinity`): the backend where the request's first token comes soonest.
 
 For each candidate it predicts the prompt tokens already cached there, from the engine's own KV events
-(kv_index.py, exact) or else from the prompt blocks this gateway sent there (approximate_index.py), and turns
-them into a predicted time to first token (cost_model.py). Overloaded candidates (bounded load: in-flight
+(kv_index.py, exact, with the blocks of the requests this gateway routed there and the engine has not announced
+yet) or else from the prompt blocks this gateway sent there (approximate_index.py), and turns them into a
+predicted time to first token (cost_model.py). Overloaded candidates (bounded load: in-flight
 above `load_factor` x the mean + `load_slack`, or a long engine queue) are passed over while others remain.
 
 Costs closer than one block's prefill, or than `tie_ratio` of the best (the engine rates behind them are
-measured: identical engines differ by noise), are ties. Ties go to the candidates with the fewest requests in flight
-(so unique prompts spread as evenly as least-load spreads them), then by rendezvous order of the request's
+measured: identical engines differ by noise), are ties. Where some tied candidates hold all but `tie_ratio` of
+the prompt, ties go to those (the fewest tokens to compute, within a block): a near-whole hit behind another
+request's prefill costs this request about what a miss on an idle backend does, but the miss spends a whole
+prefill there, delays what queues behind it and evicts other prefixes. (A smaller hit, such as a short shared
+system prompt before a new question, does not decide: the running batch a backend carries, which the predicted
+TTFT does not see, does.) Then ties go to the candidates with the fewest requests in flight (so unique prompts
+spread as evenly as least-load spreads them), then by rendezvous order of the request's
 anchor (its session, else its first prompt block past the longest prefix any candidate holds): among equally
 busy backends, a prefix nobody holds yet goes to the same one from every gateway replica fed by the same
 events, and a system prompt every backend holds does not send all its requests the same way. LoRA adapters
@@ -65,6 +71,19 @@ class PrefixCaches:
             if url not in present:
                 self.approximate.forget(url)
 
+    def routed(self, view: PromptView, url: str, keys: list[int], now: float) -> None:
+        """The prompt's blocks go to this backend: on their way there until its events announce them."""
+        self.settled(view, now)  # a retry: the attempt before it is over
+        self.kv.routed(url, keys)
+        view.routed = (url, keys)
+
+    def settled(self, view: PromptView, now: float) -> None:
+        """The request's prefill is over (first token, or the attempt ended)."""
+        routed = view.routed
+        if routed is not None:
+            view.routed = None
+            self.kv.settled(routed[0], routed[1], now)
+
     def precise_block_size(self, urls: Sequence[str]) -> int | None:
         """The engines' block size when the precise index may be used for these backends."""
         if self.mode == "approximate":
@@ -101,12 +120,13 @@ class CacheAware:
         model = request.model
         cpt = caches.chars_per_token_of(model)
         urls = [backend.url for backend in candidates]
-        cached, prompt_tokens, block_tokens, keys = self._cached_tokens(view, urls, cpt)
+        cached, prompt_tokens, block_tokens, keys, precise = self._cached_tokens(view, urls, cpt, now)
         view.predicted = dict(zip(urls, cached, strict=True))
         if len(candidates) == 1:
             caches.approximate.record(urls[0], char_keys)
             return candidates[0]
-        costs = self._cost.ttft(candidates, [max(prompt_tokens - c, 0.0) for c in cached], now)
+        uncached = [max(prompt_tokens - c, 0.0) for c in cached]
+        costs = self._cost.ttft(candidates, uncached, now)
         limit = self._factor * sum(b.inflight for b in candidates) / len(candidates) + self._slack
         allowed = [i for i, b in enumerate(candidates) if not self._overloaded(b, limit, now)]
         if not allowed:
@@ -114,19 +134,24 @@ class CacheAware:
         best = min(costs[i] for i in allowed)
         tolerance = max(self._cost.prefill_rate(candidates) * block_tokens, self._tie_ratio * best)
         tied = [i for i in allowed if costs[i] - best <= tolerance]
-        if len(tied) > 1:  # fewest requests in flight first (exact, at pick time), then rendezvous order
+        if len(tied) > 1:  # a near-whole hit first, then fewest requests in flight, then rendezvous order
+            least = min(uncached[i] for i in tied)
+            if least <= self._tie_ratio * prompt_tokens:
+                tied = [i for i in tied if uncached[i] < least + block_tokens]
             fewest = min(candidates[i].inflight for i in tied)
             tied = [i for i in tied if candidates[i].inflight == fewest]
         anchor = self._anchor(request, view, keys, int(max(cached) / block_tokens + 1e-6))
         choice = max(tied, key=lambda i: rendezvous_score(anchor, self._url_hash(urls[i])))
         caches.approximate.record(urls[choice], char_keys)
+        if precise:  # the prompt's blocks are on their way there, until the engine announces them
+            caches.routed(view, urls[choice], keys, now)
         return candidates[choice]
 
     def _cached_tokens(
-        self, view: PromptView, urls: list[str], cpt: float
-    ) -> tuple[list[float], float, float, list[int]]:
+        self, view: PromptView, urls: list[str], cpt: float, now: float
+    ) -> tuple[list[float], float, float, list[int], bool]:
         """(predicted cached tokens per backend, the prompt's tokens, tokens per block, the prompt's block keys
-        in the index that counted them) for this prompt."""
+        in the index that counted them, whether that index was the precise one) for this prompt."""
         caches = self._caches
         block_chars = caches.block_chars
         char_keys = view.char_keys(block_chars)
@@ -136,10 +161,10 @@ class CacheAware:
         approx = [min(blocks * block_chars / cpt, most) for blocks in approx_blocks]
         block_size = caches.precise_block_size(urls)
         if block_size is None or view.token_ids is None:
-            return approx, prompt_tokens, block_chars / cpt, char_keys
+            return approx, prompt_tokens, block_chars / cpt, char_keys, False
         cap = (len(view.token_ids) - 1) // block_size  # whole blocks the engine may reuse
         token_keys = view.token_keys(block_size)
-        precise = caches.kv.match(token_keys, urls)
+        precise = caches.kv.match_routed(token_keys, urls, now)
         cached: list[float] = []
         for url, blocks, guess in zip(urls, precise, approx, strict=True):
             exact = float(min(blocks, cap) * block_size)
@@ -150,7 +175,7 @@ class CacheAware:
                 cached.append(max(exact, guess))  # what events show is held, and the gateway's guess
             else:
                 cached.append(guess)
-        return cached, prompt_tokens, float(block_size), token_keys
+        return cached, prompt_tokens, float(block_size), token_keys, True
 
     def _anchor(self, request: RequestInfo, view: PromptView, keys: list[int], held: int) -> int:
         """What ties are broken by: the session, else the prompt's first block past the longest prefix any

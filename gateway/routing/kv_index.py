@@ -12,17 +12,28 @@ A backend's state says how far its blocks can be trusted:
   since (by then the engine must have evicted the rest), or cleared its cache, or restarted;
 - `unknown`: nothing is known (not subscribed, or its engine is down).
 Routing treats the blocks of a backend that is not live as a lower bound and falls back to its guesses.
+
+Blocks on their way: an engine announces a prompt's blocks only once it has computed them, a prefill (and
+its queue) after the gateway routed the request. A burst of requests for one prefix that arrived in that window
+would find no holder and be spread over backends, each computing the prefix again and evicting other prefixes.
+So the blocks of each request the gateway routed to a backend (`routed`) count as held there
+(`match_routed`) while its prefill runs, and after it (`settled`) until the events confirm them or
+`SETTLE_SECONDS` pass (an engine that reports nothing by then stored nothing new: the blocks were already
+held, or the request failed).
 """
 
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.fleet.kv_protocol import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, KvEvent
 from gateway.routing.block_holders import BlockHolders
 from gateway.routing.block_keys import chain_root, next_key
+
+SETTLE_SECONDS = 1.0  # after a routed request's prefill, how long its blocks count as held with no event
 
 
 class CacheState(enum.Enum):
@@ -49,6 +60,8 @@ class BackendBlocks:
     sources: dict[int, _Source] = field(default_factory=dict)
     holders: dict[int, int] = field(default_factory=dict)  # key -> sources holding it (usually one)
     skipped: int = 0  # blocks not indexed: other block sizes, multimodal or salted blocks, unknown parents
+    routed: dict[int, int] = field(default_factory=dict)  # key -> requests routed here, their prefill not over
+    settling: dict[int, float] = field(default_factory=dict)  # key -> until when it counts held with no event
 
     @property
     def blocks(self) -> int:
@@ -62,6 +75,8 @@ class KvIndex:
         self._holders = BlockHolders()
         self._backends: dict[str, BackendBlocks] = {}
         self._max_blocks = max_blocks_per_backend
+        self._on_the_way: dict[int, int] = {}  # key -> mask of the backends it is routed or settling on
+        self._deadlines: deque[tuple[float, str, int]] = deque()  # settling entries, earliest first
 
     # -- what the event subscribers call ------------------------------------------------------------------
 
@@ -127,6 +142,11 @@ class KvIndex:
     def forget(self, url: str) -> None:
         """The backend left the fleet."""
         self.unknown(url)
+        entry = self._backends.get(url)
+        if entry is not None:
+            slot = self._holders.slot(url)
+            for key in {*entry.routed, *entry.settling}:
+                self._unmark(key, slot)
         self._backends.pop(url, None)
         self._holders.release_slot(url)
 
@@ -134,6 +154,43 @@ class KvIndex:
         entry = self._backends.get(url)
         if entry is not None and blocks:
             entry.capacity = blocks
+
+    # -- what routing tells ----------------------------------------------------------------------------------
+
+    def routed(self, url: str, keys: Sequence[int]) -> None:
+        """A request with these prompt blocks was just routed to the backend: they are on their way there."""
+        entry = self.backend(url)
+        slot = self._holders.slot(url)
+        routed = entry.routed
+        for key in keys:
+            count = routed.get(key, 0)
+            routed[key] = count + 1
+            if not count:
+                self._on_the_way[key] = self._on_the_way.get(key, 0) | 1 << slot
+
+    def settled(self, url: str, keys: Sequence[int], now: float) -> None:
+        """That request's prefill is over (its first token came, or its attempt ended): its blocks still count
+        as held for SETTLE_SECONDS unless the events have confirmed them."""
+        entry = self._backends.get(url)
+        if entry is None:
+            return
+        slot = self._holders.slot(url)
+        routed, settling, holders = entry.routed, entry.settling, entry.holders
+        until = now + SETTLE_SECONDS
+        for key in keys:
+            count = routed.get(key, 0)
+            if count > 1:
+                routed[key] = count - 1
+                continue
+            if not count:
+                continue  # already let go (the backend left and came back)
+            del routed[key]
+            if key in holders:  # the engine announced it: the events take over
+                settling.pop(key, None)
+                self._unmark(key, slot)
+            else:
+                settling[key] = until
+                self._deadlines.append((until, url, key))
 
     # -- what routing reads ---------------------------------------------------------------------------------
 
@@ -152,6 +209,18 @@ class KvIndex:
     def match(self, keys: Sequence[int], urls: Sequence[str]) -> list[int]:
         """Cached leading blocks of `keys` on each backend (a lower bound where the state is not live)."""
         return self._holders.match(keys, urls)
+
+    def match_routed(self, keys: Sequence[int], urls: Sequence[str], now: float) -> list[int]:
+        """Like `match`, with the blocks on their way to each backend (routed, not yet announced) counted held."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            until, url, key = deadlines.popleft()
+            entry = self._backends.get(url)
+            if entry is not None and entry.settling.get(key) == until:
+                del entry.settling[key]
+                if key not in entry.routed:
+                    self._unmark(key, self._holders.slot(url))
+        return self._holders.match(keys, urls, self._on_the_way)
 
     def entry(self, url: str) -> BackendBlocks | None:
         return self._backends.get(url)
@@ -189,6 +258,10 @@ class KvIndex:
                 parent = source.keys[engine_hash]
                 continue
             key = next_key(parent, block)
+            if key in entry.settling:  # a block on its way, confirmed
+                del entry.settling[key]
+                if key not in entry.routed:
+                    self._unmark(key, slot)
             source.keys[engine_hash] = key
             held = entry.holders.get(key, 0)
             entry.holders[key] = held + 1
@@ -216,6 +289,13 @@ class KvIndex:
             return
         entry.holders.pop(key, None)
         self._holders.remove(key, self._holders.slot(entry.url))
+
+    def _unmark(self, key: int, slot: int) -> None:
+        mask = self._on_the_way.get(key, 0) & ~(1 << slot)
+        if mask:
+            self._on_the_way[key] = mask
+        else:
+            self._on_the_way.pop(key, None)
 
     def _drop_source(self, entry: BackendBlocks, source: _Source) -> None:
         for key in source.keys.values():

@@ -21,6 +21,7 @@ class PromptView:
     # Filled by the policy's pick, read by the router: cached tokens predicted on each backend it scored.
     predicted: dict[str, float] = field(default_factory=dict)
     charge: tuple[Backend, int] | None = None  # prefill tokens charged to the chosen backend until the first token
+    routed: tuple[str, list[int]] | None = None  # the precise index's blocks on their way to the chosen backend
     _char_keys: tuple[int, list[int]] | None = None
     _token_keys: tuple[int, list[int]] | None = None
 

@@ -4,11 +4,13 @@ Before the first pick of a request (`prepare`), for the models routed by the pre
 prompt off the payload and, when the engines publish KV events and the prompt spans a few of their blocks,
 asks a backend for its exact token ids. The pick then leaves on the request's prompt view the cached tokens
 predicted on the chosen backend, and charges its other prompt tokens to that backend's pending prefill until
-the first token comes (`discharge`).
+the first token comes (`discharge`); then too the prompt's blocks the precise index counted on their way to that
+backend begin to settle (kv_index.py).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from gateway.fleet.registry import Backend, Registry
@@ -88,10 +90,14 @@ class Router:
     def discharge(self, request: RequestInfo) -> None:
         """The request's first token came (or its attempt ended): its prefill no longer weighs on the backend."""
         view = request.prompt
-        if view is not None and view.charge is not None:
+        if view is None:
+            return
+        if view.charge is not None:
             backend, tokens = view.charge
             view.charge = None
             self._registry.charge_prefill(backend, -tokens)
+        if view.routed is not None and self._caches is not None:
+            self._caches.settled(view, time.monotonic())
 
     def release(self, backend: Backend, request: RequestInfo) -> None:
         self.discharge(request)

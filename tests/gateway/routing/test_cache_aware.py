@@ -207,3 +207,50 @@ def test_unique_prompts_spread_evenly_over_engines_whose_measured_speeds_differ_
     requests = (with_tokens(tokens(20 * BS, seed=20_000 + i)) for i in range(800))
     counts = spread(pick, backends, requests, in_flight=4)  # a light load: most backends idle at any time
     assert max(counts.values()) <= 1.25 * 800 / 8, counts
+
+
+def live_fleet(caches: PrefixCaches, n: int = 4) -> list[Backend]:
+    """Backends whose engines have announced some unrelated blocks: live, with their block size known."""
+    backends = fleet(n)
+    for number, backend in enumerate(backends):
+        store(caches.kv, backend.url, tokens(2 * BS, seed=900 + number), 50_000 * (number + 1))
+    return backends
+
+
+def routed_like_the_router(pick: Any, backends: list[Backend], request: RequestInfo) -> Backend:
+    """A pick counted as the Router counts it: in flight, with its uncached prompt tokens pending prefill."""
+    chosen: Backend = pick.pick(backends, request)
+    view = request.prompt
+    assert view is not None
+    assert view.token_ids is not None
+    chosen.inflight += 1
+    chosen.prefill_pending += max(len(view.token_ids) - int(view.predicted[chosen.url]), 0)
+    return chosen
+
+
+def test_a_burst_for_a_prefix_nobody_holds_yet_stays_on_one_backend_before_its_blocks_are_announced() -> None:
+    """The engine announces a prompt's blocks only after its prefill: the requests that follow the first one
+    within that window must find it on its way there, not be spread (each computing it again, evicting others)."""
+    caches = PrefixCaches(RoutingSettings(), KvIndex(10**6))
+    backends = live_fleet(caches)
+    pick = policy(caches)
+    system = tokens(64 * BS, seed=5)
+    chosen = [routed_like_the_router(pick, backends, with_tokens([*system, *tokens(8, seed=i)])) for i in range(4)]
+    assert len({backend.url for backend in chosen}) == 1, [backend.url for backend in chosen]
+    later = with_tokens([*system, *tokens(8, seed=99)])
+    pick.pick(backends, later)
+    assert later.prompt is not None
+    assert later.prompt.predicted[chosen[0].url] == 64 * BS  # predicted cached there: on its way
+
+
+def test_a_near_whole_hit_behind_another_prefill_beats_a_miss_on_an_idle_backend() -> None:
+    """The holder's pending prefill makes both predicted TTFTs about equal; the miss would cost a whole prefill
+    more (and evict other prefixes), so the tie goes to the holder rather than to the idler backend."""
+    caches = PrefixCaches(RoutingSettings(), KvIndex(10**6))
+    backends = live_fleet(caches)
+    prompt = tokens(64 * BS, seed=6)
+    holder = backends[1]
+    store(caches.kv, holder.url, prompt, 7_000)
+    holder.inflight = 1
+    holder.prefill_pending = 64 * BS  # another request's cold prefill, still running there
+    assert policy(caches).pick(backends, with_tokens([*prompt, *tokens(8, seed=1)])) is holder

@@ -128,3 +128,38 @@ def test_unknown_and_forgotten_backends() -> None:
     index.forget(A)
     assert index.state(A) is CacheState.UNKNOWN
     assert [entry.url for entry in index.snapshot()] == [B]
+
+
+def test_blocks_routed_to_a_backend_count_until_its_events_confirm_them_or_they_settle_out() -> None:
+    from gateway.routing.kv_index import SETTLE_SECONDS
+
+    index = live_index()
+    prompt = tokens(4 * BS, seed=3)
+    keys = token_block_keys(prompt, BS, None)
+    index.routed(A, keys)
+    index.routed(A, keys[:2])  # a second request sharing the first two blocks
+    assert index.match(keys, [A, B]) == [0, 0]  # announced: nothing yet
+    assert index.match_routed(keys, [A, B], now=0.0) == [4, 0]
+    index.settled(A, keys, now=10.0)  # the first request's prefill is over; no event yet
+    assert index.match_routed(keys, [A, B], now=10.0 + SETTLE_SECONDS / 2) == [4, 0]
+    assert index.match_routed(keys, [A, B], now=10.0 + SETTLE_SECONDS) == [2, 0]  # the second is still in prefill
+    index.apply(A, 0, [stored(prompt[: 2 * BS], [1, 2])])  # confirmed by the engine
+    index.settled(A, keys[:2], now=11.0)
+    index.apply(A, 0, [BlockRemoved(block_hashes=[2], medium="GPU")])
+    assert index.match_routed(keys, [A, B], now=11.0) == [1, 0]  # the engine's word stands once it has spoken
+    index.routed(B, keys)
+    index.forget(B)
+    assert index.match_routed(keys, [A, B], now=11.0) == [1, 0]
+
+
+def test_blocks_routed_and_settled_with_no_event_are_forgotten_after_the_settle_time() -> None:
+    from gateway.routing.kv_index import SETTLE_SECONDS
+
+    index = live_index()
+    keys = token_block_keys(tokens(3 * BS, seed=4), BS, None)
+    index.routed(B, keys)
+    index.settled(B, keys, now=5.0)  # the attempt failed, or the blocks were already held: no event comes
+    assert index.match_routed(keys, [A, B], now=5.0) == [0, 3]
+    assert index.match_routed(keys, [A, B], now=5.0 + SETTLE_SECONDS + 0.01) == [0, 0]
+    index.settled(B, keys, now=7.0)  # a late, repeated settle changes nothing
+    assert index.match_routed(keys, [A, B], now=7.0) == [0, 0]
