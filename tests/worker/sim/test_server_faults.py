@@ -280,17 +280,33 @@ async def test_prefix_cache_over_http(sim_factory: SimFactory) -> None:
 
 
 async def test_lora_slot_wait_shows_in_metrics(sim_factory: SimFactory) -> None:
+    """With one LoRA slot, `b` waits while `a` runs, and the metrics say so. `a` is sent first and seen running
+    before `b` is sent, and the metrics are read until the wait shows (not after a fixed sleep: on a loaded
+    machine the requests may not have reached the engine yet)."""
+    expected = 'vllm:lora_requests_info{max_lora="1",running_lora_adapters="a",waiting_lora_adapters="b"}'
     async with (
         sim_factory(max_loras=1, loras={"a": "/a", "b": "/b"}) as sim,
         httpx.AsyncClient(base_url=sim.url) as http,
     ):
-        payloads = [{"model": m, "prompt": "x", "max_tokens": 20, "ignore_eos": True} for m in ("a", "b")]
-        jobs = [asyncio.create_task(http.post("/v1/completions", json=p)) for p in payloads]
-        await asyncio.sleep(0.02)
-        text = (await http.get("/metrics")).text
-        results = await asyncio.gather(*jobs)
+
+        async def metrics_until(line: str, jobs: list[asyncio.Task[httpx.Response]]) -> bool:
+            while not all(job.done() for job in jobs):
+                if line in (await http.get("/metrics")).text:
+                    return True
+                await asyncio.sleep(0.005)
+            return False
+
+        def send(model: str) -> asyncio.Task[httpx.Response]:
+            payload = {"model": model, "prompt": "x", "max_tokens": 40, "ignore_eos": True}
+            return asyncio.create_task(http.post("/v1/completions", json=payload))
+
+        first = send("a")
+        assert await metrics_until('running_lora_adapters="a"', [first]), "`a` finished before it was seen running"
+        second = send("b")
+        seen = await metrics_until(expected, [first, second])
+        results = await asyncio.gather(first, second)
     assert [r.status_code for r in results] == [200, 200]
-    assert 'vllm:lora_requests_info{max_lora="1",running_lora_adapters="a",waiting_lora_adapters="b"}' in text
+    assert seen, f"never saw {expected} while the requests ran"
 
 
 def test_lora_flags_and_switchyard_entry() -> None:
