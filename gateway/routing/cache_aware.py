@@ -84,6 +84,10 @@ class PrefixCaches:
             view.routed = None
             self.kv.settled(routed[0], routed[1], now)
 
+    def holds_no_block(self, request: RequestInfo) -> bool:
+        """The request's whole body is shorter than one block: no prompt in it can match any cache."""
+        return 0 < request.size < self.block_chars
+
     def precise_block_size(self, urls: Sequence[str]) -> int | None:
         """The engines' block size when the precise index may be used for these backends."""
         if self.mode == "approximate":
@@ -110,7 +114,7 @@ class CacheAware:
             return self._affinity.pick(candidates, request)
         caches = self._caches
         view = request.prompt
-        if view is None and not 0 < request.size < caches.block_chars:  # a shorter body holds no whole block
+        if view is None and not caches.holds_no_block(request):
             view = prompt_view(request.payload, None)
         char_keys = [] if view is None else view.char_keys(caches.block_chars)
         if view is None or (not char_keys and view.token_ids is None):

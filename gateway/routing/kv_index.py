@@ -186,8 +186,7 @@ class KvIndex:
                 continue  # already let go (the backend left and came back)
             del routed[key]
             if key in holders:  # the engine announced it: the events take over
-                settling.pop(key, None)
-                self._unmark(key, slot)
+                self._stop_settling(entry, key, slot)
             else:
                 settling[key] = until
                 self._deadlines.append((until, url, key))
@@ -217,9 +216,7 @@ class KvIndex:
             until, url, key = deadlines.popleft()
             entry = self._backends.get(url)
             if entry is not None and entry.settling.get(key) == until:
-                del entry.settling[key]
-                if key not in entry.routed:
-                    self._unmark(key, self._holders.slot(url))
+                self._stop_settling(entry, key, self._holders.slot(url))
         return self._holders.match(keys, urls, self._on_the_way)
 
     def entry(self, url: str) -> BackendBlocks | None:
@@ -259,9 +256,7 @@ class KvIndex:
                 continue
             key = next_key(parent, block)
             if key in entry.settling:  # a block on its way, confirmed
-                del entry.settling[key]
-                if key not in entry.routed:
-                    self._unmark(key, slot)
+                self._stop_settling(entry, key, slot)
             source.keys[engine_hash] = key
             held = entry.holders.get(key, 0)
             entry.holders[key] = held + 1
@@ -289,6 +284,12 @@ class KvIndex:
             return
         entry.holders.pop(key, None)
         self._holders.remove(key, self._holders.slot(entry.url))
+
+    def _stop_settling(self, entry: BackendBlocks, key: int, slot: int) -> None:
+        """The block no longer counts as on its way to this backend once no routed request still holds it."""
+        entry.settling.pop(key, None)
+        if key not in entry.routed:
+            self._unmark(key, slot)
 
     def _unmark(self, key: int, slot: int) -> None:
         mask = self._on_the_way.get(key, 0) & ~(1 << slot)

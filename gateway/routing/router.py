@@ -44,7 +44,7 @@ class Router:
         caches = self._caches
         if caches is None or request.payload is None or not uses_prefix_caches(self._settings, request.model):
             return request
-        if 0 < request.size < caches.block_chars:  # the whole body is shorter than one block: nothing to match
+        if caches.holds_no_block(request):
             return request
         lora = request.model if is_adapter(candidates[0], request.model) else None
         view = prompt_view(request.payload, lora)
