@@ -7,7 +7,7 @@ Label values are bounded: `model` is a name some backend served, or one of the f
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.fleet.registry import Registry
+from gateway.loop_series import CounterChild, GaugeChild, HistogramChild, LoopCounter, LoopGauge, LoopHistogram
 
 UNKNOWN_MODEL = "__unknown__"  # a name no backend serves (answered 404)
 # Label values known in advance: their counters are exported from 0, so rate() and dashboards show 0, not
@@ -40,11 +41,11 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0
 class ModelSeries:
     """One model's children of the per-model collectors, looked up once."""
 
-    ttft: Histogram
-    itl: Histogram
-    prompt_tokens: Counter
-    completion_tokens: Counter
-    retries: Counter
+    ttft: HistogramChild
+    itl: HistogramChild
+    prompt_tokens: CounterChild
+    completion_tokens: CounterChild
+    retries: CounterChild
 
 
 class RegistryCollector(Collector):
@@ -92,24 +93,24 @@ class RegistryCollector(Collector):
 class Metrics:
     def __init__(self, registry: Registry) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "switchyard_requests",
             "Requests answered, by model, route and HTTP status.",
             ["model", "route", "code"],
-            registry=self.registry,
+            self.registry,
         )
-        self.duration = Histogram(
+        self.duration = LoopHistogram(
             "switchyard_request_duration_seconds",
             "Time from request start to the last byte of the answer.",
             ["model", "route"],
-            buckets=LATENCY_BUCKETS,
             registry=self.registry,
+            buckets=LATENCY_BUCKETS,
         )
-        self.inflight = Gauge(
+        self.inflight = LoopGauge(
             "switchyard_inflight_requests",
             "Requests the gateway has sent to a backend and not yet finished.",
             ["model", "backend"],
-            registry=self.registry,
+            self.registry,
         )
         self.upstream_errors = Counter(
             "switchyard_upstream_errors",
@@ -117,28 +118,28 @@ class Metrics:
             ["backend", "kind"],
             registry=self.registry,
         )
-        self.ttft = Histogram(
+        self.ttft = LoopHistogram(
             "switchyard_time_to_first_token_seconds",
             "Streams: time from request start to the first chunk with content.",
             ["model"],
-            buckets=TTFT_BUCKETS,
             registry=self.registry,
+            buckets=TTFT_BUCKETS,
         )
-        self.itl = Histogram(
+        self.itl = LoopHistogram(
             "switchyard_inter_token_latency_seconds",
             "Streams: gap between consecutive chunks after the first content.",
             ["model"],
-            buckets=ITL_BUCKETS,
             registry=self.registry,
+            buckets=ITL_BUCKETS,
         )
-        self.tokens = Counter(
+        self.tokens = LoopCounter(
             "switchyard_tokens",
             "Tokens reported in vLLM's usage, by kind (prompt, completion).",
             ["model", "kind"],
-            registry=self.registry,
+            self.registry,
         )
-        self.retries = Counter(
-            "switchyard_retries", "Requests sent again to another backend.", ["model"], registry=self.registry
+        self.retries = LoopCounter(
+            "switchyard_retries", "Requests sent again to another backend.", ["model"], self.registry
         )
         self.stream_failovers = Counter(
             "switchyard_stream_failovers",
@@ -191,9 +192,8 @@ class Metrics:
         )
         self.registry.register(RegistryCollector(registry))
 
-        # labels() takes a lock and validates on every call; label sets are bounded, so keep the children.
-        self._outcomes: dict[tuple[str, str, int], tuple[Callable[[], None], Callable[[float], None]]] = {}
-        self._inflight: dict[tuple[str, str], Gauge] = {}
+        # Label sets are bounded: keep the children, looked up once per label values.
+        self._outcomes: dict[tuple[str, str, int], tuple[CounterChild, HistogramChild]] = {}
         self._models: dict[str, ModelSeries] = {}
         self._backend_series: set[str] = set()  # backends whose counters are exported from 0
         self._model_series: set[str] = set()
@@ -221,10 +221,10 @@ class Metrics:
         key = (model, route, code)
         children = self._outcomes.get(key)
         if children is None:
-            children = (self.requests.labels(model, route, str(code)).inc, self.duration.labels(model, route).observe)
+            children = (self.requests.labels(model, route, str(code)), self.duration.labels(model, route))
             self._outcomes[key] = children
-        children[0]()
-        children[1](seconds)
+        children[0].value += 1
+        children[1].observe(seconds)
 
     def model_series(self, model: str) -> ModelSeries:
         series = self._models.get(model)
@@ -246,8 +246,5 @@ class Metrics:
         if predicted is not None and reported is not None:
             self.cache_prediction_error.labels(model).observe(abs(predicted - reported))
 
-    def inflight_gauge(self, model: str, backend: str) -> Gauge:
-        gauge = self._inflight.get((model, backend))
-        if gauge is None:
-            gauge = self._inflight[(model, backend)] = self.inflight.labels(model, backend)
-        return gauge
+    def inflight_gauge(self, model: str, backend: str) -> GaugeChild:
+        return self.inflight.labels(model, backend)

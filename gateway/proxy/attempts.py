@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from opentelemetry.trace import Span, SpanKind
-from prometheus_client import Gauge
 
 from gateway.errors import ConnectFailed, HeadTimeout, UpstreamError, upstream_failure
 from gateway.fleet.registry import Backend
+from gateway.loop_series import GaugeChild
 from gateway.metrics import Metrics
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.failover import COMPLETIONS_TARGET, continuation_body, inject_return_token_ids, max_model_len
@@ -230,7 +230,7 @@ class _Held:
         self._picker = picker
         self._info = info
         self.backend = backend
-        self._gauge: Gauge | None = metrics.inflight_gauge(info.model, backend.url)
+        self._gauge: GaugeChild | None = metrics.inflight_gauge(info.model, backend.url)
         self._gauge.inc()
         self._tracing = tracing
         self._span = span

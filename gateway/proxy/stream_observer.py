@@ -8,8 +8,7 @@ from __future__ import annotations
 from time import perf_counter
 from typing import Protocol
 
-from prometheus_client import Histogram
-
+from gateway.loop_series import HistogramChild
 from gateway.proxy.usage import Usage, UsageTail, count_content_events
 
 
@@ -23,7 +22,7 @@ class StreamFilter(Protocol):
 
 
 class ChunkObserver:
-    def __init__(self, is_sse: bool, stream_filter: StreamFilter | None, started: float, itl: Histogram) -> None:
+    def __init__(self, is_sse: bool, stream_filter: StreamFilter | None, started: float, itl: HistogramChild) -> None:
         self.ttft: float | None = None
         self.sent_tail = b"\n\n"  # last bytes sent: does an injected event need a separator first?
         self.sse = is_sse
