@@ -10,8 +10,8 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
-import math
 from dataclasses import dataclass, field
+from time import monotonic
 
 from starlette.types import Scope
 
@@ -39,65 +39,60 @@ class Principal:
 
     def admit(self) -> list[tuple[bytes, bytes]]:
         """Take one request from the buckets or raise RateLimited; returns x-ratelimit-* headers."""
-        if self.requests is not None and not self.requests.try_take():
-            wait = self.requests.seconds_until()
+        now = monotonic()
+        requests, tokens = self.requests, self.tokens
+        if requests is not None and not requests.try_take(now):
             raise RateLimited(
-                f"Rate limit reached for key {self.name!r}: {self.requests.limit} requests per minute.",
-                headers=_retry_headers(wait, self),
+                f"Rate limit reached for key {self.name!r}: {requests.limit} requests per minute.",
+                headers=_retry_headers(requests.seconds_until(now), self, now),
             )
-        if self.tokens is not None and not self.tokens.has_room():
-            wait = self.tokens.seconds_until(1.0)
+        if tokens is not None and tokens.level(now) <= 0:
             raise RateLimited(
-                f"Rate limit reached for key {self.name!r}: {self.tokens.limit} tokens per minute.",
-                headers=_retry_headers(wait, self),
+                f"Rate limit reached for key {self.name!r}: {tokens.limit} tokens per minute.",
+                headers=_retry_headers(tokens.seconds_until(now), self, now),
             )
-        return rate_headers(self)
+        return rate_headers(self, now)
 
     def charge_tokens(self, count: int) -> None:
         if self.tokens is not None and count:
-            self.tokens.charge(count)
+            self.tokens.charge(count, monotonic())
 
 
-_RATE_HEADER_NAMES = {
-    kind: (f"x-ratelimit-limit-{kind}".encode(), f"x-ratelimit-remaining-{kind}".encode(),
-           f"x-ratelimit-reset-{kind}".encode())
-    for kind in ("requests", "tokens")
-}  # fmt: skip
+_REQUEST_HEADERS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
+_TOKEN_HEADERS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
 
 
-def rate_headers(principal: Principal) -> list[tuple[bytes, bytes]]:
+def rate_headers(principal: Principal, now: float) -> list[tuple[bytes, bytes]]:
     headers = []
-    for kind, bucket in (("requests", principal.requests), ("tokens", principal.tokens)):
+    for names, bucket in ((_REQUEST_HEADERS, principal.requests), (_TOKEN_HEADERS, principal.tokens)):
         if bucket is not None:
-            limit, remaining, reset = _RATE_HEADER_NAMES[kind]
-            level = bucket.level()  # one clock read for the three values
-            headers += [
-                (limit, b"%d" % bucket.limit),
-                (remaining, b"%d" % max(0, math.floor(level))),
-                (reset, b"%.3fs" % ((bucket.limit - level) / bucket.rate)),
-            ]
+            level = bucket.level(now)
+            headers.append((names[0], bucket.limit_text))
+            headers.append((names[1], b"%d" % (level if level > 0 else 0)))  # %d truncates: the floor
+            headers.append((names[2], b"%.3fs" % ((bucket.limit - level) / bucket.rate)))
     return headers
 
 
-def _retry_headers(wait: float, principal: Principal) -> dict[str, str]:
-    headers = {name.decode(): value.decode() for name, value in rate_headers(principal)}
+def _retry_headers(wait: float, principal: Principal, now: float) -> dict[str, str]:
+    headers = {name.decode(): value.decode() for name, value in rate_headers(principal, now)}
     headers["Retry-After"] = str(max(1, int(wait + 0.999)))
     return headers
 
 
-def _principal(key: ApiKeySettings) -> Principal:
+def _principal(key: ApiKeySettings, now: float) -> Principal:
     return Principal(
         name=key.name,
         digest=hashlib.sha256(key.secret().encode()).digest(),
         patterns=tuple(key.models),
-        requests=TokenBucket(key.requests_per_minute) if key.requests_per_minute else None,
-        tokens=TokenBucket(key.tokens_per_minute) if key.tokens_per_minute else None,
+        requests=TokenBucket(key.requests_per_minute, now) if key.requests_per_minute else None,
+        tokens=TokenBucket(key.tokens_per_minute, now) if key.tokens_per_minute else None,
     )
 
 
 class KeyRing:
     def __init__(self, settings: AuthSettings) -> None:
-        principals = [_principal(key) for key in settings.keys]
+        now = monotonic()
+        principals = [_principal(key, now) for key in settings.keys]
         self._by_digest = {principal.digest: principal for principal in principals}
 
     @property
