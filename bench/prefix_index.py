@@ -10,7 +10,8 @@ pick over 8 backends for chat prompts of increasing length, once with only the a
 character blocks) and once with the precise one (token ids, as /tokenize returns them; the /tokenize round trip
 itself is not included: it is one HTTP call, 6 ms median for a 1,000-token chat on the CPU vLLM worker), and then
 the resident memory of the precise index holding N blocks spread over 8 backends (the engines' BlockStored
-events applied, as the subscriber applies them), divided per million blocks.
+events applied, as the subscriber applies them), divided per million blocks. It also prints what one pick
+costs under each routing policy, for the same short chats.
 """
 
 from __future__ import annotations
@@ -82,6 +83,27 @@ def pick_cost(tokens: int, precise: bool, rounds: int) -> float:
     return (time.perf_counter() - started) / rounds * 1e6
 
 
+POLICIES = ("affinity", "prefix_affinity", "session", "least_load", "lora_affinity", "round_robin", "random")
+
+
+def policy_cost(name: str, rounds: int) -> float:
+    """µs per pick of each policy over the same 8 backends: 64 system prompts of about 700 characters."""
+    settings = RoutingSettings()
+    policy = make_policy(name, settings, random.Random(0), PrefixCaches(settings, KvIndex(10**7)))
+    backends = fleet()
+    systems = [f"You are assistant {g}. " + "Be brief and precise. " * 30 for g in range(64)]
+    requests = []
+    for i in range(200):
+        messages = [{"role": "system", "content": systems[i % 64]}, {"role": "user", "content": f"question {i}"}]
+        payload = {"model": "m", "messages": messages}
+        requests.append(RequestInfo("m", "/v1/chat/completions", payload, size=len(str(payload))))
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for request in requests:
+            policy.pick(backends, request)
+    return (time.perf_counter() - started) / (rounds * len(requests)) * 1e6
+
+
 def memory_per_million(blocks: int) -> float:
     """Bytes of resident memory per million indexed blocks, for `blocks` blocks over 8 backends."""
     gc.collect()
@@ -116,6 +138,10 @@ def main() -> int:
         approximate = pick_cost(tokens, False, max(rounds * 64 // tokens, 20))
         precise = pick_cost(tokens, True, max(rounds * 64 // tokens, 20))
         print(f"{tokens:>14} {approximate:>12.1f} {precise:>9.1f} {precise / tokens * 1000:>25.1f}")
+    print()
+    print("CPU of one pick over 8 backends by policy (chat prompts of about 700 characters, 64 system prompts), µs")
+    for name in POLICIES:
+        print(f"{name:>16} {policy_cost(name, 2 if args.quick else 20):>8.1f}")
     blocks = 200_000 if args.quick else 1_000_000
     per_million = memory_per_million(blocks)
     print()

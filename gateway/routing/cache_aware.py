@@ -129,21 +129,30 @@ class CacheAware:
         if len(candidates) == 1:
             caches.approximate.record(urls[0], char_keys)
             return candidates[0]
-        uncached = [max(prompt_tokens - c, 0.0) for c in cached]
-        costs = self._cost.ttft(candidates, uncached, now)
-        limit = self._factor * sum(b.inflight for b in candidates) / len(candidates) + self._slack
-        allowed = [i for i, b in enumerate(candidates) if not self._overloaded(b, limit, now)]
+        stale_after = self._stale_after
+        samples = [fresh_sample(backend, now, stale_after) for backend in candidates]
+        rate = self._cost.prefill_rate(candidates)
+        uncached = [prompt_tokens - c if c < prompt_tokens else 0.0 for c in cached]
+        costs = self._cost.ttft(candidates, uncached, samples, rate)
+        inflight = [backend.inflight for backend in candidates]
+        limit = self._factor * sum(inflight) / len(candidates) + self._slack
+        threshold = self._queue_threshold
+        allowed = [
+            i
+            for i, sample in enumerate(samples)
+            if inflight[i] < limit and (sample is None or sample.waiting <= threshold)  # not overloaded
+        ]
         if not allowed:
             allowed = list(range(len(candidates)))
         best = min(costs[i] for i in allowed)
-        tolerance = max(self._cost.prefill_rate(candidates) * block_tokens, self._tie_ratio * best)
+        tolerance = max(rate * block_tokens, self._tie_ratio * best)
         tied = [i for i in allowed if costs[i] - best <= tolerance]
         if len(tied) > 1:  # a near-whole hit first, then fewest requests in flight, then rendezvous order
             least = min(uncached[i] for i in tied)
             if least <= self._tie_ratio * prompt_tokens:
                 tied = [i for i in tied if uncached[i] < least + block_tokens]
-            fewest = min(candidates[i].inflight for i in tied)
-            tied = [i for i in tied if candidates[i].inflight == fewest]
+            fewest = min(inflight[i] for i in tied)
+            tied = [i for i in tied if inflight[i] == fewest]
         anchor = self._anchor(request, view, keys, int(max(cached) / block_tokens + 1e-6))
         choice = max(tied, key=lambda i: rendezvous_score(anchor, self._url_hash(urls[i])))
         caches.approximate.record(urls[choice], char_keys)
@@ -162,7 +171,7 @@ class CacheAware:
         approx_blocks = caches.approximate.match(char_keys, urls)
         prompt_tokens = float(len(view.token_ids)) if view.token_ids is not None else len(view.text) / cpt
         most = max(prompt_tokens - 1.0, 0.0)  # the engine always computes the prompt's last token
-        approx = [min(blocks * block_chars / cpt, most) for blocks in approx_blocks]
+        approx = [c if (c := blocks * block_chars / cpt) < most else most for blocks in approx_blocks]
         block_size = caches.precise_block_size(urls)
         if block_size is None or view.token_ids is None:
             return approx, prompt_tokens, block_chars / cpt, char_keys, False
@@ -199,9 +208,3 @@ class CacheAware:
                 self._url_hashes.clear()
             value = self._url_hashes[url] = url_hash(url)
         return value
-
-    def _overloaded(self, backend: Backend, limit: float, now: float) -> bool:
-        if backend.inflight >= limit:
-            return True
-        sample = fresh_sample(backend, now, self._stale_after)
-        return sample is not None and sample.waiting > self._queue_threshold

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.fleet.registry import Backend, fresh_sample
+from gateway.fleet.registry import Backend, EngineSample
 
 
 class CostModel:
-    def __init__(self, prior_prefill_seconds: float, stale_after: float) -> None:
+    def __init__(self, prior_prefill_seconds: float) -> None:
         self._prior = prior_prefill_seconds
-        self._stale_after = stale_after
 
     def prefill_rate(self, candidates: Sequence[Backend]) -> float:
         """Seconds per computed prompt token for this group of backends (the mean of those that know theirs)."""
@@ -34,23 +33,25 @@ class CostModel:
                 known += 1
         return total / known if known else self._prior
 
-    def ttft(self, candidates: Sequence[Backend], uncached: Sequence[float], now: float) -> list[float]:
-        """Predicted seconds to first token on each candidate, given the prompt tokens each would compute."""
-        fallback = self.prefill_rate(candidates)
-        queues: list[float | None] = []
+    def ttft(
+        self,
+        candidates: Sequence[Backend],
+        uncached: Sequence[float],
+        samples: Sequence[EngineSample | None],
+        fallback: float,
+    ) -> list[float]:
+        """Predicted seconds to first token on each candidate, given the prompt tokens each would compute, its
+        fresh engine sample (None: stale or missing) and the group's prefill rate (`prefill_rate`)."""
         worst = 0.0
-        for backend in candidates:
-            sample = fresh_sample(backend, now, self._stale_after)
-            if sample is None:
-                queues.append(None)
-            else:
-                queues.append(sample.waiting)
-                worst = max(worst, sample.waiting)
+        for sample in samples:
+            if sample is not None and sample.waiting > worst:
+                worst = sample.waiting
         costs = []
-        for backend, tokens, queue in zip(candidates, uncached, queues, strict=True):
-            rate = backend.rates.prefill or fallback
-            waiting = worst if queue is None else queue
-            departures = backend.rates.departures
+        for backend, tokens, sample in zip(candidates, uncached, samples, strict=True):
+            rates = backend.rates
+            rate = rates.prefill or fallback
+            waiting = worst if sample is None else sample.waiting
+            departures = rates.departures
             if waiting <= 0:
                 wait = 0.0
             elif departures:

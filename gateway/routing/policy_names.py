@@ -17,7 +17,7 @@ def make_policy(
     if name == "affinity":
         if caches is None:  # a policy of its own, with empty indexes (tests, tools)
             caches = PrefixCaches(settings, KvIndex(1_000_000))
-        cost = CostModel(settings.prior_prefill_seconds_per_token, settings.stale_after)
+        cost = CostModel(settings.prior_prefill_seconds_per_token)
         return CacheAware(settings, caches, cost, Affinity(settings, rng, prefixes=False, sessions=True))
     if name == "prefix_affinity":
         return Affinity(settings, rng, sessions=False, adapters=False)
