@@ -19,6 +19,10 @@ from gateway.errors import RateLimited, Unauthorized
 from gateway.settings import ApiKeySettings, AuthSettings
 from gateway.tenancy.rate_limit import TokenBucket
 
+_REQUEST_HEADERS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
+_TOKEN_HEADERS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
+Headers = tuple[tuple[bytes, bytes], ...]
+
 
 @dataclass(eq=False)
 class Principal:
@@ -28,6 +32,15 @@ class Principal:
     requests: TokenBucket | None = None
     tokens: TokenBucket | None = None
     _allowed: dict[str, bool] = field(default_factory=dict)
+    # Each bucket with its x-ratelimit-* header names and the three headers it sends while full.
+    rate_limits: tuple[tuple[tuple[bytes, bytes, bytes], TokenBucket, Headers], ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rate_limits = tuple(
+            (names, bucket, ((names[0], bucket.limit_text), (names[1], bucket.limit_text), (names[2], b"0.000s")))
+            for names, bucket in ((_REQUEST_HEADERS, self.requests), (_TOKEN_HEADERS, self.tokens))
+            if bucket is not None
+        )
 
     def may_use(self, model: str) -> bool:
         allowed = self._allowed.get(model)
@@ -58,18 +71,16 @@ class Principal:
             self.tokens.charge(count, monotonic())
 
 
-_REQUEST_HEADERS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
-_TOKEN_HEADERS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
-
-
 def rate_headers(principal: Principal, now: float) -> list[tuple[bytes, bytes]]:
-    headers = []
-    for names, bucket in ((_REQUEST_HEADERS, principal.requests), (_TOKEN_HEADERS, principal.tokens)):
-        if bucket is not None:
-            level = bucket.level(now)
-            headers.append((names[0], bucket.limit_text))
-            headers.append((names[1], b"%d" % (level if level > 0 else 0)))  # %d truncates: the floor
-            headers.append((names[2], b"%.3fs" % ((bucket.limit - level) / bucket.rate)))
+    headers: list[tuple[bytes, bytes]] = []
+    for names, bucket, full in principal.rate_limits:
+        level = bucket.level(now)
+        if level >= bucket.limit:  # full, as a key well under its limits mostly is: always the same three
+            headers += full
+            continue
+        headers.append((names[0], bucket.limit_text))
+        headers.append((names[1], b"%d" % (level if level > 0 else 0)))  # %d truncates: the floor
+        headers.append((names[2], b"%.3fs" % ((bucket.limit - level) / bucket.rate)))
     return headers
 
 
