@@ -7,8 +7,6 @@ import time
 from collections import Counter
 from typing import Any
 
-import pytest
-
 from gateway.fleet.registry import Backend, EngineSample
 from gateway.routing.policies import Affinity, LeastLoad, PerModelPolicy, RoundRobin
 from gateway.routing.policy_names import build_policy, make_policy
