@@ -78,13 +78,19 @@ class SimProcess:
         )
         ports = [self.port + i for i in range(self.count)]
         wait_until(lambda: all(_listening(p) for p in ports) or self.process.poll() is not None, 30, what="sim")
-        if self.process.poll() is not None:
-            raise RuntimeError(
-                f"simulator exited: {self.process.stderr.read().decode() if self.process.stderr else ''}"
-            )
+        self._raise_if_exited()
         if wait_healthy:
-            wait_until(lambda: all(httpx.get(f"{u}/health").status_code == 200 for u in self.urls()), 30, what="health")
+            wait_until(lambda: self.process.poll() is not None or self._healthy(), 30, what="health")
+            self._raise_if_exited()  # it died after listening: say why, not "timed out"
         return self
+
+    def _healthy(self) -> bool:
+        return all(httpx.get(f"{u}/health").status_code == 200 for u in self.urls())
+
+    def _raise_if_exited(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            stderr = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+            raise RuntimeError(f"simulator exited with {self.process.returncode}: {stderr}")
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

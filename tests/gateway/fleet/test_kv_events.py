@@ -30,11 +30,15 @@ def admin_key() -> Iterator[None]:
 
 
 def kv_sim(*extra: str, count: int = 1, buffer_steps: int = 10_000) -> SimProcess:
-    ports = free_port_block(2 * count)
+    # One block for all the ports: 2 per server for events and replay, then the HTTP ports. Drawn apart, an
+    # HTTP port could land on an event port.
+    ports = free_port_block(3 * count)
     config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{ports}",
               "replay_endpoint": f"tcp://*:{ports + 1}", "buffer_steps": buffer_steps}  # fmt: skip
     flags = ["--enable-prefix-caching", "--enable-prompt-tokens-details", "--kv-events-config", json.dumps(config)]
-    return sim("m", *flags, *extra, count=count)
+    process = sim("m", *flags, *extra, count=count)
+    process.port = ports + 2 * count
+    return process
 
 
 def kv_gateway(*urls: str, **config: Any) -> GatewayServer:
