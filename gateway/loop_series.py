@@ -71,9 +71,10 @@ class HistogramChild:
 
 
 Child = TypeVar("Child", CounterChild, GaugeChild, HistogramChild)
+Family = TypeVar("Family", bound=Metric)
 
 
-class _Family(Collector, Generic[Child]):
+class _Family(Collector, Generic[Child, Family]):
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry) -> None:
         self.name = name
         self.documentation = documentation
@@ -94,42 +95,45 @@ class _Family(Collector, Generic[Child]):
         """The family without samples: the registry learns its names and refuses a duplicate at once."""
         yield self._family()
 
-    def _family(self) -> Metric:
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for values, child in list(self._children.items()):
+            self._add(family, values, child)
+        yield family
+
+    def _family(self) -> Family:
         raise NotImplementedError
 
     def _new_child(self) -> Child:
         raise NotImplementedError
 
+    def _add(self, family: Family, values: tuple[str, ...], child: Child) -> None:
+        raise NotImplementedError
 
-class LoopCounter(_Family[CounterChild]):
+
+class LoopCounter(_Family[CounterChild, CounterMetricFamily]):
     def _new_child(self) -> CounterChild:
         return CounterChild()
 
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
-    def collect(self) -> Iterator[Metric]:
-        family = self._family()
-        for values, child in list(self._children.items()):
-            family.add_metric(values, child.value, created=child.created if self._created else None)
-        yield family
+    def _add(self, family: CounterMetricFamily, values: tuple[str, ...], child: CounterChild) -> None:
+        family.add_metric(values, child.value, created=child.created if self._created else None)
 
 
-class LoopGauge(_Family[GaugeChild]):
+class LoopGauge(_Family[GaugeChild, GaugeMetricFamily]):
     def _new_child(self) -> GaugeChild:
         return GaugeChild()
 
     def _family(self) -> GaugeMetricFamily:
         return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
-    def collect(self) -> Iterator[Metric]:
-        family = self._family()
-        for values, child in list(self._children.items()):
-            family.add_metric(values, child.value)
-        yield family
+    def _add(self, family: GaugeMetricFamily, values: tuple[str, ...], child: GaugeChild) -> None:
+        family.add_metric(values, child.value)
 
 
-class LoopHistogram(_Family[HistogramChild]):
+class LoopHistogram(_Family[HistogramChild, HistogramMetricFamily]):
     def __init__(
         self,
         name: str,
@@ -151,17 +155,14 @@ class LoopHistogram(_Family[HistogramChild]):
     def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
-    def collect(self) -> Iterator[Metric]:
-        family = self._family()
-        for values, child in list(self._children.items()):
-            cumulative = 0
-            buckets = []
-            for le, count in zip(self._le, list(child.counts), strict=True):
-                cumulative += count
-                buckets.append((le, float(cumulative)))
-            family.add_metric(values, buckets, child.sum)
-            if self._created:
-                family.samples.append(
-                    Sample(self.name + "_created", dict(zip(self.labelnames, values, strict=True)), child.created)
-                )
-        yield family
+    def _add(self, family: HistogramMetricFamily, values: tuple[str, ...], child: HistogramChild) -> None:
+        cumulative = 0
+        buckets = []
+        for le, count in zip(self._le, list(child.counts), strict=True):
+            cumulative += count
+            buckets.append((le, float(cumulative)))
+        family.add_metric(values, buckets, child.sum)
+        if self._created:
+            family.samples.append(
+                Sample(self.name + "_created", dict(zip(self.labelnames, values, strict=True)), child.created)
+            )

@@ -68,14 +68,14 @@ class Principal:
 
     def charge_tokens(self, count: int) -> None:
         if self.tokens is not None and count:
-            self.tokens.charge(count, monotonic())
+            self.tokens.charge(monotonic(), count)
 
 
 def rate_headers(principal: Principal, now: float) -> list[tuple[bytes, bytes]]:
     headers: list[tuple[bytes, bytes]] = []
     for names, bucket, full in principal.rate_limits:
         level = bucket.level(now)
-        if level >= bucket.limit:  # full, as a key well under its limits mostly is: always the same three
+        if level >= bucket.limit:  # full (the token bucket of a key under its limit): always the same three
             headers += full
             continue
         headers.append((names[0], bucket.limit_text))

@@ -36,7 +36,7 @@ class TokenBucket:
             return True
         return False
 
-    def charge(self, amount: float, now: float) -> None:
+    def charge(self, now: float, amount: float) -> None:
         self._level = self.level(now) - amount
 
     def seconds_until(self, now: float, amount: float = 1.0) -> float:

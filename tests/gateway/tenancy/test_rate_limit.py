@@ -25,7 +25,7 @@ def test_a_bucket_refills_evenly_up_to_one_minute_and_pays_back_a_token_debt() -
     assert bucket.seconds_until(0.0) == pytest.approx(1.0)
     assert bucket.level(2.5) == pytest.approx(2.5)
     assert bucket.level(1000.0) == 60  # never more than a minute's worth
-    bucket.charge(90, 1000.0)  # usage known after the answer: below zero
+    bucket.charge(1000.0, 90)  # usage known after the answer: below zero
     assert bucket.level(1000.0) == pytest.approx(-30)
     assert bucket.seconds_until(1000.0) == pytest.approx(31)
 
@@ -43,7 +43,7 @@ def test_headers_of_full_and_partly_used_buckets() -> None:
     assert key.requests is not None
     assert key.tokens is not None
     key.requests.try_take(0.0, 3.5)
-    key.tokens.charge(10_250, 0.0)
+    key.tokens.charge(0.0, 10_250)
     headers = dict(rate_headers(key, 0.05))  # 0.5 request and 8.33 tokens refilled since
     assert headers[b"x-ratelimit-remaining-requests"] == b"597"  # 597.0: the floor of what is there
     assert headers[b"x-ratelimit-reset-requests"] == b"0.300s"
