@@ -11,7 +11,7 @@ import importlib.util
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ ADMIN_KEY = "e2e-admin-key"
 # Where the gateway and the chat worker export their traces: a receiver that lives as long as the stack.
 OTLP_PORT = free_port_block(1)
 STARTUP_TIMEOUT = 900.0
+LOG_LINES = 60  # of each child's log, attached to a failing test's report
+STACK_KEY = pytest.StashKey[Stack]()  # the session's stack, for the report of a failing test
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def _spec(models: Path) -> StackSpec:
 
 
 @pytest.fixture(scope="session")
-def e2e() -> Iterator[E2EStack]:
+def e2e(request: pytest.FixtureRequest) -> Iterator[E2EStack]:
     if importlib.util.find_spec("vllm") is None:
         pytest.fail("the e2e suite needs the CPU build of vLLM in this environment: run scripts/setup.sh")
     root = Path(os.environ.get("SWITCHYARD_MODELS_DIR") or default_models_dir())
@@ -104,6 +106,7 @@ def e2e() -> Iterator[E2EStack]:
     os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{OTLP_PORT}"
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"  # export batches every 200 ms, not 5 s
     stack = Stack(_spec(root), log_dir)
+    request.config.stash[STACK_KEY] = stack
     receiver_server, receiver = otlp_receiver(OTLP_PORT)
     started = time.monotonic()
     with receiver_server:
@@ -120,3 +123,16 @@ def e2e() -> Iterator[E2EStack]:
 
 def worker_spec(e2e: E2EStack, name: str) -> WorkerSpec:
     return next(w for w in e2e.stack.spec.workers if w.name == name)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    """A failing test's report ends with the last lines of the gateway's and each worker's log: the temp dir
+    that holds them is gone by the time anyone reads a CI run's output."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    stack = item.config.stash.get(STACK_KEY, None)
+    if report.failed and stack is not None:
+        for child in [stack.gateway, *stack.workers]:
+            if child is not None:
+                report.sections.append((f"{child.name} log (last {LOG_LINES} lines)", child.tail(LOG_LINES)))
