@@ -94,8 +94,12 @@ async def run(
 ) -> tuple[list[Result], float]:
     """Send Poisson(rate) requests for `duration` seconds; returns the results and the wall time
     from the first send to the last completion. `pick_url` chooses the target per request (random
-    direct); by default the first URL (a gateway) takes everything."""
-    rng = random.Random(seed)
+    direct); by default the first URL (a gateway) takes everything.
+
+    Arrival times, workload draws and URL picks each have their own generator seeded from `seed`,
+    so every target sees the same arrivals and the same requests: with one shared generator, the
+    random-direct row's URL draws shifted its arrivals and it was offered a different load."""
+    arrivals, draws, picks = (random.Random(f"{seed}:{part}") for part in ("arrivals", "draws", "picks"))
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
     timeout = aiohttp.ClientTimeout(total=300)
     results: list[Result] = []
@@ -104,16 +108,16 @@ async def run(
         start = time.perf_counter()
         at = start
         while True:
-            at += rng.expovariate(rate)
+            at += arrivals.expovariate(rate)
             if at - start > duration:
                 break
             delay = at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            url = pick_url(rng, urls) if pick_url is not None else urls[0]
+            url = pick_url(picks, urls) if pick_url is not None else urls[0]
             result = Result(sent=time.perf_counter())
             results.append(result)
-            tasks.append(asyncio.create_task(_one(session, url, make(rng), result)))
+            tasks.append(asyncio.create_task(_one(session, url, make(draws), result)))
         await asyncio.gather(*tasks)
         ends = [r.done or r.sent for r in results]
         return results, (max(ends) - start) if ends else 0.0
