@@ -7,7 +7,9 @@
 
 Counters are compared over windows of at least `WINDOW_S`, so that one scrape's jitter (a request counted in
 one counter and not yet in the other) does not become a rate; each window's figure moves an exponential
-average. A counter that goes back means the engine restarted: the window starts again.
+average. A counter that goes back means the engine restarted: the window starts again. The computed tokens
+behind the prefill figure are counted too: the cost model trusts a backend's own figure only as far as
+that evidence goes (cost_model.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ MIN_TOKENS = 64  # computed prompt tokens a window needs before it says anything
 class EngineRates:
     prefill: float | None = None  # seconds per computed prompt token
     departures: float | None = None  # requests finished per second
+    prefill_tokens: float = 0.0  # computed prompt tokens the prefill figure was learned from
     _start: EngineSample | None = None
 
     def learn(self, sample: EngineSample) -> None:
@@ -41,6 +44,7 @@ class EngineRates:
         prefill = sample.prefill_seconds - start.prefill_seconds
         if computed >= MIN_TOKENS and prefill > 0:
             self.prefill = _average(self.prefill, prefill / computed)
+            self.prefill_tokens += computed
         finished = sample.finished - start.finished
         if finished > 0 or sample.waiting > 0:  # an idle engine says nothing about how fast it drains
             self.departures = _average(self.departures, finished / seconds)

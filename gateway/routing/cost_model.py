@@ -6,7 +6,11 @@
 
 The per-token prefill cost and the engine's departure rate are learned from each backend's scraped counters
 (fleet/engine_rates.py); a backend that has not shown its own yet borrows the mean of the model's other
-backends, and only a fleet that has shown nothing uses the configured prior. The queue wait is the engine's
+backends, and only a fleet that has shown nothing uses the configured prior. A backend's own prefill figure
+is shrunk toward that mean by how little evidence is behind it (EVIDENCE_TOKENS): the first windows of
+identical engines measure 20% apart by chance (a request's prefill lands on a decode step or not), and at
+light load the one that happened to measure fastest would otherwise win every pick its bounded load allows;
+a truly slower engine still shows as slower within a few tens of thousands of its tokens. The queue wait is the engine's
 queue over its departure rate (Little's law); a backend whose scrape is stale or missing is assumed to have
 the longest queue among those with a fresh one: unknown load is never mistaken for idle.
 """
@@ -16,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gateway.fleet.registry import Backend, EngineSample
+
+EVIDENCE_TOKENS = 20_000  # computed prompt tokens after which a backend's own prefill figure weighs half
 
 
 class CostModel:
@@ -49,7 +55,12 @@ class CostModel:
         costs = []
         for backend, tokens, sample in zip(candidates, uncached, samples, strict=True):
             rates = backend.rates
-            rate = rates.prefill or fallback
+            own = rates.prefill
+            if own is None:
+                rate = fallback
+            else:
+                seen = rates.prefill_tokens
+                rate = fallback + (own - fallback) * seen / (seen + EVIDENCE_TOKENS)
             waiting = worst if sample is None else sample.waiting
             departures = rates.departures
             if waiting <= 0:

@@ -209,6 +209,31 @@ def test_unique_prompts_spread_evenly_over_engines_whose_measured_speeds_differ_
     assert max(counts.values()) <= 1.25 * 800 / 8, counts
 
 
+def test_first_measurements_apart_by_chance_do_not_make_a_favourite_at_light_load() -> None:
+    """An engine's first windows measure its prefill 20% off by chance: one backend measured that much faster
+    on little evidence must not take every unique prompt its bounded load allows while the others idle."""
+    backends = fleet(8)
+    for number, backend in enumerate(backends):
+        fast = number == 3
+        backend.rates = EngineRates(prefill=0.00012 if fast else 0.00015, departures=2.0, prefill_tokens=2_000)
+    pick = policy()
+    requests = (with_tokens(tokens(20 * BS, seed=30_000 + i)) for i in range(800))
+    counts = spread(pick, backends, requests, in_flight=3)
+    assert max(counts.values()) <= 1.25 * 800 / 8, counts
+
+
+def test_an_engine_shown_slower_on_plenty_of_evidence_gets_fewer_requests() -> None:
+    """Shrinking toward the fleet's mean must not hide a truly slower engine (an older GPU) for long."""
+    backends = fleet(4)
+    for number, backend in enumerate(backends):
+        slow = number == 0
+        backend.rates = EngineRates(prefill=0.0006 if slow else 0.0002, departures=2.0, prefill_tokens=500_000)
+    pick = policy()
+    requests = (with_tokens(tokens(20 * BS, seed=40_000 + i)) for i in range(400))
+    counts = spread(pick, backends, requests, in_flight=2)
+    assert counts[backends[0].url] < min(counts[b.url] for b in backends[1:]) / 2, counts
+
+
 def live_fleet(caches: PrefixCaches, n: int = 4) -> list[Backend]:
     """Backends whose engines have announced some unrelated blocks: live, with their block size known."""
     backends = fleet(n)
