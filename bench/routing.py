@@ -379,6 +379,7 @@ class Row:
     wall: float
     hit_rate: float
     max_share: float
+    cold_share: float  # requests that had under half of their prompt sent before in this run
 
     @property
     def ok(self) -> list[Result]:
@@ -410,18 +411,59 @@ def quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+class ColdCounter:
+    """How many prompts had under half of their 256-character blocks (chained, from the start) sent before.
+
+    When more than a tenth of a row's requests are that cold, its TTFT p90 includes a mostly uncached
+    prefill whatever the router does: the goals print this share beside a missed TTFT ratio."""
+
+    BLOCK = 256
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self.cold = 0
+        self.total = 0
+
+    def count(self, body: dict[str, object]) -> None:
+        messages = body.get("messages")
+        prompt = (
+            "".join(str(m.get("content", "")) for m in messages)
+            if isinstance(messages, list)
+            else str(body.get("prompt", ""))
+        )
+        keys, key = [], hash(str(body.get("model")))
+        for start in range(0, len(prompt), self.BLOCK):
+            key = hash((key, prompt[start : start + self.BLOCK]))
+            keys.append(key)
+        held = next((i for i, k in enumerate(keys) if k not in self.seen), len(keys))
+        self.seen.update(keys)
+        self.total += 1
+        self.cold += held * 2 < len(keys)
+
+    @property
+    def share(self) -> float:
+        return self.cold / self.total if self.total else 0.0
+
+
 def measure(workload: Workload, system: str, urls: list[str], target: str | None, rate: float, duration: float,
             seed: int) -> Row:  # fmt: skip
     before = counters(urls)
     pick = None if target is not None else (lambda rng, options: rng.choice(options))
-    results, wall = asyncio.run(run([target] if target else urls, workload.make, rate, duration, seed, pick))
+    cold = ColdCounter()
+
+    def make(rng: random.Random) -> Request:
+        request = workload.make(rng)
+        cold.count(request.body)
+        return request
+
+    results, wall = asyncio.run(run([target] if target else urls, make, rate, duration, seed, pick))
     after = counters(urls)
     delta = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before, strict=True)]
     queries = sum(d["vllm:prefix_cache_queries_total"] for d in delta)
     hits = sum(d["vllm:prefix_cache_hits_total"] for d in delta)
     served = [d["vllm:request_success_total"] for d in delta]
     share = max(served) / (sum(served) / len(served)) if sum(served) else float("nan")
-    return Row(workload.name, system, rate, results, wall, hits / queries if queries else 0.0, share)
+    return Row(workload.name, system, rate, results, wall, hits / queries if queries else 0.0, share, cold.share)
 
 
 @dataclass
@@ -555,8 +597,11 @@ def goals(plan: Plan) -> str:
             if base is None or name == "lora":
                 continue
             ratio = ours.ttft(0.9) / base.ttft(0.9) if base.ttft(0.9) else float("nan")
+            best = min((r for r in plan.rows if r.workload == name and r.rate == ours.rate), key=lambda r: r.ttft(0.9))
+            floor = (f"; {100 * ours.cold_share:.0f}% of requests cold, best row {best.system} {best.ttft(0.9):.2f}s"
+                     if ratio > 0.5 else "")  # fmt: skip
             check(f"{name} @ {ours.rate:g}/s: TTFT p90 <= 0.5x random direct", ratio <= 0.5,
-                  f"{ours.ttft(0.9):.2f}s vs {base.ttft(0.9):.2f}s = {ratio:.2f}x")  # fmt: skip
+                  f"{ours.ttft(0.9):.2f}s vs {base.ttft(0.9):.2f}s = {ratio:.2f}x{floor}")  # fmt: skip
             check(f"{name} @ {ours.rate:g}/s: throughput >= random direct", ours.throughput >= 0.98 * base.throughput,
                   f"{ours.throughput:.1f} vs {base.throughput:.1f} req/s")  # fmt: skip
     for (name, system), (count, share) in plan.predictions.items():
@@ -624,7 +669,7 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-RATES = {"shared_prefix": [15, 30, 45, 60], "sessions": [20, 40], "unique": [30], "lora": [15, 25, 35],
+RATES = {"shared_prefix": [15, 30, 45, 60], "sessions": [20, 40], "unique": [15, 30], "lora": [15, 25, 35],
          "tight_groups": [16, 24, 32], "chats": [32, 48, 64], "mixed": [24, 36, 48]}  # fmt: skip
 QUICK_RATES = {"shared_prefix": [30, 45], "sessions": [40], "unique": [30], "lora": [25], "tight_groups": [24],
                "chats": [48], "mixed": [36]}  # fmt: skip
