@@ -104,6 +104,11 @@ class GatewayApp(Starlette):
         self.settings = settings
         self.lifecycle = lifecycle
 
+    @property
+    def fast_routes(self) -> Mapping[str, ASGIApp]:
+        """The proxied POST routes by path: the gateway's server (gateway/http/) dispatches them itself."""
+        return self._fast_routes
+
     def add_middleware(self, *args: Any, **kwargs: Any) -> NoReturn:
         self._refuse_middleware()
 

@@ -14,9 +14,9 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.errors import ConfigError
+from gateway.http.protocol import protocol_class
 from gateway.lifecycle import Lifecycle
 from gateway.proxy.access_log import LOGGER, StreamAccessLog
-from gateway.proxy.client_protocol import with_header_timeout
 from gateway.settings import load_settings
 
 # Each proxied request allocates a few hundred container objects, so CPython's default collector (a young
@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=with_header_timeout(settings.limits.header_timeout),
+        http=protocol_class(
+            settings.limits.header_timeout, settings.limits.max_header_count, settings.limits.max_header_bytes
+        ),
         lifespan="on",
         access_log=False,  # the gateway writes its own JSON access log (switchyard.access)
         proxy_headers=False,  # trust no X-Forwarded-For by default; the peer address is the client

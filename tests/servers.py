@@ -20,6 +20,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.fleet.registry import Registry
+from gateway.http.protocol import protocol_class
 from gateway.settings import load_settings
 from worker.procs import free_port_block
 
@@ -135,7 +136,7 @@ def sim(model: str, *extra: str, count: int = 1, fast: bool = True) -> SimProces
 class ThreadedServer:
     """An ASGI app under a real uvicorn (httptools, uvloop) in a background thread, on a loopback port."""
 
-    def __init__(self, app: Any, port: int | None = None) -> None:
+    def __init__(self, app: Any, port: int | None = None, http: Any = "httptools") -> None:
         self.port = port or free_port()
         self.app = app
         self._server = uvicorn.Server(
@@ -144,7 +145,7 @@ class ThreadedServer:
                 host="127.0.0.1",
                 port=self.port,
                 loop="uvloop",
-                http="httptools",
+                http=http,
                 lifespan="on",
                 access_log=False,
                 log_level="warning",
@@ -167,10 +168,19 @@ class ThreadedServer:
 
 
 class GatewayServer(ThreadedServer):
-    """create_app(settings) served for real; tests may read its registry."""
+    """create_app(settings) served for real, by the gateway's own server protocol as `python -m gateway` serves
+    it (`asgi_server=True`: by uvicorn's, as an app embedded in another ASGI server is); tests may read its
+    registry."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__(create_app(load_settings(None, **config)))
+    def __init__(self, config: dict[str, Any], asgi_server: bool = False) -> None:
+        settings = load_settings(None, **config)
+        limits = settings.limits
+        http = (
+            "httptools"
+            if asgi_server
+            else protocol_class(limits.header_timeout, limits.max_header_count, limits.max_header_bytes)
+        )
+        super().__init__(create_app(settings), http=http)
 
     @property
     def registry(self) -> Registry:
@@ -182,6 +192,6 @@ class GatewayServer(ThreadedServer):
         return self
 
 
-def gateway(*backends: str, **config: Any) -> GatewayServer:
+def gateway(*backends: str, asgi_server: bool = False, **config: Any) -> GatewayServer:
     config.setdefault("model_refresh_interval", 0.2)
-    return GatewayServer({"backends": [{"url": url} for url in backends], **config})
+    return GatewayServer({"backends": [{"url": url} for url in backends], **config}, asgi_server=asgi_server)

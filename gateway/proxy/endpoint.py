@@ -63,7 +63,7 @@ class Proxy:
     async def _forward(self, exchange: Exchange) -> None:
         task = asyncio.current_task()
         assert task is not None
-        watch = exchange.watch = DisconnectWatch(exchange.receive, task)
+        watch = exchange.watch = DisconnectWatch(exchange.scope, exchange.receive, task)
         try:
             await self._attempts.run(exchange)
         except asyncio.CancelledError:

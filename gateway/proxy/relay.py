@@ -25,6 +25,8 @@ from gateway.proxy.upstream import UpstreamResponse
 from gateway.proxy.usage import UsageChunkFilter
 
 SSE = b"text/event-stream"
+# An empty body chunk: sends a head the server holds for the body that follows it (gateway/http/cycle.py).
+HEAD_ONLY = {"type": "http.response.body", "body": b"", "more_body": True}
 
 # Finds the continuation of a failed stream: (its response, its backend), or None to end the stream.
 Takeover = Callable[[UpstreamError, Backend, FailoverStream], Awaitable[tuple[UpstreamResponse, Backend] | None]]
@@ -50,13 +52,15 @@ class Relay:
         stream_filter: StreamFilter | None = stream or (UsageChunkFilter() if hide_usage else None)
         # A rewritten body is not as long as the backend declared.
         drop = DROP_RESPONSE_HEADERS_AND_LENGTH if stream_filter is not None else DROP_RESPONSE_HEADERS
-        headers = [(name, value) for name, value in response.raw_headers if name.lower() not in drop]
+        headers = [(name, value) for name, value in response.raw_headers if name not in drop]  # names in lower case
         headers.append((b"x-request-id", outcome.request_id))
         headers += outcome.extra_headers
         observer = ChunkObserver(is_sse, stream_filter, outcome.started, self._metrics.model_series(exchange.label).itl)
         learn_response_id = exchange.route == RESPONSES_ROUTE and response.status == 200
         try:
             await exchange.send({"type": "http.response.start", "status": response.status, "headers": headers})
+            if not response.ready():  # nothing to send with the head: it goes now, not with the first chunk
+                await exchange.send(HEAD_ONLY)
             failure = await self._copy(exchange, response, observer, learn_response_id, backend, stream)
             while failure is not None:
                 self._count_failure(exchange, failure, backend)

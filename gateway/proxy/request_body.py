@@ -15,9 +15,8 @@ import orjson
 from starlette.types import Receive, Scope
 
 from gateway.errors import BodyTimeout, ClientDisconnected, InvalidRequest, PayloadTooLarge
+from gateway.http.cycle import BODY_RECEIVED
 from gateway.proxy.headers import header
-
-BODY_RECEIVED = "switchyard.body_received"  # scope key: the server had the whole body before the app started
 
 
 class BodyKind(Enum):

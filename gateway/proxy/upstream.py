@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from gateway.errors import BadResponse, BodyBroken, ConnectFailed, HeadTimeout, IdleTimeout, UpstreamError
+from gateway.http.deadline import Deadline
 
 HIGH_WATER = 256 * 1024  # buffered response bytes at which reading from the backend pauses
 MAX_IDLE_PER_ORIGIN = 512  # idle keep-alive connections kept per backend; more are closed when released
@@ -116,14 +117,15 @@ class UpstreamPool:
         if origin.secure:
             tls = self._tls = self._tls or ssl.create_default_context()
         made: list[_Connection] = []
+        loop = asyncio.get_running_loop()
 
         def protocol() -> _Connection:
-            made.append(_Connection(self, origin))
+            made.append(_Connection(self, origin, loop))
             return made[-1]
 
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, connection = await asyncio.get_running_loop().create_connection(
+                _, connection = await loop.create_connection(
                     protocol,
                     origin.host,
                     origin.port,
@@ -150,7 +152,7 @@ class UpstreamPool:
         if self._closed or len(origin.idle) >= MAX_IDLE_PER_ORIGIN:
             return False
         origin.idle.append(connection)
-        connection.idle_timer = asyncio.get_running_loop().call_later(self._keepalive, connection.expire)
+        connection.park(self._keepalive)
         return True
 
     def closed(self, origin: Origin) -> None:
@@ -204,13 +206,15 @@ class UpstreamResponse:
         "_idle_timer",
         "_waiter",
         "complete",
+        "content_type",
         "raw_headers",
         "status",
     )
 
     def __init__(self, connection: _Connection, head: asyncio.Future[None]) -> None:
         self.status = 0
-        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.raw_headers: list[tuple[bytes, bytes]] = []  # names in lower case
+        self.content_type = b""  # the media type, lower case and without parameters (b"" when absent)
         self.complete = False  # the backend sent the whole body
         self._connection: _Connection | None = connection  # until complete or closed
         self._head = head
@@ -224,13 +228,9 @@ class UpstreamResponse:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_deadline = 0.0
 
-    @property
-    def content_type(self) -> bytes:
-        """The media type, lower case and without parameters (b"" when absent)."""
-        for name, value in self.raw_headers:
-            if name.lower() == b"content-type":
-                return value.partition(b";")[0].strip().lower()
-        return b""
+    def ready(self) -> bool:
+        """Body bytes, or the body's end, are here: reading now does not wait."""
+        return bool(self._buffer) or self.complete or self._error is not None
 
     def at_eof(self) -> bool:
         return self.complete and not self._buffer
@@ -323,38 +323,58 @@ class UpstreamResponse:
 
 
 class _Connection(asyncio.Protocol):
-    """One TCP connection to a backend, carrying one request at a time."""
+    """One TCP connection to a backend, carrying one request at a time.
 
-    def __init__(self, pool: UpstreamPool, origin: Origin) -> None:
+    One deadline (http/deadline.py) serves both of its limits: the response head due `head_timeout` after the
+    request went out, and, idle in the pool, the end of its keep-alive."""
+
+    def __init__(self, pool: UpstreamPool, origin: Origin, loop: asyncio.AbstractEventLoop) -> None:
         self._pool = pool
         self._origin = origin
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self._response: UpstreamResponse | None = None
         self._received = False  # a byte of the current response arrived
-        self._framed = True  # the current response's body has a length or chunks (else it ends at close)
+        self._framed = False  # the current response's body has a length or chunks (else it ends at close)
         self._bodiless = False  # the current request is HEAD
         self._paused = False
         self._closed = False
         self._counted = True  # in the origin's `open` count (made by the pool before connecting)
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self._loop = loop
+        self._deadline = Deadline(loop, self._deadline_passed)
+        self._head_timeout = 0.0
+        self._parked = False  # idle in its origin's list
 
     # The pool's side.
+    def park(self, keepalive: float) -> None:
+        """Idle in the pool, for at most `keepalive` seconds."""
+        self._parked = True
+        self._deadline.after(keepalive)
+
     def take(self) -> bool:
         """Leave the idle list for a request; False when the connection is no longer usable."""
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        self._parked = False
+        self._deadline.clear()
         return not self._closed and self._transport is not None and not self._transport.is_closing()
 
     def expire(self) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()  # a no-op when the timer itself called
-            self.idle_timer = None
-        idle = self._origin.idle
-        if self in idle:
-            idle.remove(self)
+        self._deadline.cancel()
+        if self._parked:
+            self._parked = False
+            idle = self._origin.idle
+            if self in idle:
+                idle.remove(self)
         self.abort()
+
+    def _deadline_passed(self) -> None:
+        response = self._response
+        if response is not None:
+            if not response._head.done():
+                self._response = None
+                self.abort()
+                response._fail(HeadTimeout(self._head_timeout))
+        elif self._parked:
+            self.expire()
 
     async def exchange(self, head: bytes, body: bytes, head_timeout: float, bodiless: bool) -> UpstreamResponse:
         transport = self._transport
@@ -362,8 +382,7 @@ class _Connection(asyncio.Protocol):
         assert self._response is None
         if self._closed:
             raise ConnectFailed("the connection closed before the request went out")
-        loop = asyncio.get_running_loop()
-        started = loop.create_future()
+        started = self._loop.create_future()
         response = UpstreamResponse(self, started)
         self._response = response
         self._received = False
@@ -372,8 +391,8 @@ class _Connection(asyncio.Protocol):
             transport.write(head + body)
         else:
             transport.writelines((head, body))
-        # A timer, not asyncio.timeout(): it costs a fraction as much, and this runs for every request.
-        timer = loop.call_later(head_timeout, self._head_timed_out, response, head_timeout)
+        self._head_timeout = head_timeout
+        self._deadline.after(head_timeout)
         try:
             await started
         except BaseException:
@@ -381,19 +400,11 @@ class _Connection(asyncio.Protocol):
                 self._response = None
                 self.abort()
             raise
-        finally:
-            timer.cancel()
         return response
-
-    def _head_timed_out(self, response: UpstreamResponse, seconds: float) -> None:
-        # The head may have come in while the loop was busy, before exchange() could cancel this timer.
-        if self._response is response and not response._head.done():
-            self._response = None
-            self.abort()
-            response._fail(HeadTimeout(seconds))
 
     def abort(self) -> None:
         self._closed = True
+        self._deadline.cancel()
         if self._transport is not None:
             self._transport.abort()
 
@@ -437,8 +448,11 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.forget()
-        if self.idle_timer is not None:
-            self.expire()
+        self._deadline.cancel()
+        if self._parked:
+            self._parked = False
+            if self in self._origin.idle:
+                self._origin.idle.remove(self)
         response = self._response
         if response is None:
             return
@@ -452,13 +466,20 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        self._framed = False
         if self._response is None:  # a response nobody asked for (extra bytes after the last one)
             self.abort()
 
     # Each callback ignores what comes after abort(): the parser goes on with the bytes it was given.
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._response is not None:
-            self._response.raw_headers.append((name, value))
+        response = self._response
+        if response is not None:
+            name = name.lower()
+            if name == b"content-type":
+                response.content_type = value.partition(b";")[0].strip().lower()
+            elif name == b"content-length" or name == b"transfer-encoding":
+                self._framed = True
+            response.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         response = self._response
@@ -467,11 +488,13 @@ class _Connection(asyncio.Protocol):
         status = self._parser.get_status_code()
         if status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real head follows
             response.raw_headers.clear()
+            response.content_type = b""
+            self._framed = False
             return
         response.status = status
-        self._framed = status in (204, 304) or any(
-            name.lower() in (b"content-length", b"transfer-encoding") for name, _ in response.raw_headers
-        )
+        if status in (204, 304):
+            self._framed = True
+        self._deadline.clear()
         response._head.set_result(None)
         if self._bodiless:
             # The answer to HEAD has no body, whatever its headers say; httptools cannot be told to skip

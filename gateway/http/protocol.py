@@ -1,0 +1,377 @@
+"""The gateway's HTTP/1.1 server protocol, run by uvicorn (`uvicorn.Config(http=protocol_class(...))`).
+
+uvicorn still owns the process: sockets, signals, the lifespan, graceful shutdown. This replaces its
+per-connection protocol, which bench/overhead.py measured at about a quarter of the gateway's CPU per proxied
+request: a general ASGI server validates every response header with two regexes, arms and cancels a keep-alive
+timer per request, builds an asyncio.Event per request, and sends every request of the gateway through the
+Starlette app. Here:
+
+- requests are parsed by httptools, as in uvicorn, into a standard ASGI scope;
+- a POST to a proxied route goes straight to its endpoint (`GatewayApp.fast_routes`); everything else to the
+  app, so any ASGI app runs under this protocol;
+- each connection has one timer (deadline.py) for whichever limit applies: a complete request head within
+  `header_timeout` of connecting or of its first byte (slow clients cannot hold connections open; nginx's
+  client_header_timeout), and `timeout_keep_alive` of idleness between requests;
+- a request head larger than twice the gateway's header limits is refused while it is parsed (431), so that
+  memory stays bounded; the gatekeeper answers the exact limits of proxied requests;
+- pipelined requests are answered in order; a client that leaves cancels nothing itself, but the cycle tells
+  whoever asked (cycle.DISCONNECT), and `receive()` returns http.disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import urllib.parse
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, cast
+
+import httptools
+from starlette.types import ASGIApp, Scope
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from gateway.errors import error_body
+from gateway.http.cycle import BODY_RECEIVED, DISCONNECT, STATUS_LINES, Cycle
+from gateway.http.deadline import Deadline
+
+LOGGER = logging.getLogger("switchyard.http")
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+
+# What the connection is waiting for, and so which of its deadlines applies.
+_HEAD = 0  # a request head (since the connection opened, or since the first byte of the next request)
+_BUSY = 1  # a request is being answered: the app's own limits apply
+_IDLE = 2  # the next request on a kept-alive connection
+
+
+class _Limits:
+    """One server's limits on request heads."""
+
+    __slots__ = ("header_timeout", "max_head_bytes", "max_headers")
+
+    def __init__(self, header_timeout: float, max_header_count: int, max_header_bytes: int) -> None:
+        self.header_timeout = header_timeout
+        self.max_headers = 2 * max_header_count
+        self.max_head_bytes = 2 * max_header_bytes + 16 * 1024  # with the request line
+
+
+class HttpProtocol(asyncio.Protocol):
+    limits = _Limits(30.0, 100, 65536)  # replaced per server by protocol_class()
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        if not config.loaded:
+            config.load()
+        self.loop = _loop or asyncio.get_running_loop()
+        app = cast(ASGIApp, config.loaded_app)
+        self._app = app
+        # Only when the app is the gateway itself: a wrapped app's middleware must see every request.
+        self._fast_routes: Mapping[str, ASGIApp] = getattr(app, "fast_routes", {})
+        self._app_state = app_state
+        self._state = server_state
+        self._root_path = config.root_path
+        self._keep_alive_timeout = float(config.timeout_keep_alive)
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._client: tuple[str, int] | None = None
+        self._server: tuple[str, int] | None = None
+        self._scheme = "http"
+        self._deadline = Deadline(self.loop, self._deadline_passed)
+        self._waiting = _HEAD
+        self._head_begun = False  # the parser is inside a request head
+        # The request being parsed, and the one being answered (the same one unless the client pipelines).
+        self._parsing: Cycle | None = None
+        self._active: Cycle | None = None
+        self._pipeline: deque[tuple[Cycle, ASGIApp]] = deque()
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._expect_continue = False
+        self._read_paused_by: Cycle | None = None  # the request whose unread body paused reading
+        self._pipeline_paused = False
+        self.write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._closed = False
+        self._head_too_large = False
+        self._defaults_from: object = None  # uvicorn's default headers (date, server), as last rendered
+        self._defaults = b""
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self._transport = transport
+        self._state.connections.add(self)  # type: ignore[arg-type]  # uvicorn's set holds its own protocols
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        self._client = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) and len(peer) >= 2 else None
+        self._server = (str(local[0]), int(local[1])) if isinstance(local, tuple) and len(local) >= 2 else None
+        self._scheme = "https" if transport.get_extra_info("sslcontext") else "http"
+        self._deadline.after(self.limits.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiting == _IDLE:
+            # Between requests any byte, even a bare CRLF the parser skips, starts the head's deadline.
+            self._waiting = _HEAD
+            self._deadline.after(self.limits.header_timeout)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # no protocol upgrades here: the request was answered as plain HTTP; the rest is ignored
+        except httptools.HttpParserError as exc:
+            if self._head_too_large:
+                self._refuse(431, "The request head is too large.")
+            else:
+                self._refuse(400, f"Invalid HTTP request: {exc}.")
+
+    def eof_received(self) -> bool:
+        return False  # the client closed its side: close ours (connection_lost follows)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._state.connections.discard(self)
+        self._deadline.cancel()
+        for cycle in (self._active, self._parsing, *(queued for queued, _ in self._pipeline)):
+            if cycle is not None:
+                cycle.lost()
+        self._pipeline.clear()
+        self._resume_writing_waiters()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._resume_writing_waiters()
+
+    # -- httptools callbacks ----------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._head_begun = True
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._expect_continue = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self._expect_continue = True
+        self._headers.append((name, value))
+        self._head_bytes += len(name) + len(value)
+        limits = self.limits
+        if len(self._headers) > limits.max_headers or self._head_bytes > limits.max_head_bytes:
+            self._head_too_large = True
+            raise ValueError("request head too large")  # the parser stops; data_received answers 431
+
+    def on_headers_complete(self) -> None:
+        self._head_begun = False
+        if self._waiting == _HEAD:
+            self._waiting = _BUSY
+            self._deadline.clear()
+        parser = self._parser
+        method = parser.get_method().decode("ascii")
+        http_version = parser.get_http_version()
+        url = httptools.parse_url(self._url)
+        raw_path = url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        root = self._root_path
+        scope: Scope = {
+            "type": "http",
+            "asgi": _ASGI,
+            "http_version": http_version,
+            "server": self._server,
+            "client": self._client,
+            "scheme": self._scheme,
+            "method": method,
+            "root_path": root,
+            "path": root + path,
+            "raw_path": root.encode("ascii") + raw_path if root else raw_path,
+            "query_string": url.query or b"",
+            "headers": self._headers,
+            "state": self._app_state.copy(),
+        }
+        app = self._fast_routes.get(path) if method == "POST" else None
+        fast = app is not None
+        if app is None:
+            app = self._app
+        cycle = Cycle(
+            self,
+            scope,
+            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+            expect_continue=self._expect_continue,
+            proxied=fast,
+        )
+        scope["extensions"] = {DISCONNECT: cycle}
+        self._parsing = cycle
+        if self._active is None:
+            self._start(cycle, app)
+        else:  # pipelined: answered after the ones before it
+            self._pipeline.append((cycle, app))
+            self._pause_reading_for_pipeline()
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self._parsing
+        if cycle is not None and not cycle.response_complete:
+            cycle.feed_body(body)
+
+    def on_message_complete(self) -> None:
+        cycle = self._parsing
+        if cycle is not None:
+            cycle.scope[BODY_RECEIVED] = True  # the whole body is here: the proxy reads it without a timer
+            cycle.end_body()
+
+    # -- the cycles' side -------------------------------------------------------------------------------
+
+    def _start(self, cycle: Cycle, app: ASGIApp) -> None:
+        self._active = cycle
+        task = self.loop.create_task(cycle.run(app))
+        tasks = self._state.tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def write(self, data: bytes) -> None:
+        if not self._closed:
+            assert self._transport is not None
+            self._transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        if not self._closed:
+            assert self._transport is not None
+            self._transport.writelines(parts)
+
+    def default_headers(self) -> bytes:
+        """uvicorn's default response headers (date, server), rendered once for each time it renews them."""
+        headers = self._state.default_headers
+        if headers is not self._defaults_from:
+            self._defaults = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+            self._defaults_from = headers
+        return self._defaults
+
+    async def drain(self) -> None:
+        if not self.write_paused or self._closed:
+            return
+        if self._drain is None:
+            self._drain = self.loop.create_future()
+        await asyncio.shield(self._drain)
+
+    def _resume_writing_waiters(self) -> None:
+        drain = self._drain
+        if drain is not None:
+            self._drain = None
+            if not drain.done():
+                drain.set_result(None)
+
+    def pause_reading_for(self, cycle: Cycle) -> None:
+        if self._read_paused_by is None and not self._closed:
+            self._read_paused_by = cycle
+            self._pause_reading()
+
+    def resume_reading_for(self, cycle: Cycle) -> None:
+        if self._read_paused_by is cycle:
+            self._read_paused_by = None
+            self._resume_reading()
+
+    def response_done(self, cycle: Cycle) -> None:
+        """The response's last byte is written: the next request may be answered."""
+        self._state.total_requests += 1
+        if cycle is not self._active:
+            return
+        self._active = None
+        if self._read_paused_by is cycle:
+            self._read_paused_by = None
+            self._resume_reading()
+        if self._closed:
+            return
+        if not cycle.keep_alive:
+            self._close()
+            return
+        if self._pipeline:
+            self._start(*self._pipeline.popleft())
+            if not self._pipeline and self._pipeline_paused:
+                self._pipeline_paused = False
+                self._resume_reading()
+            return
+        if self._head_begun:  # the client pipelined part of its next head: its deadline runs from now
+            self._waiting = _HEAD
+            self._deadline.after(self.limits.header_timeout)
+        else:
+            self._waiting = _IDLE
+            self._deadline.after(self._keep_alive_timeout)
+
+    def abort_response(self, cycle: Cycle) -> None:
+        """The response cannot be completed: close the connection, so the client cannot take it as whole."""
+        cycle.keep_alive = False
+        if self._transport is not None and not self._closed:
+            self._transport.close()
+
+    # -- uvicorn's server ---------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Graceful shutdown: an idle connection closes now, a busy one after its response."""
+        active = self._active
+        if active is None:
+            self._close()
+            return
+        active.keep_alive = False
+        for queued, _ in self._pipeline:
+            queued.keep_alive = False
+
+    # -- internals ------------------------------------------------------------------------------------------
+
+    def _deadline_passed(self) -> None:
+        if self._waiting != _BUSY:
+            self._close()
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer bytes that are not a request we can take, then close. A request whose own body broke is given
+        up (its app sees the client leave); one answered before the broken one finishes first."""
+        LOGGER.warning("refused a request: %s", message)
+        active = self._active
+        if active is not None:
+            active.keep_alive = False
+            self._pause_reading()
+            if active is self._parsing and active.more_body:
+                active.lost()
+                self._close()
+            return
+        body = error_body(message, "invalid_request_error", None, None)
+        head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+        self.write(STATUS_LINES[status] + head + body)
+        self._close()
+
+    def _close(self) -> None:
+        if self._transport is not None and not self._closed and not self._transport.is_closing():
+            self._transport.close()
+
+    def _pause_reading(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        transport = self._transport
+        if transport is not None and not self._closed and self._read_paused_by is None and not self._pipeline_paused:
+            transport.resume_reading()
+
+    def _pause_reading_for_pipeline(self) -> None:
+        if not self._pipeline_paused:
+            self._pipeline_paused = True
+            self._pause_reading()
+
+
+def protocol_class(header_timeout: float, max_header_count: int, max_header_bytes: int) -> type[HttpProtocol]:
+    """The protocol class for one server's `uvicorn.Config(http=...)`, with that server's limits."""
+    limits = _Limits(header_timeout, max_header_count, max_header_bytes)
+    return type("HttpProtocol", (HttpProtocol,), {"limits": limits})
