@@ -3,9 +3,9 @@
 The response's head is held until its first body bytes, so that a small answer's head and body leave in one
 write (one syscall, one TCP segment). An app's head sent alone goes out at the end of the loop iteration it was
 sent in; a proxied route's waits for its next send (the relay sends an empty chunk when the backend has no body
-bytes yet), which saves a loop callback per request. A chunk of a stream is framed and written at once. Writing waits while
-the client is slow (the transport's flow control), and reading the request body pauses while the app has not
-taken what came.
+bytes yet), which saves a loop callback per request. A chunk of a stream is framed and written at once. Writing
+waits while the client is slow (the transport's flow control), and reading the request body pauses while the
+app has not taken what came.
 
 ASGI extension: `scope["extensions"][DISCONNECT]` is the cycle, whose `on_disconnect(callback)` calls back
 synchronously when the client leaves before the response is complete, so the proxy cancels its upstream
@@ -58,8 +58,8 @@ class Cycle:
         "_head",
         "_on_disconnect",
         "_protocol",
-        "_remaining",
         "_proxied",
+        "_remaining",
         "_waiter",
         "body",
         "body_size",

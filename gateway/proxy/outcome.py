@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import orjson
+from time import time
 
 from gateway.metrics import NO_MODEL, Metrics
 from gateway.proxy.access_log import AccessLog
@@ -32,7 +31,7 @@ class Outcome:
 
 
 class Recorder:
-    """Turns a finished request's Outcome into metrics and one JSON access-log line."""
+    """Turns a finished request's Outcome into metrics and one access-log entry (a JSON line)."""
 
     def __init__(self, metrics: Metrics, access_log: AccessLog | None) -> None:
         self._metrics = metrics
@@ -55,24 +54,23 @@ class Recorder:
         if (predicted is not None or reported is not None) and outcome.backend is not None:
             metrics.record_cached_tokens(model, outcome.backend, predicted, reported)
         log = self._log
-        if log is not None and log.enabled():
+        if log is not None:
             usage = outcome.usage
             log.write(
-                orjson.dumps(
-                    {
-                        "request_id": outcome.request_id.decode("latin-1"),
-                        "route": route,
-                        "model": model,
-                        "backend": outcome.backend,
-                        "status": outcome.status,
-                        "duration_ms": round(seconds * 1000, 3),
-                        "ttft_ms": None if outcome.ttft is None else round(outcome.ttft * 1000, 3),
-                        "prompt_tokens": usage.prompt_tokens if usage else None,
-                        "completion_tokens": usage.completion_tokens if usage else None,
-                        "retries": outcome.retries,
-                        "failovers": outcome.failovers,
-                        "cached_tokens_predicted": predicted,
-                        "cached_tokens_reported": reported,
-                    }
+                (
+                    time(),
+                    outcome.request_id,
+                    route,
+                    model,
+                    outcome.backend,
+                    outcome.status,
+                    seconds,
+                    outcome.ttft,
+                    usage.prompt_tokens if usage else None,
+                    usage.completion_tokens if usage else None,
+                    outcome.retries,
+                    outcome.failovers,
+                    predicted,
+                    reported,
                 )
             )
