@@ -204,11 +204,14 @@ class Cycle:
         length = -1
         chunked = False
         close = False
-        validate = not self._proxied
+        proxied = self._proxied
         for name, value in headers:
-            if validate and (_HEADER_NAME.search(name) or _HEADER_VALUE.search(value)):
+            if proxied:
+                lower = name  # the proxy's header names are lower case already (upstream.py, its own)
+            elif _HEADER_NAME.search(name) or _HEADER_VALUE.search(value):
                 raise RuntimeError(f"invalid response header {name!r}")
-            lower = name.lower()
+            else:
+                lower = name.lower()
             if lower == b"content-length":
                 length = int(value)
             elif lower == b"transfer-encoding":

@@ -10,6 +10,9 @@ import httpx
 import openai
 import pytest
 
+from gateway.errors import Unauthorized
+from gateway.settings import AuthSettings
+from gateway.tenancy.auth import KeyRing
 from tests.gateway.echo_upstream import echo_app, forwarded_headers
 from tests.servers import GatewayServer, ThreadedServer, gateway
 
@@ -123,3 +126,31 @@ def test_header_and_depth_limits() -> None:
         assert "deeper than 8" in response.json()["error"]["message"]
         flat_but_many = {"model": "m", "prompt": [[1], [2], [3], [4], [5], [6], [7], [8], [9], [10]]}
         assert httpx.post(gw.url + "/v1/completions", json=flat_but_many).status_code == 200
+
+
+def key_ring() -> KeyRing:
+    return KeyRing(AuthSettings.model_validate({"keys": [{"name": k["name"], "key": k["key"]} for k in KEYS]}))
+
+
+def scope_with(value: bytes) -> dict[str, object]:
+    return {"headers": [(b"host", b"gw"), (b"authorization", value)]}
+
+
+def test_a_key_is_known_in_any_spelling_of_its_header_and_a_guess_is_not() -> None:
+    ring = key_ring()
+    for value in (b"Bearer sk-ops-0123456789", b"bearer sk-ops-0123456789", b"Bearer  sk-ops-0123456789 "):
+        for _ in range(2):  # the second time from what the first one learned
+            assert ring.authenticate(scope_with(value)).name == "ops"
+    for value in (b"Bearer sk-ops-012345678", b"Basic sk-ops-0123456789", b"sk-ops-0123456789", b"Bearer "):
+        for _ in range(2):
+            with pytest.raises(Unauthorized):
+                ring.authenticate(scope_with(value))
+
+
+def test_guesses_leave_nothing_behind() -> None:
+    ring = key_ring()
+    ring.authenticate(scope_with(b"Bearer sk-team-a-0123456789"))
+    for guess in range(10_000):
+        with pytest.raises(Unauthorized):
+            ring.authenticate(scope_with(b"Bearer sk-guess-%d" % guess))
+    assert len(ring._known) == 1  # only the header value that authenticated is remembered
