@@ -98,7 +98,8 @@ class Cycle:
 
     # -- the protocol's side ----------------------------------------------------------------------------
 
-    async def run(self, app: ASGIApp) -> None:
+    async def run(self, app: ASGIApp, tasks: set[asyncio.Task[None]]) -> None:
+        """Answer the request with `app`; then leave `tasks`, the server's set of running requests."""
         try:
             await app(self.scope, self.receive, self.send)
         except AnswerTruncated:
@@ -121,6 +122,9 @@ class Cycle:
                 self._protocol.abort_response(self)
         finally:
             self._on_disconnect = None
+            task = asyncio.current_task(self._protocol.loop)
+            if task is not None:
+                tasks.discard(task)
 
     def feed_body(self, data: bytes) -> None:
         self.body.append(data)

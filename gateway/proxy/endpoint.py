@@ -22,7 +22,7 @@ from gateway.proxy.attempts import Attempts
 from gateway.proxy.disconnect import DisconnectWatch
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.gatekeeper import Gatekeeper
-from gateway.proxy.headers import request_id
+from gateway.proxy.headers import RequestIds
 from gateway.proxy.outcome import Outcome, Recorder
 from gateway.proxy.request_body import BodyKind
 from gateway.tracing import Tracing, end_server_span
@@ -37,9 +37,13 @@ class Proxy:
         self._attempts = attempts
         self._recorder = recorder
         self._tracing = tracing
+        self._ids = RequestIds()
+        # Built in the lifespan, so on its loop: asyncio.current_task() without a loop asks the interpreter for
+        # the running one, which checks the process id with a syscall.
+        self._loop = asyncio.get_running_loop()
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, route: str, kind: BodyKind) -> None:
-        exchange = Exchange(scope, receive, send, route, kind, Outcome(request_id(scope), perf_counter()))
+        exchange = Exchange(scope, receive, send, route, kind, Outcome(self._ids.of(scope), perf_counter()))
         outcome = exchange.outcome
         if self._tracing.tracer is not None:
             exchange.span = self._tracing.server_span(route, scope["method"], scope["path"], scope["headers"])
@@ -61,7 +65,7 @@ class Proxy:
                 end_server_span(exchange.span, exchange)
 
     async def _forward(self, exchange: Exchange) -> None:
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)
         assert task is not None
         watch = exchange.watch = DisconnectWatch(exchange.scope, exchange.receive, task)
         try:

@@ -51,11 +51,23 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-def request_id(scope: Scope) -> bytes:
-    given = header(scope, b"x-request-id")
-    if given is not None and REQUEST_ID.fullmatch(given):
-        return given
-    return os.urandom(16).hex().encode()
+class RequestIds:
+    """Each request's id: the client's `X-Request-Id` when it is printable (up to 200 characters), else 32 hex
+    digits unique to this process start (a random prefix) and to the request (a counter). A random id per
+    request cost a getrandom syscall; ids only correlate log lines and traces, so they need not be unguessable."""
+
+    __slots__ = ("_count", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex().encode()
+        self._count = 0
+
+    def of(self, scope: Scope) -> bytes:
+        given = header(scope, b"x-request-id")
+        if given is not None and REQUEST_ID.fullmatch(given):
+            return given
+        self._count += 1
+        return b"%s%016x" % (self._prefix, self._count)
 
 
 def client_host(scope: Scope) -> str:

@@ -380,3 +380,15 @@ def test_a_fast_route_is_only_a_post(server: Server) -> None:
     with server.connect() as sock:
         sock.sendall(request("GET", "/fast"))
         assert Reader(sock).response()[0] == 404  # the app's routing, not the fast route's
+
+
+def test_answered_requests_leave_the_servers_task_set(server: Server) -> None:
+    before = set(server.server.server_state.tasks)  # other tests' apps may still be running
+    with server.connect() as sock:
+        reader = Reader(sock)
+        for _ in range(5):
+            sock.sendall(request("POST", "/echo", b"x"))
+            reader.response()
+        sock.sendall(request("GET", "/boom"))
+        reader.response()
+    wait_until(lambda: server.server.server_state.tasks <= before, 2, what="the answered requests to leave the set")
