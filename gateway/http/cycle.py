@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -178,10 +178,19 @@ class Cycle:
             finally:
                 self._waiter = None
 
-    async def send(self, message: Message) -> None:
-        protocol = self._protocol
-        if protocol.write_paused and not self.disconnected:
-            await protocol.drain()
+    def send(self, message: Message) -> Awaitable[None]:
+        """ASGI's send. Written at once unless the client is slow: the awaitable returned is then the wait for
+        it (not a coroutine per message, which cost more than writing a small chunk)."""
+        if self._protocol.write_paused and not self.disconnected:
+            return self._send_when_drained(message)
+        self._write_message(message)
+        return self._protocol.written
+
+    async def _send_when_drained(self, message: Message) -> None:
+        await self._protocol.drain()
+        self._write_message(message)
+
+    def _write_message(self, message: Message) -> None:
         if self.disconnected:
             return
         if not self.response_started:

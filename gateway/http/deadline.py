@@ -39,7 +39,9 @@ class Deadline:
 
     def after(self, seconds: float) -> None:
         """Call back `seconds` from now."""
-        self.at(self._loop.time() + seconds)
+        when = self.when = self._loop.time() + seconds
+        if self._timer is None or when < self._timer_at - _SLACK:  # at(), inlined: this runs twice a request
+            self.at(when)
 
     def clear(self) -> None:
         """No deadline for now (an armed timer that fires finds none and stops)."""

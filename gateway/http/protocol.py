@@ -97,6 +97,8 @@ class HttpProtocol(asyncio.Protocol):
         self._pipeline_paused = False
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self.written: asyncio.Future[None] = self.loop.create_future()  # what a send that did not wait returns
+        self.written.set_result(None)
         self._closed = False
         self._head_too_large = False
         self._defaults_from: object = None  # uvicorn's default headers (date, server), as last rendered

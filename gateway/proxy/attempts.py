@@ -135,7 +135,9 @@ class Attempts:
             continuations = None
             try:
                 try:
-                    response = await self._open(backend, method, target, held.headers(headers), body)
+                    response = await self._pool.request(
+                        backend.url, method, target, held.headers(headers, backend), body, self._first_byte_timeout
+                    )
                 except UpstreamError as exc:
                     kind, error = upstream_failure(exc, model=model, backend=backend.url)
                     errors.labels(backend.url, kind).inc()
@@ -204,13 +206,6 @@ class Attempts:
             return []
         return pool
 
-    async def _open(
-        self, backend: Backend, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> UpstreamResponse:
-        if backend.api_key:
-            headers = [*headers, (b"authorization", b"Bearer " + backend.api_key.encode("latin-1"))]
-        return await self._pool.request(backend.url, method, target, headers, body, self._first_byte_timeout)
-
 
 class _Held:
     """A backend one request holds for one upstream request: counted in flight (the picker's count and the
@@ -235,8 +230,11 @@ class _Held:
         self._tracing = tracing
         self._span = span
 
-    def headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """The upstream request's headers: with this attempt's trace context, so the backend's span is its child."""
+    def headers(self, headers: list[tuple[bytes, bytes]], backend: Backend) -> list[tuple[bytes, bytes]]:
+        """The upstream request's headers: the backend's own key, and this attempt's trace context (so the
+        backend's span is its child)."""
+        if backend.api_key:
+            headers = [*headers, (b"authorization", b"Bearer " + backend.api_key.encode("latin-1"))]
         if self._span is None:
             return headers
         return headers + self._tracing.context_headers(self._span)
@@ -325,7 +323,14 @@ class _Continuations:
             target, body = request
             self._held = attempts._hold(exchange, backend, target)
             try:
-                response = await attempts._open(backend, b"POST", target, self._held.headers(self._headers), body)
+                response = await attempts._pool.request(
+                    backend.url,
+                    b"POST",
+                    target,
+                    self._held.headers(self._headers, backend),
+                    body,
+                    attempts._first_byte_timeout,
+                )
             except UpstreamError as exc:
                 kind, _ = upstream_failure(exc, model=model, backend=backend.url)
                 attempts._metrics.upstream_errors.labels(backend.url, kind).inc()

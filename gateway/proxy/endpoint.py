@@ -12,6 +12,7 @@ written to the client as soon as it is read, and a client disconnect cancels the
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from time import perf_counter
 from typing import cast
 
@@ -87,6 +88,7 @@ class ProxyEndpoint:
         self._route = route
         self._kind = kind
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # The Proxy's coroutine itself, not one awaiting it: one frame less for every request to go through.
         proxy = cast(Proxy, scope["state"][STATE_KEY])
-        await proxy.handle(scope, receive, send, self._route, self._kind)
+        return proxy.handle(scope, receive, send, self._route, self._kind)
