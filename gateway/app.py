@@ -134,9 +134,10 @@ async def _follow_fleet(caches: PrefixCaches, metrics: Metrics, registry: Regist
         await asyncio.sleep(1.0)
 
 
-def create_app(settings: Settings, access_log: AccessLog | None = None) -> GatewayApp:
+def create_app(settings: Settings, access_log: AccessLog | None = None, batch_records: bool = False) -> GatewayApp:
     """The gateway as an ASGI app. `access_log`: where its lines go when `settings.access_log` is on (default:
-    the `switchyard.access` logger; `python -m gateway` passes a faster writer to its own stderr)."""
+    the `switchyard.access` logger; `python -m gateway` passes a faster writer to its own stderr).
+    `batch_records`: account for finished requests in batches (proxy/outcome.py), as `python -m gateway` does."""
     registry = Registry()
     metrics = Metrics(registry)
     admission = Admission(settings.admission, registry, metrics)
@@ -149,6 +150,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> Gatew
     lifecycle = Lifecycle()
     discovery = _discovery(settings)
     log = (access_log or LoggerAccessLog()) if settings.access_log else None
+    recorder = Recorder(metrics, log, batch=batch_records)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -182,17 +184,19 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> Gatew
             responses = ResponseDirectory(pool)
             tokenizer = Tokenizer(pool.fetch, settings.routing.tokenize_timeout)
             router = Router(policy, registry, settings.routing, caches, tokenizer)
+            recorder.learn = router.observe
             relay = Relay(metrics, settings.timeouts.idle, responses, router)
             tracing = Tracing(settings.tracing.enabled)  # its export thread lives as long as the lifespan
             proxy = Proxy(
                 Gatekeeper(settings, keys, registry, admission, responses),
                 Attempts(settings, router, admission, outliers, pool, relay, metrics, registry, tracing),
-                Recorder(metrics, log),
+                recorder,
                 tracing,
             )
             try:
                 yield {STATE_KEY: proxy}
             finally:
+                recorder.flush()
                 if log is not None:
                     log.flush()
                 await tracing.shutdown()
@@ -202,7 +206,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> Gatew
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     fleet = FleetView(registry, caches, hub, admission, lifecycle, settings.admin.key())
-    routes = build_routes(registry, metrics, lifecycle, keys, fleet)
+    routes = build_routes(registry, metrics, lifecycle, keys, fleet, recorder)
     fast_routes = {
         route.path: route.app for route in routes if isinstance(route.app, ProxyEndpoint) and not route.param_convertors
     }

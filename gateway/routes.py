@@ -13,6 +13,7 @@ from gateway.fleet.registry import ModelCard, Registry
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
 from gateway.proxy.endpoint import ProxyEndpoint
+from gateway.proxy.outcome import Recorder
 from gateway.proxy.request_body import BodyKind
 from gateway.tenancy.auth import KeyRing
 
@@ -38,7 +39,7 @@ MULTIPART_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations")
 
 
 def build_routes(
-    registry: Registry, metrics: Metrics, lifecycle: Lifecycle, keys: KeyRing, fleet: FleetView
+    registry: Registry, metrics: Metrics, lifecycle: Lifecycle, keys: KeyRing, fleet: FleetView, recorder: Recorder
 ) -> list[Route]:
     def visible_cards(request: Request) -> list[ModelCard]:
         cards = registry.cards()
@@ -60,6 +61,7 @@ def build_routes(
     async def prometheus(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        recorder.flush()  # requests still waiting in its batch are counted in this scrape
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def list_models(request: Request) -> Response:

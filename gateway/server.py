@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # This process owns its logging: access lines go to stderr in batches, formatted as the root handler would.
     access = StreamAccessLog(sys.stderr.fileno()) if logging.getLogger(LOGGER).isEnabledFor(logging.INFO) else None
-    app = create_app(settings, access)
+    app = create_app(settings, access, batch_records=True)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -170,7 +170,7 @@ def end_server_span(span: Span, exchange: Exchange) -> None:
         attributes[BACKEND] = outcome.backend
     if outcome.ttft is not None:
         attributes[GEN_AI_TTFT] = outcome.ttft
-    usage = outcome.usage
+    usage = outcome.settle_usage()
     if usage is not None:
         attributes[GEN_AI_INPUT_TOKENS] = usage.prompt_tokens
         attributes[GEN_AI_OUTPUT_TOKENS] = usage.completion_tokens

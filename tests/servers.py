@@ -172,7 +172,7 @@ class GatewayServer(ThreadedServer):
     it (`asgi_server=True`: by uvicorn's, as an app embedded in another ASGI server is); tests may read its
     registry."""
 
-    def __init__(self, config: dict[str, Any], asgi_server: bool = False) -> None:
+    def __init__(self, config: dict[str, Any], asgi_server: bool = False, batch_records: bool = False) -> None:
         settings = load_settings(None, **config)
         limits = settings.limits
         http = (
@@ -180,7 +180,7 @@ class GatewayServer(ThreadedServer):
             if asgi_server
             else protocol_class(limits.header_timeout, limits.max_header_count, limits.max_header_bytes)
         )
-        super().__init__(create_app(settings), http=http)
+        super().__init__(create_app(settings, batch_records=batch_records), http=http)
 
     @property
     def registry(self) -> Registry:
@@ -192,6 +192,7 @@ class GatewayServer(ThreadedServer):
         return self
 
 
-def gateway(*backends: str, asgi_server: bool = False, **config: Any) -> GatewayServer:
+def gateway(*backends: str, asgi_server: bool = False, batch_records: bool = False, **config: Any) -> GatewayServer:
     config.setdefault("model_refresh_interval", 0.2)
-    return GatewayServer({"backends": [{"url": url} for url in backends], **config}, asgi_server=asgi_server)
+    backend_list = [{"url": url} for url in backends]
+    return GatewayServer({"backends": backend_list, **config}, asgi_server=asgi_server, batch_records=batch_records)

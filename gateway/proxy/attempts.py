@@ -172,8 +172,6 @@ class Attempts:
                 await self._relay.relay(exchange, response, backend, continuations)
                 if continuations is not None and not continuations.taken_over:
                     self._feedback.success(backend)
-                if outcome.usage is not None:
-                    self._picker.observe(info, outcome.usage.prompt_tokens)
                 return
             finally:
                 held.release()

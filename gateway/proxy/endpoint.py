@@ -58,10 +58,7 @@ class Proxy:
         except AnswerTruncated:
             raise  # out of the app, so that the server drops the connection (the relay set the status)
         finally:
-            principal = exchange.principal
-            if principal is not None and outcome.usage is not None:
-                principal.charge_tokens(outcome.usage.prompt_tokens + outcome.usage.completion_tokens)
-            self._recorder.record(exchange.label, route, outcome, perf_counter() - outcome.started)
+            self._recorder.record(exchange.label, route, outcome, perf_counter() - outcome.started, exchange.principal)
             if exchange.span is not None:
                 end_server_span(exchange.span, exchange)
 

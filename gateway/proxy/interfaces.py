@@ -35,8 +35,6 @@ class Picker(Protocol):
         """The request's first token came: its prefill no longer weighs on its backend."""
 
     def release(self, backend: Backend, request: RequestInfo) -> None: ...
-    def observe(self, request: RequestInfo, prompt_tokens: int) -> None:
-        """The engine's own count of the request's prompt tokens, from its usage."""
 
 
 class AdmissionGate(Protocol):

@@ -76,7 +76,7 @@ class Relay:
             response.close()  # no-op once released; drops the upstream connection when cut short
             outcome.ttft = observer.ttft
         if failure is None:
-            outcome.usage = observer.usage()
+            outcome.usage, outcome.usage_tail = observer.usage()  # the tail is parsed after the answer
             return
         if stream is not None:
             await self._end_stream(exchange, stream, failure)

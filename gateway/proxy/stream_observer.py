@@ -61,7 +61,8 @@ class ChunkObserver:
             self.sent_tail = rest[-2:]
         return rest
 
-    def usage(self) -> Usage | None:
+    def usage(self) -> tuple[Usage | None, bytes | None]:
+        """The usage a filter read, or else the body's last bytes, where vLLM puts it (parse_usage)."""
         if self._filter is not None:
-            return self._filter.usage
-        return self._tail.usage()
+            return self._filter.usage, None
+        return None, self._tail.tail

@@ -110,13 +110,18 @@ class UsageChunkFilter:
 class UsageTail:
     """Keeps the last few KB of a passing body, where vLLM puts `usage`."""
 
-    __slots__ = ("_tail",)
+    __slots__ = ("tail",)
 
     def __init__(self) -> None:
-        self._tail = b""
+        self.tail = b""
 
     def feed(self, chunk: bytes) -> None:
-        self._tail = (self._tail + chunk)[-_TAIL:] if len(chunk) < _TAIL else chunk[-_TAIL:]
+        if len(chunk) >= _TAIL:
+            self.tail = chunk[-_TAIL:]
+        elif self.tail:
+            self.tail = (self.tail + chunk)[-_TAIL:]
+        else:
+            self.tail = chunk  # a small answer in one chunk: kept as it is, not copied
 
     def usage(self) -> Usage | None:
-        return parse_usage(self._tail)
+        return parse_usage(self.tail)

@@ -18,8 +18,10 @@ from gateway.proxy.access_log import AccessLog
 from gateway.settings import Settings
 
 
-def create_probed_app(settings: Settings, access_log: AccessLog | None = None) -> Starlette:
-    app = create_app(settings, access_log)
+def create_probed_app(
+    settings: Settings, access_log: AccessLog | None = None, batch_records: bool = False
+) -> Starlette:
+    app = create_app(settings, access_log, batch_records)
 
     async def probe(request: Request) -> Response:
         current = asyncio.current_task()
