@@ -23,6 +23,7 @@ RUNNING = b"vllm:num_requests_running{"
 KV_USAGE = b"vllm:kv_cache_usage_perc{"
 LORA_INFO = b"vllm:lora_requests_info{"
 RUNNING_ADAPTERS = b'running_lora_adapters="'
+MAX_LORA = b'max_lora="'
 # Counters the cost model learns from, and the cache's geometry.
 PROMPT_TOKENS = b"vllm:prompt_tokens_total{"
 PREFIX_HITS = b"vllm:prefix_cache_hits_total{"
@@ -60,6 +61,7 @@ def parse_engine_sample(text: bytes, at: float) -> EngineSample | None:
     seen = False
     newest = -1.0
     adapters = b""
+    max_lora = 0
     for line in text.split(b"\n"):
         if not line.startswith(b"vllm:"):
             continue
@@ -79,6 +81,7 @@ def parse_engine_sample(text: bytes, at: float) -> EngineSample | None:
                 if stamp > newest:
                     newest = stamp
                     adapters = _label(line, RUNNING_ADAPTERS) or b""
+                    max_lora = int(_label(line, MAX_LORA) or 0)
             elif line.startswith(PROMPT_TOKENS):
                 prompt += _value(line)
             elif line.startswith(PREFIX_HITS):
@@ -99,6 +102,7 @@ def parse_engine_sample(text: bytes, at: float) -> EngineSample | None:
         kv_usage=kv / kv_engines if kv_engines else 0.0,
         running_adapters=running_adapters,
         at=at,
+        max_lora=max_lora or None,
         prompt_tokens=prompt,
         prefix_hits=hits,
         prefill_seconds=prefill,

@@ -41,6 +41,7 @@ class EngineSample:
     kv_usage: float  # 0..1
     running_adapters: frozenset[str] = frozenset()
     at: float = 0.0
+    max_lora: int | None = None  # adapters a batch may run at once (vllm:lora_requests_info), None if unknown
     # Counters (totals since the engine started), from which the cost model learns its rates.
     prompt_tokens: float = 0.0
     prefix_hits: float = 0.0  # prompt tokens found in the prefix cache
@@ -74,6 +75,7 @@ class Backend:
     ejections: int = 0  # ejections in a row; grows the next ejection's back-off
     models: dict[str, ModelCard] = field(default_factory=dict)  # kept while down, so the model stays "known"
     inflight: int = 0  # requests this gateway has open on it (changed in the same step as the pick)
+    adapters_inflight: dict[str, int] = field(default_factory=dict)  # of those, per LoRA adapter
     prefill_pending: int = 0  # prompt tokens of those still waiting for their first token (predicted)
     engine: EngineSample | None = None  # the newest scrape; the policy decides when it is too old
     rates: EngineRates = field(default_factory=EngineRates)  # learned from the scrapes
@@ -190,13 +192,22 @@ class Registry:
     # -- request side ---------------------------------------------------------------------------------
 
     @staticmethod
-    def acquire(backend: Backend) -> None:
-        """Count a request going to `backend` (in the same step as its pick: no await in between)."""
+    def acquire(backend: Backend, adapter: str | None = None) -> None:
+        """Count a request going to `backend` (in the same step as its pick: no await in between), and the LoRA
+        adapter it runs there: the gateway knows which adapters it keeps busy before any scrape shows them."""
         backend.inflight += 1
+        if adapter is not None:
+            backend.adapters_inflight[adapter] = backend.adapters_inflight.get(adapter, 0) + 1
 
     @staticmethod
-    def release(backend: Backend) -> None:
+    def release(backend: Backend, adapter: str | None = None) -> None:
         backend.inflight -= 1
+        if adapter is not None:
+            left = backend.adapters_inflight.get(adapter, 0) - 1
+            if left > 0:
+                backend.adapters_inflight[adapter] = left
+            else:
+                backend.adapters_inflight.pop(adapter, None)
 
     @staticmethod
     def charge_prefill(backend: Backend, tokens: int) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from gateway.fleet.registry import Backend, fresh_sample
+from gateway.routing.adapter_homes import AdapterHomes
 from gateway.routing.prefix_hash import name_key, prefix_key, rendezvous_score, session_key, url_hash
 from gateway.routing.request import RequestInfo
 from gateway.routing.settings import RoutingSettings
@@ -110,9 +111,10 @@ class Affinity:
 
     - sessions: the key is the session id (header, else the body's `user`);
     - prefixes: the key is the prompt's leading blocks;
-    - adapters: a LoRA adapter's requests stay on the backends already running it, else on its
-      `lora_backends` home backends (by rendezvous on its name), so each server keeps a few adapters
-      resident instead of swapping all of them through its slots.
+    - adapters: a LoRA adapter's requests stay on the backends already running it, else go to a free
+      adapter slot, at its `lora_backends` home backends first (adapter_homes.py: spread evenly, the
+      same on every replica), so each server keeps a few adapters resident instead of swapping all of
+      them through its slots.
 
     A preferred backend is left when it is overloaded: its in-flight count exceeds `load_factor` times
     the mean over the candidates plus `load_slack`, or its fresh engine queue exceeds `queue_threshold`.
@@ -141,9 +143,9 @@ class Affinity:
         self._margin = settings.spill_margin
         self._session_margin = settings.session_spill_margin
         self._queue_threshold = settings.queue_threshold
-        self._lora_backends = settings.lora_backends
         self._stale_after = settings.stale_after
         self._url_hashes: dict[str, int] = {}  # backend url -> its rendezvous hash, computed once
+        self._homes = AdapterHomes(settings.lora_backends, self._ranked)
 
     def _ranked(self, candidates: Sequence[Backend], key: int) -> list[Backend]:
         """Candidates in rendezvous order for `key`: the same on every replica, whatever the listing order."""
@@ -185,23 +187,37 @@ class Affinity:
         return self._least.pick(candidates, request)
 
     def _pick_adapter(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
-        """Lowest (overloaded, tier, load, rank): an adapter goes where it already runs, else home."""
+        """Lowest (overloaded, tier, load, rank): an adapter goes where it already runs, else to a backend with a
+        free adapter slot (its home first), and waits for another adapter's slot only when nothing else is left.
+
+        What runs where is this gateway's own count of the adapters it keeps busy on each backend (exact at once)
+        joined with the engine's report (the traffic of other gateway replicas); a batch runs at most `max_lora`
+        adapters (vllm:lora_requests_info). Its homes (adapter_homes.py, the same on every replica) are where it
+        was most likely loaded last, so they cost no load."""
         adapter = request.model
         now = time.monotonic()
         limit = self._inflight_limit(candidates)
         ranked = self._ranked(candidates, name_key(adapter))
         loads = self._least.scores(ranked, now)
+        homes = self._homes.of(candidates, adapter)
         best: tuple[int, int, float, int] | None = None
         for rank, backend in enumerate(ranked):
             sample = fresh_sample(backend, now, self._stale_after)
-            if sample is not None and adapter in sample.running_adapters:
+            ours = backend.adapters_inflight
+            reported = sample.running_adapters if sample is not None else frozenset()
+            home = backend.url in homes
+            if adapter in ours or adapter in reported:
                 tier = 0  # already in its batch: no slot to wait for, no load cost
-            elif rank < self._lora_backends:
-                tier = 1  # one of its home backends
-            elif sample is not None and not sample.running_adapters:
+            elif sample is not None and sample.max_lora is not None:
+                # A free slot (at home the adapter is likely still loaded), else a wait for one to free up.
+                busy = len(reported) + sum(1 for name in ours if name not in reported)
+                tier = (1 if home else 2) if busy < sample.max_lora else 3
+            elif home:
+                tier = 1  # no slot count reported (an older engine): home first, as the best guess
+            elif sample is not None and not reported and not ours:
                 tier = 2  # idle slots: loading costs little
             else:
-                tier = 3  # would wait for another adapter's slot
+                tier = 3
             entry = (1 if self._overloaded(backend, limit, now) else 0, tier, loads[rank], rank)
             if best is None or entry < best:
                 best = entry

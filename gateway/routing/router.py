@@ -67,7 +67,8 @@ class Router:
 
     def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend:
         backend = self._policy.pick(candidates, request)
-        self._registry.acquire(backend)  # no await between the pick and the count: bursts spread at once
+        # no await between the pick and the count: bursts spread at once
+        self._registry.acquire(backend, request.model if is_adapter(backend, request.model) else None)
         view = request.prompt
         if view is not None and backend.url in view.predicted:
             caches = self._caches
@@ -101,7 +102,9 @@ class Router:
 
     def release(self, backend: Backend, request: RequestInfo) -> None:
         self.discharge(request)
-        self._registry.release(backend)
+        # counted as an adapter at its pick if it is one now (the backend's cards may have changed since)
+        adapter = request.model if request.model in backend.adapters_inflight else None
+        self._registry.release(backend, adapter)
 
     def observe(self, request: RequestInfo, prompt_tokens: int) -> None:
         """The engine's count of the prompt's tokens: teaches the approximate index characters per token."""

@@ -33,6 +33,7 @@ def test_sums_queues_averages_kv_and_takes_the_newest_lora_series() -> None:
     assert sample is not None
     assert (sample.waiting, sample.running, sample.kv_usage, sample.at) == (5.0, 5.0, 0.375, 42.0)
     assert sample.running_adapters == frozenset({"a", "b"})
+    assert sample.max_lora == 2  # adapters a batch may run at once
 
 
 def test_absent_gauges_give_no_sample_and_bad_lines_are_skipped() -> None:
@@ -40,6 +41,7 @@ def test_absent_gauges_give_no_sample_and_bad_lines_are_skipped() -> None:
     sample = parse_engine_sample(b'vllm:num_requests_waiting{engine="0"} oops\nvllm:num_requests_running{} 2\n', 0.0)
     assert sample is not None
     assert (sample.waiting, sample.running, sample.running_adapters) == (0.0, 2.0, frozenset())
+    assert sample.max_lora is None  # no lora_requests_info: unknown, not zero
 
 
 async def test_scraper_fills_fresh_samples_and_skips_dead_backends() -> None:

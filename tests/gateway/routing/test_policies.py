@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from gateway.fleet.registry import Backend, EngineSample
+from gateway.fleet.registry import Backend, EngineSample, Registry
 from gateway.routing.policies import Affinity, LeastLoad, PerModelPolicy, RoundRobin
 from gateway.routing.policy_names import build_policy, make_policy
 from gateway.routing.prefix_hash import prefix_key, prompt_prefix
@@ -192,3 +192,69 @@ def test_sessions_are_stickier_than_prefixes_under_small_imbalances() -> None:
     first = policy.pick(backends, by_prefix)
     first.inflight = 1  # any imbalance moves a prefix key to its second backend
     assert policy.pick(backends, by_prefix) is not first
+
+
+def sample_with_slots(adapters: frozenset[str], max_lora: int = 2) -> EngineSample:
+    return EngineSample(
+        waiting=0, running=len(adapters), kv_usage=0, running_adapters=adapters, at=time.monotonic(), max_lora=max_lora
+    )
+
+
+def test_lora_adapter_leaves_a_home_whose_slots_run_other_adapters() -> None:
+    backends = fleet(4, ("lora-a", "lora-b", "lora-c"))
+    policy = Affinity(RoutingSettings(lora_backends=1))
+    for backend in backends:
+        backend.engine = sample_with_slots(frozenset())
+    home = policy.pick(backends, chat("s", "q", model="lora-a"))
+    home.engine = sample_with_slots(frozenset({"lora-b", "lora-c"}))  # both of its slots busy with others
+    chosen = policy.pick(backends, chat("s", "q", model="lora-a"))
+    assert chosen is not home  # a free slot elsewhere costs a load; a full home costs a wait for a slot
+    home.engine = sample_with_slots(frozenset({"lora-b"}))  # one slot free again: home it is
+    assert policy.pick(backends, chat("s", "q", model="lora-a")) is home
+
+
+def test_lora_adapters_the_gateway_keeps_busy_count_before_any_scrape() -> None:
+    backends = fleet(4, ("lora-a", "lora-b", "lora-c"))
+    policy = Affinity(RoutingSettings(lora_backends=1))
+    registry = Registry()
+    for backend in backends:
+        backend.engine = sample_with_slots(frozenset())  # the last scrape saw every slot free
+    home = policy.pick(backends, chat("s", "q", model="lora-a"))
+    others = [b for b in backends if b is not home]
+    registry.acquire(home, "lora-b")  # this gateway just sent two other adapters there
+    registry.acquire(home, "lora-c")
+    assert policy.pick(backends, chat("s", "q", model="lora-a")) in others
+    elsewhere = others[0]
+    registry.acquire(elsewhere, "lora-a")  # and lora-a itself is running elsewhere: join that batch
+    assert policy.pick(backends, chat("s", "q", model="lora-a")) is elsewhere
+    registry.release(elsewhere, "lora-a")
+    registry.release(home, "lora-b")
+    assert home.adapters_inflight == {"lora-c": 1}
+    assert elsewhere.adapters_inflight == {}
+    assert policy.pick(backends, chat("s", "q", model="lora-a")) is home
+
+
+def test_zipf_adapters_over_slots_spread_without_waits() -> None:
+    """16 adapters with Zipf popularity over 8 backends of 2 slots each (what bench/routing.py's lora workload
+    runs): placed by the policy with the gateway's own counts, no request goes where every slot runs others
+    while a backend with a free slot or the adapter itself is not overloaded."""
+    adapters = tuple(f"adapter-{i:02d}" for i in range(16))
+    backends = fleet(8, adapters)
+    for backend in backends:
+        backend.engine = sample_with_slots(frozenset())
+    policy = Affinity(RoutingSettings(), random.Random(0))
+    registry = Registry()
+    rng = random.Random(7)
+    running: list[tuple[Backend, str]] = []
+    waits = 0
+    for step in range(2000):
+        adapter = rng.choices(adapters, [1 / (rank + 1) for rank in range(16)])[0]
+        backend = policy.pick(backends, chat("s", f"q{step}", model=adapter))
+        if adapter not in backend.adapters_inflight and len(backend.adapters_inflight) >= 2:
+            waits += 1
+        registry.acquire(backend, adapter)
+        running.append((backend, adapter))
+        if len(running) > 10:  # about ten in flight at once, as at 15 req/s of 0.7 s answers
+            done_backend, done_adapter = running.pop(rng.randrange(len(running)))
+            registry.release(done_backend, done_adapter)
+    assert waits < 2000 * 0.02, waits
