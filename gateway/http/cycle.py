@@ -7,9 +7,10 @@ bytes yet), which saves a loop callback per request. A chunk of a stream is fram
 waits while the client is slow (the transport's flow control), and reading the request body pauses while the
 app has not taken what came.
 
-ASGI extension: `scope["extensions"][DISCONNECT]` is the cycle, whose `on_disconnect(callback)` calls back
-synchronously when the client leaves before the response is complete, so the proxy cancels its upstream
-request at once without a task waiting in `receive()`.
+ASGI extension: `scope["extensions"][CYCLE]` (`server_cycle(scope)`) is the cycle itself, for the proxy:
+`on_disconnect(callback)` calls back synchronously when the client leaves before the response is complete, so
+the proxy cancels its upstream request at once without a task waiting in `receive()`; and `write_chunk(data)`
+writes a stream's chunk from a callback (proxy/relay.py pumps a stream's tokens with no task wake-up per token).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from gateway.errors import AnswerTruncated, error_body
 if TYPE_CHECKING:
     from gateway.http.protocol import HttpProtocol
 
-DISCONNECT = "switchyard.disconnect"
+CYCLE = "switchyard.cycle"
 BODY_RECEIVED = "switchyard.body_received"  # scope key: the whole body arrived before the app started
 HIGH_WATER = 64 * 1024  # request body bytes buffered before reading from the client pauses
 _JOIN_LIMIT = 16 * 1024  # a body chunk up to this size is copied behind its framing: one write, one segment
@@ -36,6 +37,13 @@ _HEADER_NAME = re.compile(rb'[\x00-\x1f\x7f()<>@,;:\[\]={} \t\\"]')
 _HEADER_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DISCONNECTED: Message = {"type": "http.disconnect"}
 LOGGER = logging.getLogger("switchyard.http")
+
+
+def server_cycle(scope: Scope) -> Cycle | None:
+    """The gateway server's cycle of this request, or None under another ASGI server."""
+    extensions = scope.get("extensions")
+    cycle = extensions.get(CYCLE) if extensions else None
+    return cycle if isinstance(cycle, Cycle) else None
 
 
 def _status_line(status: int) -> bytes:
@@ -152,6 +160,17 @@ class Cycle:
         """Call `callback` (once, synchronously) if the client leaves before the response is complete; None
         stops watching."""
         self._on_disconnect = callback
+
+    def write_chunk(self, data: bytes) -> bool:
+        """Write a chunk of a started response's body at once; False when the client's window is full and more
+        should wait for `drained()`."""
+        if not self.disconnected and self.response_started and not self.response_complete:
+            self._body(data, True)
+        return not self._protocol.write_paused
+
+    def drained(self) -> asyncio.Future[None]:
+        """Done when the client can take more (at once when it can now, or when it has gone)."""
+        return self._protocol.drained()
 
     # -- ASGI -------------------------------------------------------------------------------------------
 

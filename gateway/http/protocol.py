@@ -15,7 +15,7 @@ Starlette app. Here:
 - a request head larger than twice the gateway's header limits is refused while it is parsed (431), so that
   memory stays bounded; the gatekeeper answers the exact limits of proxied requests;
 - pipelined requests are answered in order; a client that leaves cancels nothing itself, but the cycle tells
-  whoever asked (cycle.DISCONNECT), and `receive()` returns http.disconnect.
+  whoever asked (the cycle in `scope["extensions"][cycle.CYCLE]`), and `receive()` returns http.disconnect.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from gateway.errors import error_body
-from gateway.http.cycle import BODY_RECEIVED, DISCONNECT, STATUS_LINES, Cycle
+from gateway.http.cycle import BODY_RECEIVED, CYCLE, STATUS_LINES, Cycle
 from gateway.http.deadline import Deadline
 
 LOGGER = logging.getLogger("switchyard.http")
@@ -216,7 +216,7 @@ class HttpProtocol(asyncio.Protocol):
             expect_continue=self._expect_continue,
             proxied=fast,
         )
-        scope["extensions"] = {DISCONNECT: cycle}
+        scope["extensions"] = {CYCLE: cycle}
         self._parsing = cycle
         if self._active is None:
             self._start(cycle, app)
@@ -264,9 +264,15 @@ class HttpProtocol(asyncio.Protocol):
     async def drain(self) -> None:
         if not self.write_paused or self._closed:
             return
+        await asyncio.shield(self.drained())
+
+    def drained(self) -> asyncio.Future[None]:
+        """Done when the transport takes writes again (or the connection is gone)."""
+        if not self.write_paused or self._closed:
+            return self.written
         if self._drain is None:
             self._drain = self.loop.create_future()
-        await asyncio.shield(self._drain)
+        return self._drain
 
     def _resume_writing_waiters(self) -> None:
         drain = self._drain

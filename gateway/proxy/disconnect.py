@@ -6,7 +6,7 @@ import asyncio
 
 from starlette.types import Receive, Scope
 
-from gateway.http.cycle import DISCONNECT, Cycle
+from gateway.http.cycle import Cycle, server_cycle
 
 
 class DisconnectWatch:
@@ -24,9 +24,7 @@ class DisconnectWatch:
         self._target = target
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        extensions = scope.get("extensions")
-        cycle = extensions.get(DISCONNECT) if extensions else None
-        self._cycle: Cycle | None = cycle if isinstance(cycle, Cycle) else None
+        self._cycle: Cycle | None = server_cycle(scope)
         if self._cycle is not None:
             self._cycle.on_disconnect(self._left)
         else:

@@ -9,10 +9,12 @@ off, so that it cannot pass for a complete one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 
 from gateway.errors import AnswerTruncated, BodyBroken, ErrorEvent, UpstreamError, error_body, upstream_failure
 from gateway.fleet.registry import Backend
+from gateway.http.cycle import Cycle, server_cycle
 from gateway.metrics import Metrics
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.failover_stream import DONE, FailoverStream
@@ -61,7 +63,11 @@ class Relay:
             await exchange.send({"type": "http.response.start", "status": response.status, "headers": headers})
             if not response.ready():  # nothing to send with the head: it goes now, not with the first chunk
                 await exchange.send(HEAD_ONLY)
-            failure = await self._copy(exchange, response, observer, learn_response_id, backend, stream)
+            # Under the gateway's own server an event stream is pumped: each chunk goes on from the upstream
+            # connection's callback, with no wake-up of this task per token.
+            cycle = server_cycle(exchange.scope) if is_sse else None
+            copy = self._copy if cycle is None else functools.partial(self._pump, cycle)
+            failure = await copy(exchange, response, observer, learn_response_id, backend, stream)
             while failure is not None:
                 self._count_failure(exchange, failure, backend)
                 if stream is None or takeover is None:
@@ -71,7 +77,7 @@ class Relay:
                 if resumed is None:
                     break
                 response, backend = resumed
-                failure = await self._copy(exchange, response, observer, False, backend, stream)
+                failure = await copy(exchange, response, observer, False, backend, stream)
         finally:
             response.close()  # no-op once released; drops the upstream connection when cut short
             outcome.ttft = observer.ttft
@@ -155,6 +161,49 @@ class Relay:
             if stream is None or not stream.done:
                 return exc
             # the stream's [DONE] came: whatever broke after it, the client has all of it
+        if stream is not None and not stream.done:
+            return BodyBroken("the stream ended before [DONE]")
+        await exchange.finish(observer.flush())
+        return None
+
+    async def _pump(
+        self,
+        cycle: Cycle,
+        exchange: Exchange,
+        content: UpstreamResponse,
+        observer: ChunkObserver,
+        learn_response_id: bool,
+        backend: Backend,
+        stream: FailoverStream | None,
+    ) -> UpstreamError | None:
+        """`_copy`, with each chunk passed on by the upstream connection's callback as it arrives."""
+        waiting_first_token = observer.sse
+        failure: UpstreamError | None = None
+
+        def chunk_came(chunk: bytes) -> None:
+            nonlocal learn_response_id, waiting_first_token, failure
+            if learn_response_id:
+                self._responses.learn(chunk, backend)
+                learn_response_id = False
+            out = observer.feed(chunk)
+            if waiting_first_token and observer.ttft is not None:
+                waiting_first_token = False
+                self._picker.discharge(exchange.info)  # its prefill is done
+            if out and not cycle.write_chunk(out):  # the client's window is full: the backend waits for it
+                content.hold()
+                cycle.drained().add_done_callback(lambda _: content.release())
+            if stream is not None and stream.failure is not None:
+                failure = stream.failure
+                content.stop()
+
+        try:
+            await content.pump(chunk_came, self._idle_timeout)
+        except UpstreamError as exc:
+            if stream is None or not stream.done:
+                return exc
+            # the stream's [DONE] came: whatever broke after it, the client has all of it
+        if failure is not None:
+            return failure
         if stream is not None and not stream.done:
             return BodyBroken("the stream ended before [DONE]")
         await exchange.finish(observer.flush())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -202,8 +202,13 @@ class UpstreamResponse:
         "_connection",
         "_error",
         "_head",
+        "_holding",
         "_idle_deadline",
+        "_idle_limit",
         "_idle_timer",
+        "_loop",
+        "_sink",
+        "_stopped",
         "_waiter",
         "complete",
         "content_type",
@@ -227,6 +232,12 @@ class UpstreamResponse:
         # first wait and moves itself to the current wait's deadline until one is missed.
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_deadline = 0.0
+        self._idle_limit = 0.0
+        # Pumping (`pump`): the chunks go to a sink as they arrive, rather than into the buffer.
+        self._sink: Callable[[bytes], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._holding = False  # the sink's client is slow: reading waits, and so does the idle clock
+        self._stopped = False
 
     def ready(self) -> bool:
         """Body bytes, or the body's end, are here: reading now does not wait."""
@@ -268,11 +279,61 @@ class UpstreamResponse:
                 self._waiter = None
         return self.read_nowait()
 
+    async def pump(self, sink: Callable[[bytes], None], idle_limit: float) -> None:
+        """Hand the body to `sink` chunk by chunk as it arrives, until it ends: a stream's tokens go through
+        without a wake-up of the reading task for each. Raises BodyBroken, or IdleTimeout when the backend sends
+        nothing for `idle_limit` seconds while the client keeps up. The sink may `hold()` the backend while its
+        client is slow, and `stop()` the pump when it has seen enough (the rest stays unread)."""
+        self._stopped = False
+        data = self.read_nowait()
+        if data:
+            sink(data)
+        if self._stopped or self.complete:
+            return
+        if self._error is not None:
+            raise self._error
+        loop = self._loop = asyncio.get_running_loop()
+        self._sink = sink
+        self._idle_limit = idle_limit
+        waiter = self._waiter = loop.create_future()
+        self._idle_deadline = deadline = loop.time() + idle_limit
+        if self._idle_timer is None:
+            self._idle_timer = loop.call_at(deadline, self._idle_check, loop, idle_limit)
+        try:
+            await waiter
+        finally:
+            self._sink = None
+            self._waiter = None
+        if self._error is not None and not self._stopped and not self.complete:
+            raise self._error
+
+    def stop(self) -> None:
+        """End the pump now (from its sink)."""
+        self._stopped = True
+        self._sink = None
+        self._wake()
+
+    def hold(self) -> None:
+        """Stop reading from the backend until `release()` (from the sink: its client cannot take more now)."""
+        self._holding = True
+        if self._connection is not None:
+            self._connection.pause()
+
+    def release(self) -> None:
+        self._holding = False
+        if self._loop is not None:
+            self._idle_deadline = self._loop.time() + self._idle_limit  # the idle clock starts again now
+        if self._connection is not None:
+            self._connection.resume()
+
     def _idle_check(self, loop: asyncio.AbstractEventLoop, idle_limit: float) -> None:
         self._idle_timer = None
         waiter = self._waiter
         if waiter is None or waiter.done():
             return  # not waiting now: the next wait arms the timer again
+        if self._holding:  # the client is slow, not the backend: look again an idle period from now
+            self._idle_timer = loop.call_at(loop.time() + idle_limit, self._idle_check, loop, idle_limit)
+            return
         if loop.time() >= self._idle_deadline:
             waiter.set_exception(IdleTimeout(idle_limit))
         else:
@@ -295,7 +356,14 @@ class UpstreamResponse:
 
     # Called by the connection.
     def _feed(self, data: bytes) -> bool:
-        """Queue body bytes; True when the reader is far enough behind for reading to pause."""
+        """Queue body bytes (or pump them to the sink); True when the reader is far enough behind for reading to
+        pause."""
+        sink = self._sink
+        if sink is not None:
+            assert self._loop is not None
+            self._idle_deadline = self._loop.time() + self._idle_limit
+            sink(data)
+            return False
         self._buffer.append(data)
         self._buffered += len(data)
         self._wake()
@@ -407,6 +475,11 @@ class _Connection(asyncio.Protocol):
         self._deadline.cancel()
         if self._transport is not None:
             self._transport.abort()
+
+    def pause(self) -> None:
+        if not self._paused and not self._closed and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
 
     def resume(self) -> None:
         if self._paused and not self._closed:

@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from gateway.http.cycle import DISCONNECT
+from gateway.http.cycle import CYCLE
 from gateway.http.protocol import protocol_class
 from tests.servers import free_port, wait_until
 
@@ -28,7 +28,7 @@ class App:
 
     def __init__(self) -> None:
         self.fast_routes = {"/fast": self.fast}
-        self.left: list[str] = []  # paths whose client left mid-response (the DISCONNECT extension)
+        self.left: list[str] = []  # paths whose client left mid-response (the CYCLE extension)
         self.left_event = threading.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -66,7 +66,7 @@ class App:
             await send({"type": "http.response.body", "body": b"partial", "more_body": True})
             raise RuntimeError("a bug after the head")
         elif path == "/watch":  # streams until the client leaves, which the connection reports at once
-            scope["extensions"][DISCONNECT].on_disconnect(lambda: self._left(path))
+            scope["extensions"][CYCLE].on_disconnect(lambda: self._left(path))
             await send({"type": "http.response.start", "status": 200, "headers": []})
             for _ in range(500):
                 await send({"type": "http.response.body", "body": b"tick\n", "more_body": True})

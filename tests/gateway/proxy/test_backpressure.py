@@ -64,3 +64,23 @@ def test_slow_reader_holds_back_the_upstream() -> None:
         # 64 KiB reads of the gateway's; anything near the firehose's rate would be gigabytes.
         assert received > 1_000_000, f"only {received} bytes arrived in 3 s"
         assert ahead < 64 * 1024**2, f"upstream ran {ahead / 1024**2:.0f} MiB ahead of the client"
+
+
+def test_a_client_that_stops_reading_is_not_an_idle_backend() -> None:
+    """The idle limit is for a silent backend. While the client is too slow to take more, the backend waits
+    for it, and that wait is not counted: a reader that pauses longer than the limit gets the rest, not an
+    error event."""
+    hose = Firehose()
+    with ThreadedServer(hose.app()) as upstream, gateway(upstream.url, timeouts={"idle": 0.3}) as gw:
+        with httpx.stream("POST", gw.url + "/v1/completions", json={"model": "hose", "stream": True}) as response:
+            chunks = response.iter_raw(65_536)
+            received = sum(len(next(chunks)) for _ in range(50))
+            time.sleep(1.5)  # five idle limits: the buffers fill and the gateway holds the backend back
+            tail = b""
+            for chunk in chunks:
+                received += len(chunk)
+                tail = (tail + chunk)[-4096:]
+                if received > 64 * 1024**2:
+                    break
+        assert received > 64 * 1024**2  # the stream went on after the pause
+        assert b'"error"' not in tail
