@@ -356,26 +356,38 @@ class UpstreamResponse:
 
     # Called by the connection.
     def _feed(self, data: bytes) -> bool:
-        """Queue body bytes (or pump them to the sink); True when the reader is far enough behind for reading to
-        pause."""
-        sink = self._sink
-        if sink is not None:
-            assert self._loop is not None
-            self._idle_deadline = self._loop.time() + self._idle_limit
-            sink(data)
-            return False
+        """Queue body bytes; True when the reader is far enough behind for reading to pause. While pumping they
+        wait for the end of the read they came in (`_deliver`): a burst of chunks read at once goes to the sink,
+        and on to the client, as one."""
         self._buffer.append(data)
         self._buffered += len(data)
+        if self._sink is not None:
+            return False  # the sink holds the backend itself when its client is slow
         self._wake()
         return self._buffered >= HIGH_WATER
 
+    def _deliver(self) -> None:
+        """Pumping: hand what the last read brought to the sink."""
+        sink = self._sink
+        if sink is None or not self._buffer:
+            return
+        buffer = self._buffer
+        data = buffer.popleft() if len(buffer) == 1 else b"".join(buffer)
+        buffer.clear()
+        self._buffered = 0
+        assert self._loop is not None
+        self._idle_deadline = self._loop.time() + self._idle_limit
+        sink(data)
+
     def _finish(self) -> None:
+        self._deliver()
         self.complete = True
         self._connection = None
         self._stop_idle_timer()
         self._wake()
 
     def _fail(self, error: UpstreamError) -> None:
+        self._deliver()  # what came before the failure goes on first, as a reader would get it
         self._connection = None
         self._stop_idle_timer()
         if not self._head.done():
@@ -498,6 +510,9 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+            response = self._response
+            if response is not None and response._sink is not None:
+                response._deliver()
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             response = self._response
             self._response = None
