@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 
 import aiohttp
@@ -18,24 +19,18 @@ import aiohttp
 from gateway.fleet.registry import Backend, EngineSample, Registry
 from gateway.routing.settings import RoutingSettings
 
-WAITING = b"vllm:num_requests_waiting{"
-RUNNING = b"vllm:num_requests_running{"
-KV_USAGE = b"vllm:kv_cache_usage_perc{"
-LORA_INFO = b"vllm:lora_requests_info{"
+# The series routing reads, matched in one pass of the regex engine over the whole exposition: a real vLLM's
+# /metrics runs to tens of kilobytes, mostly histograms, and splitting it into lines in Python cost half a
+# millisecond per scrape for 16 KB (a twelfth of that this way), at ten scrapes a second per backend.
+_SERIES = re.compile(
+    rb"\nvllm:(num_requests_waiting|num_requests_running|kv_cache_usage_perc|lora_requests_info|prompt_tokens_total"
+    rb"|prefix_cache_hits_total|request_prefill_time_seconds_sum|request_success_total|cache_config_info)"
+    rb'\{((?:[^"}\n]|"(?:[^"\\\n]|\\.)*")*)\} ([^ \n]+)'  # a quoted label value may hold a brace
+)
 RUNNING_ADAPTERS = b'running_lora_adapters="'
 MAX_LORA = b'max_lora="'
-# Counters the cost model learns from, and the cache's geometry.
-PROMPT_TOKENS = b"vllm:prompt_tokens_total{"
-PREFIX_HITS = b"vllm:prefix_cache_hits_total{"
-PREFILL_TIME = b"vllm:request_prefill_time_seconds_sum{"
-SUCCESS = b"vllm:request_success_total{"
-CACHE_INFO = b"vllm:cache_config_info{"
 BLOCK_SIZE = b'block_size="'
 NUM_GPU_BLOCKS = b'num_gpu_blocks="'
-
-
-def _value(line: bytes) -> float:
-    return float(line.rsplit(b" ", 1)[1])
 
 
 def _label(line: bytes, marker: bytes) -> bytes | None:
@@ -62,37 +57,36 @@ def parse_engine_sample(text: bytes, at: float) -> EngineSample | None:
     newest = -1.0
     adapters = b""
     max_lora = 0
-    for line in text.split(b"\n"):
-        if not line.startswith(b"vllm:"):
-            continue
-        with contextlib.suppress(ValueError, IndexError):
-            if line.startswith(WAITING):
-                waiting += _value(line)
+    for match in _SERIES.finditer(b"\n" + text):
+        name, labels, number = match.groups()
+        with contextlib.suppress(ValueError):
+            value = float(number)
+            if name == b"num_requests_waiting":
+                waiting += value
                 seen = True
-            elif line.startswith(RUNNING):
-                running += _value(line)
+            elif name == b"num_requests_running":
+                running += value
                 seen = True
-            elif line.startswith(KV_USAGE):
-                kv += _value(line)
+            elif name == b"kv_cache_usage_perc":
+                kv += value
                 kv_engines += 1
                 seen = True
-            elif line.startswith(LORA_INFO):
-                stamp = _value(line)
-                if stamp > newest:
-                    newest = stamp
-                    adapters = _label(line, RUNNING_ADAPTERS) or b""
-                    max_lora = int(_label(line, MAX_LORA) or 0)
-            elif line.startswith(PROMPT_TOKENS):
-                prompt += _value(line)
-            elif line.startswith(PREFIX_HITS):
-                hits += _value(line)
-            elif line.startswith(PREFILL_TIME):
-                prefill += _value(line)
-            elif line.startswith(SUCCESS):
-                success += _value(line)
-            elif line.startswith(CACHE_INFO):
-                block_size = int(_label(line, BLOCK_SIZE) or 0)
-                blocks += int(_label(line, NUM_GPU_BLOCKS) or 0)  # per engine: data-parallel ranks add up
+            elif name == b"lora_requests_info":
+                if value > newest:
+                    newest = value
+                    adapters = _label(labels, RUNNING_ADAPTERS) or b""
+                    max_lora = int(_label(labels, MAX_LORA) or 0)
+            elif name == b"prompt_tokens_total":
+                prompt += value
+            elif name == b"prefix_cache_hits_total":
+                hits += value
+            elif name == b"request_prefill_time_seconds_sum":
+                prefill += value
+            elif name == b"request_success_total":
+                success += value
+            else:  # cache_config_info
+                block_size = int(_label(labels, BLOCK_SIZE) or 0)
+                blocks += int(_label(labels, NUM_GPU_BLOCKS) or 0)  # per engine: data-parallel ranks add up
     if not seen:
         return None
     running_adapters = frozenset(name for name in adapters.decode("utf-8", "replace").split(",") if name)

@@ -44,6 +44,19 @@ def test_absent_gauges_give_no_sample_and_bad_lines_are_skipped() -> None:
     assert sample.max_lora is None  # no lora_requests_info: unknown, not zero
 
 
+def test_label_values_with_braces_quotes_and_a_trailing_timestamp() -> None:
+    text = (
+        b'vllm:num_requests_running{model_name="a}b",engine="0"} 3.0\n'  # the first line, a brace in a value
+        b'vllm:num_requests_waiting{model_name="x\\"y"} 2 1700000000000\n'  # an escaped quote; a timestamp
+        b'vllm:num_requests_waiting_by_reason{reason="capacity"} 40\n'  # another series with the same prefix
+        b'vllm:lora_requests_info{max_lora="4",running_lora_adapters="p,q",waiting_lora_adapters=""} 5\n'
+    )
+    sample = parse_engine_sample(text, 0.0)
+    assert sample is not None
+    assert (sample.running, sample.waiting, sample.max_lora) == (3.0, 2.0, 4)
+    assert sample.running_adapters == frozenset({"p", "q"})
+
+
 async def test_scraper_fills_fresh_samples_and_skips_dead_backends() -> None:
     with running_sims(sim("m", "--lora", "a", count=2)) as (fleet,):
         registry = Registry()
