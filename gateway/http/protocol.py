@@ -125,7 +125,11 @@ class HttpProtocol(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            pass  # no protocol upgrades here: the request was answered as plain HTTP; the rest is ignored
+            # No protocol upgrades here: the request is answered as plain HTTP, and the connection closes after
+            # it (the parser cannot go on past an upgrade).
+            if self._parsing is not None:
+                self._parsing.keep_alive = False
+            self._pause_reading()
         except httptools.HttpParserError as exc:
             if self._head_too_large:
                 self._refuse(431, "The request head is too large.")
@@ -244,14 +248,14 @@ class HttpProtocol(asyncio.Protocol):
         self._state.tasks.add(self.loop.create_task(cycle.run(app, self._state.tasks)))
 
     def write(self, data: bytes) -> None:
-        if not self._closed:
-            assert self._transport is not None
-            self._transport.write(data)
+        transport = self._transport
+        if transport is not None and not self._closed and not transport.is_closing():
+            transport.write(data)
 
     def writelines(self, parts: list[bytes]) -> None:
-        if not self._closed:
-            assert self._transport is not None
-            self._transport.writelines(parts)
+        transport = self._transport
+        if transport is not None and not self._closed and not transport.is_closing():
+            transport.writelines(parts)
 
     def default_headers(self) -> bytes:
         """uvicorn's default response headers (date, server), rendered once for each time it renews them."""

@@ -392,3 +392,13 @@ def test_answered_requests_leave_the_servers_task_set(server: Server) -> None:
         sock.sendall(request("GET", "/boom"))
         reader.response()
     wait_until(lambda: server.server.server_state.tasks <= before, 2, what="the answered requests to leave the set")
+
+
+def test_an_upgrade_request_is_answered_as_plain_http_and_closed(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(b"GET /stream HTTP/1.1\r\nhost: test\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+        reader = Reader(sock)
+        status, headers, body = reader.response()
+        assert (status, body) == (200, b"one two three")
+        assert headers["connection"] == "close"
+        assert reader.closed()
