@@ -133,7 +133,7 @@ class Relay:
         stream that ends before its [DONE], or sends an error event, failed too: it is not finished here."""
         idle = self._idle_timeout
         send = exchange.send
-        waiting_first_token = observer.sse
+        observe = self._observing(exchange, observer, learn_response_id, backend)
         try:
             while True:
                 chunk = content.read_nowait()  # already buffered: no timer to arm
@@ -141,13 +141,7 @@ class Relay:
                     chunk = await content.readany(idle)
                     if not chunk:
                         break
-                if learn_response_id:
-                    self._responses.learn(chunk, backend)
-                    learn_response_id = False
-                out = observer.feed(chunk)
-                if waiting_first_token and observer.ttft is not None:
-                    waiting_first_token = False
-                    self._picker.discharge(exchange.info)  # its prefill is done
+                out = observe(chunk)
                 if stream is not None and (stream.failure is not None or (content.at_eof() and not stream.done)):
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
@@ -161,10 +155,7 @@ class Relay:
             if stream is None or not stream.done:
                 return exc
             # the stream's [DONE] came: whatever broke after it, the client has all of it
-        if stream is not None and not stream.done:
-            return BodyBroken("the stream ended before [DONE]")
-        await exchange.finish(observer.flush())
-        return None
+        return await self._ended(exchange, observer, stream)
 
     async def _pump(
         self,
@@ -177,18 +168,12 @@ class Relay:
         stream: FailoverStream | None,
     ) -> UpstreamError | None:
         """`_copy`, with each chunk passed on by the upstream connection's callback as it arrives."""
-        waiting_first_token = observer.sse
+        observe = self._observing(exchange, observer, learn_response_id, backend)
         failure: UpstreamError | None = None
 
         def chunk_came(chunk: bytes) -> None:
-            nonlocal learn_response_id, waiting_first_token, failure
-            if learn_response_id:
-                self._responses.learn(chunk, backend)
-                learn_response_id = False
-            out = observer.feed(chunk)
-            if waiting_first_token and observer.ttft is not None:
-                waiting_first_token = False
-                self._picker.discharge(exchange.info)  # its prefill is done
+            nonlocal failure
+            out = observe(chunk)
             if out and not cycle.write_chunk(out):  # the client's window is full: the backend waits for it
                 content.hold()
                 cycle.drained().add_done_callback(lambda _: content.release())
@@ -202,8 +187,32 @@ class Relay:
             if stream is None or not stream.done:
                 return exc
             # the stream's [DONE] came: whatever broke after it, the client has all of it
-        if failure is not None:
-            return failure
+        return failure or await self._ended(exchange, observer, stream)
+
+    def _observing(
+        self, exchange: Exchange, observer: ChunkObserver, learn_response_id: bool, backend: Backend
+    ) -> Callable[[bytes], bytes]:
+        """What each upstream chunk goes through on its way (returns the bytes for the client): the observer, a
+        Responses API answer's id learned once, and the prefill's charge released at the first token."""
+        waiting_first_token = observer.sse
+
+        def observe(chunk: bytes) -> bytes:
+            nonlocal learn_response_id, waiting_first_token
+            if learn_response_id:
+                self._responses.learn(chunk, backend)
+                learn_response_id = False
+            out = observer.feed(chunk)
+            if waiting_first_token and observer.ttft is not None:
+                waiting_first_token = False
+                self._picker.discharge(exchange.info)  # its prefill is done
+            return out
+
+        return observe
+
+    async def _ended(
+        self, exchange: Exchange, observer: ChunkObserver, stream: FailoverStream | None
+    ) -> UpstreamError | None:
+        """The body ended: a failover-capable stream without its [DONE] failed, anything else is finished."""
         if stream is not None and not stream.done:
             return BodyBroken("the stream ended before [DONE]")
         await exchange.finish(observer.flush())

@@ -267,17 +267,20 @@ class UpstreamResponse:
                 return b""
             if self._error is not None:
                 raise self._error
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            if idle_limit is not None:
-                self._idle_deadline = deadline = loop.time() + idle_limit
-                if self._idle_timer is None:
-                    self._idle_timer = loop.call_at(deadline, self._idle_check, loop, idle_limit)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            await self._wait(asyncio.get_running_loop(), idle_limit)
         return self.read_nowait()
+
+    async def _wait(self, loop: asyncio.AbstractEventLoop, idle_limit: float | None) -> None:
+        """Until the connection wakes the response (bytes, the end, a failure), or IdleTimeout."""
+        waiter = self._waiter = loop.create_future()
+        if idle_limit is not None:
+            self._idle_deadline = deadline = loop.time() + idle_limit
+            if self._idle_timer is None:
+                self._idle_timer = loop.call_at(deadline, self._idle_check, loop, idle_limit)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
     async def pump(self, sink: Callable[[bytes], None], idle_limit: float) -> None:
         """Hand the body to `sink` chunk by chunk as it arrives, until it ends: a stream's tokens go through
@@ -295,15 +298,10 @@ class UpstreamResponse:
         loop = self._loop = asyncio.get_running_loop()
         self._sink = sink
         self._idle_limit = idle_limit
-        waiter = self._waiter = loop.create_future()
-        self._idle_deadline = deadline = loop.time() + idle_limit
-        if self._idle_timer is None:
-            self._idle_timer = loop.call_at(deadline, self._idle_check, loop, idle_limit)
         try:
-            await waiter
+            await self._wait(loop, idle_limit)
         finally:
             self._sink = None
-            self._waiter = None
         if self._error is not None and not self._stopped and not self.complete:
             raise self._error
 
