@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
+from prometheus_client import generate_latest
 
 from worker.sim.config import SimConfig
+from worker.sim.driver import EngineDriver
 from worker.sim.engine import Engine, RequestState, SimRequest, step_duration_s
 from worker.sim.metrics import SimMetrics
 
@@ -250,3 +254,22 @@ def test_chunked_prefill_spreads_a_long_prompt_over_steps() -> None:
     assert durations[2] == pytest.approx((10 * 1.1 + 8 + 4) / 1000)
     assert len(durations) == 3
     assert short.first_token_at == pytest.approx(t)
+
+
+def test_metrics_render_as_prometheus_client_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hand-written exposition is generate_latest's, byte for byte, at every state of the engine."""
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.5)  # lora_requests_info's value: the time it is read
+    engine = make()
+    metrics = SimMetrics(engine, 'model "quoted" \\ name')
+    assert metrics.render() == generate_latest(metrics.registry)
+    engine.add_request(req(list(range(40)), out=4), 0.0)
+    engine.begin_step(0.0)
+    assert metrics.render() == generate_latest(metrics.registry)
+    engine.end_step(0.05)
+    run(engine, 0.05)
+    assert metrics.render() == generate_latest(metrics.registry)
+    driver = EngineDriver(engine)  # a server's metrics carry its driver's timeline health too
+    driver.steps, driver.lag_sum_s, driver.lag_max_s, driver.resyncs = 12, 0.25, 0.125, 1
+    served = SimMetrics(engine, "m", driver)
+    assert served.render() == generate_latest(served.registry)
+    assert b"sim:step_lag_max_seconds" in served.render()
