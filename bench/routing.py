@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import Request, Result, run  # noqa: E402
 from tests.servers import wait_until  # noqa: E402
+from worker.sim.text import render_chat, tokenize  # noqa: E402
 
 MODEL = "bench"
 SERVERS = 8
@@ -380,6 +381,7 @@ class Row:
     hit_rate: float
     max_share: float
     cold_share: float  # requests that had under half of their prompt sent before in this run
+    floor_p90: float = float("nan")  # OracleFloor: no router's TTFT p90 can be lower
 
     @property
     def ok(self) -> list[Result]:
@@ -445,15 +447,76 @@ class ColdCounter:
         return self.cold / self.total if self.total else 0.0
 
 
+class OracleFloor:
+    """The time to first token no router can beat, request by request: the simulator's own prompt tokens (its
+    chat template and tokenizer), every block of them that any earlier request of the run sent counted as
+    cached, and the rest prefilled in chunked steps on an idle engine (its step formula: a decode step's time
+    plus the prefill time per token). It flatters every router (infinitely many idle engines that hold all
+    prefixes); when even its p90 is above half of random's, no policy can get to half. A chat's answer counts as
+    cached with its prompt (the engine keeps both), so the next turn's history is cached up to the new message."""
+
+    def __init__(self, sim_args: list[str]) -> None:
+        options = dict(zip(sim_args[::2], sim_args[1::2], strict=False))  # later flags win, as for argparse
+        self.prefill_ms = float(options.get("--prefill-ms-per-token", 0.15))
+        self.decode_ms = float(options.get("--decode-ms-per-token", 15.0))
+        self.budget = int(options.get("--max-num-batched-tokens", 2048))
+        self.block = int(options.get("--block-size", 16))
+        self.seen: set[int] = set()
+        self.floors: list[float] = []
+
+    def count(self, request: Request) -> None:
+        body = request.body
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            turns = [(str(m.get("role")), str(m.get("content", ""))) for m in messages]
+            text = render_chat(turns)
+            if request.on_done is not None:  # the answer joins the cache: learn it when it comes
+                request.on_done = self._learning_answer(request.on_done, turns, str(body.get("model")))
+        else:
+            text = str(body.get("prompt", ""))
+        tokens = tokenize(text)
+        uncached = max(len(tokens) - self._learn(tokens, str(body.get("model"))), 1)  # the last one is computed
+        steps = -(-uncached // self.budget)
+        self.floors.append((steps * self.decode_ms + uncached * self.prefill_ms) / 1000)
+
+    def _learn(self, tokens: list[int], model: str) -> int:
+        """Remember the blocks of `tokens`; returns how many of its leading tokens were known before."""
+        key = hash(model)
+        cached = 0
+        fresh = True
+        for start in range(0, len(tokens) - self.block + 1, self.block):
+            key = hash((key, *tokens[start : start + self.block]))
+            if fresh and key in self.seen:
+                cached = start + self.block
+            else:
+                fresh = False
+            self.seen.add(key)
+        return cached
+
+    def _learning_answer(
+        self, done: Callable[[str], None], turns: list[tuple[str, str]], model: str
+    ) -> Callable[[str], None]:
+        def learn_then(answer: str) -> None:
+            self._learn(tokenize(render_chat([*turns, ("assistant", answer)], add_generation_prompt=False)), model)
+            done(answer)
+
+        return learn_then
+
+    def p90(self) -> float:
+        return quantile(sorted(self.floors), 0.9)
+
+
 def measure(workload: Workload, system: str, urls: list[str], target: str | None, rate: float, duration: float,
             seed: int) -> Row:  # fmt: skip
     before = counters(urls)
     pick = None if target is not None else (lambda rng, options: rng.choice(options))
     cold = ColdCounter()
+    floor = OracleFloor([*SIM_TIMING, *workload.sim_args])
 
     def make(rng: random.Random) -> Request:
         request = workload.make(rng)
         cold.count(request.body)
+        floor.count(request)
         return request
 
     results, wall = asyncio.run(run([target] if target else urls, make, rate, duration, seed, pick))
@@ -463,7 +526,8 @@ def measure(workload: Workload, system: str, urls: list[str], target: str | None
     hits = sum(d["vllm:prefix_cache_hits_total"] for d in delta)
     served = [d["vllm:request_success_total"] for d in delta]
     share = max(served) / (sum(served) / len(served)) if sum(served) else float("nan")
-    return Row(workload.name, system, rate, results, wall, hits / queries if queries else 0.0, share, cold.share)
+    hit_rate = hits / queries if queries else 0.0
+    return Row(workload.name, system, rate, results, wall, hit_rate, share, cold.share, floor.p90())
 
 
 @dataclass
@@ -598,7 +662,10 @@ def goals(plan: Plan) -> str:
                 continue
             ratio = ours.ttft(0.9) / base.ttft(0.9) if base.ttft(0.9) else float("nan")
             best = min((r for r in plan.rows if r.workload == name and r.rate == ours.rate), key=lambda r: r.ttft(0.9))
-            floor = (f"; {100 * ours.cold_share:.0f}% of requests cold, best row {best.system} {best.ttft(0.9):.2f}s"
+            unreachable = ours.floor_p90 > 0.5 * base.ttft(0.9)
+            floor = (f"; {100 * ours.cold_share:.0f}% of requests cold, best row {best.system} {best.ttft(0.9):.2f}s, "
+                     f"oracle floor {ours.floor_p90:.2f}s = {ours.floor_p90 / base.ttft(0.9):.2f}x random"
+                     + (": no router can reach 0.5x here" if unreachable else "")
                      if ratio > 0.5 else "")  # fmt: skip
             check(f"{name} @ {ours.rate:g}/s: TTFT p90 <= 0.5x random direct", ratio <= 0.5,
                   f"{ours.ttft(0.9):.2f}s vs {base.ttft(0.9):.2f}s = {ratio:.2f}x{floor}")  # fmt: skip
