@@ -130,6 +130,9 @@ class Cycle:
                 self._protocol.abort_response(self)
         finally:
             self._on_disconnect = None
+            extensions = self.scope.get("extensions")
+            if extensions:
+                extensions.pop(CYCLE, None)  # the scope and its cycle refer to each other: cut the loop
             task = asyncio.current_task(self._protocol.loop)
             if task is not None:
                 tasks.discard(task)

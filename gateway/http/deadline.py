@@ -18,6 +18,10 @@ NEVER = float("inf")
 _SLACK = 0.002
 
 
+def _nothing() -> None:
+    pass
+
+
 class Deadline:
     __slots__ = ("_callback", "_loop", "_timer", "_timer_at", "when")
 
@@ -54,6 +58,11 @@ class Deadline:
             self._timer.cancel()
             self._timer = None
             self._timer_at = NEVER
+
+    def close(self) -> None:
+        """For good: no timer, and no reference to the owner's callback (which would keep it alive)."""
+        self.cancel()
+        self._callback = _nothing
 
     def armed(self) -> bool:
         """A loop timer is pending (for tests: a finished owner leaves none)."""

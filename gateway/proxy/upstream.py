@@ -534,7 +534,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.forget()
-        self._deadline.cancel()
+        self._deadline.close()  # it and the parser call back into the connection: cut those loops
+        del self._parser
         if self._parked:
             self._parked = False
             if self in self._origin.idle:

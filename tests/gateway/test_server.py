@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import time
 from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
 
 from gateway.lifecycle import Lifecycle
 from gateway.server import GC_YOUNG_THRESHOLD, DrainingServer, widen_young_generation
+from tests.servers import gateway, running_sims, sim
 
 
 @pytest.fixture
@@ -53,3 +56,30 @@ def test_startup_freezes_what_the_lifespan_built(gc_state: None) -> None:
             await task
 
     asyncio.run(serve())
+
+
+def test_requests_leave_no_reference_cycles_behind() -> None:
+    """What a request builds (its scope, cycle, exchange, upstream response, the connections' parsers and
+    deadlines) is freed by reference counting alone: the process runs its collector rarely (a young generation of
+    10,000), and under a wave of short connections cyclic garbage promoted to the older generations grew the
+    RSS by 12% in the resilience suite's thousand aborted streams."""
+    with running_sims(sim("m")) as (upstream,), gateway(upstream.url, batch_records=True, access_log=False) as gw:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        with httpx.Client() as client:
+            for stream in (False, True, False):  # a warm-up round, then the rounds that are looked at
+                client.post(gw.url + "/v1/chat/completions", json={**body, "stream": stream})
+            gc.collect()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            try:
+                for stream in (False, True) * 20:
+                    response = client.post(gw.url + "/v1/chat/completions", json={**body, "stream": stream})
+                    assert response.status_code == 200
+                with httpx.Client() as other:  # a connection that closes: its protocol and parser go too
+                    other.post(gw.url + "/v1/chat/completions", json=body)
+                time.sleep(0.3)
+                gc.collect()
+                ours = [obj for obj in gc.garbage if type(obj).__module__.startswith("gateway.")]
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+    assert ours == []
