@@ -168,7 +168,11 @@ class Cycle:
         """Write a chunk of a started response's body at once; False when the client's window is full and more
         should wait for `drained()`."""
         if not self.disconnected and self.response_started and not self.response_complete:
-            self._body(data, True)
+            if self._chunked and self._head is None and self._remaining < 0 and 0 < len(data) <= _JOIN_LIMIT:
+                # a stream's next tokens, the common case: framed as one bytes, one write
+                self._protocol.write(b"%x\r\n%b\r\n" % (len(data), data))
+            else:
+                self._body(data, True)
         return not self._protocol.write_paused
 
     def drained(self) -> asyncio.Future[None]:
