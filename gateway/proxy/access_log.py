@@ -5,9 +5,10 @@ A request hands over its fields as one tuple (`Entry`); turning them into a line
 Through `logging`, one line costs tens of microseconds: a LogRecord, the caller's frame, a formatter, a lock
 and a write syscall per line. `python -m gateway` owns its process's logging (server.py sets it up), so there
 the request only appends its entry to a list, and every `FLUSH_S` (or sooner, when many are waiting) the
-entries are formatted in one loop, as the root handler would (`%(asctime)s INFO switchyard.access: <json>`, the
-same bytes in the same place), and written with one syscall. Formatting a batch in a tight loop costs a third of
-formatting each line on the request path, where the code it needs has long left the CPU's caches. An app
+entries are formatted together, as the root handler would (`%(asctime)s INFO switchyard.access: <json>`, the
+same bytes in the same place), and written with one syscall: one orjson call serialises the batch, and a tight
+loop adds each line's time stamp. That costs a quarter of formatting each line on the request path, where the
+code it needs has long left the CPU's caches. An app
 created by other code (tests, an embedding program) keeps the logger, so its own logging configuration and
 handlers see every line.
 """
@@ -45,12 +46,9 @@ Entry = tuple[
     int | None,
 ]
 
-_LINE = (
-    b'{"request_id":%s,"route":%s,"model":%s,"backend":%s,"status":%d,"duration_ms":%.3f,"ttft_ms":%s,'
-    b'"prompt_tokens":%s,"completion_tokens":%s,"retries":%d,"failovers":%d,'
-    b'"cached_tokens_predicted":%s,"cached_tokens_reported":%s}'
-)
-_MAX_NAMES = 4096  # JSON strings kept for the route, model and backend names seen (a bounded set in practice)
+_SEPARATOR = b'},{"request_id":'  # between two records of a batch (a quote inside a string is escaped)
+_FIRST = b'[{"request_id":'
+_LINE = b'%s,%03d INFO switchyard.access: {"request_id":%s}\n'  # logging.basicConfig's layout
 
 
 class AccessLog(Protocol):
@@ -58,40 +56,34 @@ class AccessLog(Protocol):
     def flush(self) -> None: ...
 
 
-class LineFormatter:
-    """An entry as its JSON line: the same keys, order and values as orjson.dumps of the dict would give."""
+def record(entry: Entry) -> dict[str, object]:
+    """An entry as the JSON object of its line, in the log's key order."""
+    _, rid, route, model, backend, status, seconds, ttft, prompt, completion, retries, failovers, pred, rep = entry
+    return {
+        "request_id": rid.decode("latin-1"),
+        "route": route,
+        "model": model,
+        "backend": backend,
+        "status": status,
+        "duration_ms": round(seconds * 1000, 3),
+        "ttft_ms": None if ttft is None else round(ttft * 1000, 3),
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "retries": retries,
+        "failovers": failovers,
+        "cached_tokens_predicted": pred,
+        "cached_tokens_reported": rep,
+    }
 
-    def __init__(self) -> None:
-        self._names: dict[str | None, bytes] = {}
 
-    def _name(self, value: str | None) -> bytes:
-        text = self._names.get(value)
-        if text is None:
-            if len(self._names) > _MAX_NAMES:
-                self._names.clear()
-            text = self._names[value] = orjson.dumps(value)
-        return text
-
-    def line(self, entry: Entry) -> bytes:
-        _, rid, route, model, backend, status, seconds, ttft, prompt, completion, retries, failovers, pred, rep = entry
-        name = self._name
-        # Request ids are printable ASCII (proxy/headers.py); only a quote or a backslash needs escaping.
-        rid_json = orjson.dumps(rid.decode("latin-1")) if b'"' in rid or b"\\" in rid else b'"' + rid + b'"'
-        return _LINE % (
-            rid_json,
-            name(route),
-            name(model),
-            name(backend),
-            status,
-            seconds * 1000,
-            b"null" if ttft is None else b"%.3f" % (ttft * 1000),
-            b"null" if prompt is None else b"%d" % prompt,
-            b"null" if completion is None else b"%d" % completion,
-            retries,
-            failovers,
-            b"null" if pred is None else b"%d" % pred,
-            b"null" if rep is None else b"%d" % rep,
-        )
+def record_bodies(entries: list[Entry]) -> list[bytes]:
+    """Each entry's JSON object between its `{"request_id":` and its `}`. One orjson call serialises the whole
+    batch, as an array, which is then cut between its records: half the cost of a call per line."""
+    array = orjson.dumps(list(map(record, entries)))
+    bodies = array[len(_FIRST) : -len(b"}]")].split(_SEPARATOR)
+    if len(bodies) != len(entries):  # cannot happen (see _SEPARATOR); were it to, one call each
+        return [orjson.dumps(record(entry))[len(_FIRST) - 1 : -1] for entry in entries]
+    return bodies
 
 
 class LoggerAccessLog:
@@ -99,11 +91,10 @@ class LoggerAccessLog:
 
     def __init__(self) -> None:
         self._logger = logging.getLogger(LOGGER)
-        self._format = LineFormatter()
 
     def write(self, entry: Entry) -> None:
         if self._logger.isEnabledFor(logging.INFO):
-            self._logger.info(self._format.line(entry).decode())
+            self._logger.info(orjson.dumps(record(entry)).decode())
 
     def flush(self) -> None:
         pass
@@ -116,7 +107,6 @@ class StreamAccessLog:
         self._fd = fd
         self._pending: list[Entry] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._format = LineFormatter()
         self._second = -1
         self._stamp = b""
 
@@ -139,17 +129,16 @@ class StreamAccessLog:
             return
         entries = self._pending
         self._pending = []
-        line = self._format.line
         parts = []
-        for entry in entries:
+        last, stamp = self._second, self._stamp
+        for entry, body in zip(entries, record_bodies(entries), strict=True):
             now = entry[0]
             second = int(now)
-            if second != self._second:  # strftime once a second, not once a line
-                self._second = second
-                self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)).encode()
-            parts.append(
-                b"%s,%03d INFO switchyard.access: %s\n" % (self._stamp, int((now - second) * 1000), line(entry))
-            )
+            if second != last:  # strftime once a second, not once a line
+                last = second
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)).encode()
+            parts.append(_LINE % (stamp, int((now - second) * 1000), body))
+        self._second, self._stamp = last, stamp
         data = memoryview(b"".join(parts))
         while data:
             try:

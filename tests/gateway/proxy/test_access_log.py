@@ -12,7 +12,7 @@ from pathlib import Path
 
 import uvloop
 
-from gateway.proxy.access_log import FLUSH_ENTRIES, Entry, LineFormatter, StreamAccessLog
+from gateway.proxy.access_log import FLUSH_ENTRIES, Entry, StreamAccessLog, record_bodies
 
 KEYS = [
     "request_id",
@@ -41,9 +41,13 @@ def entry(rid: bytes = b"abc123", **changes: object) -> Entry:
     return tuple(values)  # type: ignore[return-value]
 
 
+def line(one: Entry) -> str:
+    """The JSON of an entry's line, as a batch of one writes it."""
+    return '{"request_id":' + record_bodies([one])[0].decode() + "}"
+
+
 def test_a_line_is_the_json_of_the_entry_in_the_logs_key_order() -> None:
-    line = LineFormatter().line(entry())
-    parsed = json.loads(line)
+    parsed = json.loads(line(entry()))
     assert list(parsed) == KEYS
     assert parsed == {
         "request_id": "abc123",
@@ -63,7 +67,7 @@ def test_a_line_is_the_json_of_the_entry_in_the_logs_key_order() -> None:
 
 
 def test_unknowns_are_null_and_odd_strings_are_escaped() -> None:
-    odd = LineFormatter().line(
+    odd = line(
         entry(rid=b'id"with\\quote', _3='model "quoted"\n', _4=None, _7=None, _8=None, _9=None, _12=None, _13=None)
     )
     parsed = json.loads(odd)
@@ -71,6 +75,24 @@ def test_unknowns_are_null_and_odd_strings_are_escaped() -> None:
     assert parsed["model"] == 'model "quoted"\n'
     for key in ("backend", "ttft_ms", "prompt_tokens", "completion_tokens", "cached_tokens_predicted"):
         assert parsed[key] is None
+
+
+def test_a_batch_is_cut_into_its_records_whatever_their_strings_hold() -> None:
+    """The batch is one JSON array cut between records: a request id or a name that spells the cut (or breaks
+    the line) stays inside its own record."""
+    tricky = [
+        entry(rid=b'x"},{"request_id":"y'),
+        entry(_3='},{"request_id":', _4='"}]'),
+        entry(rid=b"plain", _2="/v1/completions\n"),
+        entry(rid=b"\\", _7=None),
+    ]
+    bodies = record_bodies(tricky)
+    assert len(bodies) == len(tricky)
+    parsed = [json.loads('{"request_id":' + body.decode() + "}") for body in bodies]
+    assert [p["request_id"] for p in parsed] == ['x"},{"request_id":"y', "abc123", "plain", "\\"]
+    assert parsed[1]["model"] == '},{"request_id":' and parsed[1]["backend"] == '"}]'
+    assert parsed[2]["route"] == "/v1/completions\n"
+    assert all("\n" not in body.decode() for body in bodies)  # a newline in a value is escaped: one line each
 
 
 class LogFile:
