@@ -90,7 +90,8 @@ def test_a_batch_is_cut_into_its_records_whatever_their_strings_hold() -> None:
     assert len(bodies) == len(tricky)
     parsed = [json.loads('{"request_id":' + body.decode() + "}") for body in bodies]
     assert [p["request_id"] for p in parsed] == ['x"},{"request_id":"y', "abc123", "plain", "\\"]
-    assert parsed[1]["model"] == '},{"request_id":' and parsed[1]["backend"] == '"}]'
+    assert parsed[1]["model"] == '},{"request_id":'
+    assert parsed[1]["backend"] == '"}]'
     assert parsed[2]["route"] == "/v1/completions\n"
     assert all("\n" not in body.decode() for body in bodies)  # a newline in a value is escaped: one line each
 
