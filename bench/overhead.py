@@ -26,7 +26,10 @@ The request is a small non-stream chat completion (113 bytes in, 317 bytes of JS
 - Gateway CPU per request, µs: utime+stime of the gateway process (/proc/PID/stat) over a phase divided by
   the requests it served. The max-throughput figure is the one that travels between machines (latency depends
   on the machine's load, CPU time per request much less); at low rates it is higher, since each request pays
-  its own wake-ups and syscalls. The upstream's CPU per request is shown too, for scale.
+  its own wake-ups and syscalls. The upstream's CPU per request is shown too, for scale. Besides the defaults
+  the gateway runs as `round-robin` (the cheapest policy: what the default cache-aware pick adds to a short
+  prompt), `no-log` (the access log off), `keys` (an API key with rpm/tpm limits) and, with --tracing,
+  `tracing`.
 - Streams: SSE chunks/s received with --streams (default 4) concurrent streams of --chunks (default 1000)
   chunks each (211 bytes apiece), repeated for the phase's duration, and the gateway's CPU per chunk. The
   upstream writes each chunk with its own send() as fast as it can, so the kernel coalesces them and the
@@ -37,9 +40,10 @@ The request is a small non-stream chat completion (113 bytes in, 317 bytes of JS
   a shared machine lands on whichever path is measured then, so `added p99` is the median over the slices of
   the path's p99 gap minus direct's in the same slice (each slice's is printed too). Also printed: the gaps
   over all slices (p50/p99/p99.9) and the proxy's memory per open stream. A second phase does the same while
-  each stream ends after about --stream-life chunks and a new one, on a new connection, takes its place (the
-  proxy starts and ends ~130 streams a second while it relays the rest). The client's own garbage collector
-  is off in these phases: its pauses would read as the proxy's gaps.
+  each stream ends after about --stream-life chunks and a new one, on a new connection, takes its place: the
+  first streams start part-way through their lives, so streams end at the steady rate from the start (200 a
+  second with the defaults) on every path alike, and the proxy starts and ends them while it relays the rest.
+  The client's own garbage collector is off in these phases: its pauses would read as the proxy's gaps.
 
 All processes share the machine's cores (2 on the development machines), so max throughput is bounded by
 client + gateway + upstream together; compare paths, not absolute numbers between machines.
@@ -591,8 +595,21 @@ async def paced_streams(
     sample = Sample()
     live: set[StreamConnection] = set()
 
-    async def start() -> StreamConnection:
-        chunks = rng.randint(life // 2, life * 3 // 2) if life else int((seconds + 120) * 1000 / interval_ms)
+    def lifetime(first: bool) -> int:
+        if not life:
+            return int((seconds + 120) * 1000 / interval_ms)
+        while True:
+            chunks = rng.randint(life // 2, life * 3 // 2)
+            if not first:
+                return chunks
+            # The first streams join a churn already under way: each is seen at a uniform point of a life drawn in
+            # proportion to its length (a renewal process's residual life), so streams end at the steady rate from
+            # the start, on every path alike, and not in a wave whose timing depends on how fast a path opened them.
+            if rng.random() * (life * 3 // 2) <= chunks:
+                return rng.randint(1, chunks)
+
+    async def start(first: bool = False) -> StreamConnection:
+        chunks = lifetime(first)
         body = json.dumps({"model": MODEL, "messages": [], "stream": True, "max_tokens": chunks,
                            "interval_ms": interval_ms}).encode()  # fmt: skip
         _, conn = await loop.create_connection(
@@ -610,7 +627,7 @@ async def paced_streams(
             conn.close()
             if stopping:
                 return
-            sample.requests += 1
+            sample.requests += measuring[0]  # the streams that ended in the window
             sample.errors += not complete
             conn = await start()
             if stopping:  # the window closed while it was being opened
@@ -622,11 +639,15 @@ async def paced_streams(
     gc.disable()
     try:
         before = rss_bytes(target.pid) if target.pid else 0
-        first = [await start() for _ in range(count)]  # one after another: a thundering herd is not measured here
+        first: list[StreamConnection] = []
+        slots: list[asyncio.Task[None]] = []
+        for _ in range(count):  # one after another: a thundering herd is not measured here
+            first.append(await start(first=True))
+            if life:
+                slots.append(asyncio.create_task(replacing(first[-1])))
         # The window opens once every stream flows: the proxy's work of setting them up is not what it measures
         # (with `life`, starting and ending streams goes on all through the window).
         await asyncio.wait_for(asyncio.gather(*(conn.flowing for conn in first)), timeout=60)
-        slots = [asyncio.create_task(replacing(conn)) for conn in first] if life else []
         await asyncio.sleep(2 * interval_ms / 1000)
         measuring[0] = True
         started = perf_counter()
@@ -669,7 +690,8 @@ class Target:
 
 OPEN_SLICES = 3
 LATENCY_PATHS = ("direct", "gateway", "vllm-router")
-CPU_PATHS = ("direct", "gateway", "no-log", "keys", "tracing", "vllm-router")
+# round-robin: the gateway with the cheapest policy, to show what the default (cache-aware) pick adds
+CPU_PATHS = ("direct", "gateway", "round-robin", "no-log", "keys", "tracing", "vllm-router")
 # no-failover: what watching every stream for a failover (return_token_ids, the id bookkeeping) costs
 STREAM_PATHS = ("direct", "gateway", "no-failover", "vllm-router")
 
@@ -952,6 +974,9 @@ def goal_lines(h: dict[str, float]) -> list[str]:
     keys = h.get("cpu_us_per_request_keys")
     if gw is not None and keys is not None:
         check("API keys + rpm/tpm limits, CPU / open", keys / gw, "<= 1.10", keys / gw <= 1.10)
+    plain = h.get("cpu_us_per_request_round-robin")
+    if gw is not None and plain:
+        check("default policy, CPU / round_robin's (short prompts)", gw / plain, "<= 1.05", gw / plain <= 1.05)
     tracing = h.get("cpu_us_per_request_tracing")
     if gw is not None and tracing is not None:
         check("tracing on, CPU / off", tracing / gw, "reported", None if tracing is None else True)
@@ -1055,6 +1080,7 @@ def gateway_configs(upstream_port: int, tracing: bool) -> dict[str, str]:
         "no-log": backend + "access_log: false\n",
         "keys": backend + keys,
         "no-failover": backend + "failover: {enabled: false}\n",
+        "round-robin": backend + "routing: {policy: round_robin}\n",
     }
     if tracing:
         configs["tracing"] = backend + "tracing: {enabled: true}\n"
