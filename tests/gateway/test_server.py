@@ -14,7 +14,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from gateway.lifecycle import Lifecycle
-from gateway.server import GC_YOUNG_THRESHOLD, DrainingServer, widen_young_generation
+from gateway.server import GC_YOUNG_THRESHOLD, DrainingServer, tune_collector
 from tests.servers import gateway, running_sims, sim
 
 
@@ -26,10 +26,37 @@ def gc_state() -> Iterator[None]:
     gc.set_threshold(*threshold)
 
 
-def test_widen_young_generation_keeps_the_older_thresholds(gc_state: None) -> None:
-    gc.set_threshold(700, 11, 12)
-    widen_young_generation()
-    assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 11, 12)
+def test_the_collector_pauses_briefly_for_a_burst_of_survivors_and_rarely_collects_fully(gc_state: None) -> None:
+    """200,000 long-lived objects made at once (a few thousand streams opening): no middle collection examines more than
+    four young generations' worth, and no full collection runs."""
+    gc.collect()
+    tune_collector()
+    largest = {1: 0, 2: 0}
+    collections = {0: 0, 1: 0, 2: 0}
+    since_middle = [0]
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        if phase != "start":
+            return
+        generation = info["generation"]
+        collections[generation] += 1
+        if generation == 0:
+            since_middle[0] += 1
+        else:  # it examines the young generations that went into it since the last middle collection
+            largest[generation] = max(largest[generation], since_middle[0] + 1)
+            since_middle[0] = 0
+
+    gc.callbacks.append(watch)
+    try:
+        survivors = [{"stream": i} for i in range(200_000)]
+    finally:
+        gc.callbacks.remove(watch)
+    assert len(survivors) == 200_000
+    assert collections[0] >= 8  # young collections did run: the burst went through the generations
+    assert collections[1] >= 2
+    assert largest[1] <= 4  # at CPython's default middle threshold: 12
+    assert collections[2] == 0
+    assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
 
 
 def test_startup_freezes_what_the_lifespan_built(gc_state: None) -> None:
