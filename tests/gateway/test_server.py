@@ -31,20 +31,21 @@ def test_the_collector_pauses_briefly_for_a_burst_of_survivors_and_rarely_collec
     four young generations' worth, and no full collection runs."""
     gc.collect()
     tune_collector()
-    largest = {1: 0, 2: 0}
-    collections = {0: 0, 1: 0, 2: 0}
-    since_middle = [0]
+    collections = [0, 0, 0]  # by generation
+    largest_middle = 0  # young generations examined by the largest middle collection
+    young_since_middle = 0
 
     def watch(phase: str, info: dict[str, int]) -> None:
+        nonlocal largest_middle, young_since_middle
         if phase != "start":
             return
         generation = info["generation"]
         collections[generation] += 1
         if generation == 0:
-            since_middle[0] += 1
-        else:  # it examines the young generations that went into it since the last middle collection
-            largest[generation] = max(largest[generation], since_middle[0] + 1)
-            since_middle[0] = 0
+            young_since_middle += 1
+        else:  # it examines the young generations that went into it since the last middle one, and the current
+            largest_middle = max(largest_middle, young_since_middle + 1)
+            young_since_middle = 0
 
     gc.callbacks.append(watch)
     try:
@@ -54,7 +55,7 @@ def test_the_collector_pauses_briefly_for_a_burst_of_survivors_and_rarely_collec
     assert len(survivors) == 200_000
     assert collections[0] >= 8  # young collections did run: the burst went through the generations
     assert collections[1] >= 2
-    assert largest[1] <= 4  # at CPython's default middle threshold: 12
+    assert largest_middle <= 4  # at CPython's default middle threshold: 12
     assert collections[2] == 0
     assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
 
