@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         proxy_headers=False,  # trust no X-Forwarded-For by default; the peer address is the client
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown.grace_period) or None,
+        timeout_keep_alive=settings.limits.keep_alive_timeout,
     )
     server = DrainingServer(config, app.lifecycle, settings.shutdown.drain_delay)
     tune_collector()

@@ -253,6 +253,13 @@ class LimitSettings(StrictModel):
         gt=0,
         description="Longest silence while a request body arrives; then 408 (nginx's client_body_timeout).",
     )
+    keep_alive_timeout: int = Field(
+        default=75,
+        gt=0,
+        description="Seconds an idle client connection stays open for its next request (nginx's keepalive_timeout). "
+        "Longer than clients' own pool expiry (5 s in httpx and so the openai SDK): a server that closes first "
+        "races the client's next request on that connection, which then fails with a reset.",
+    )
 
 
 class Settings(BaseSettings):

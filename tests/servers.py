@@ -136,7 +136,7 @@ def sim(model: str, *extra: str, count: int = 1, fast: bool = True) -> SimProces
 class ThreadedServer:
     """An ASGI app under a real uvicorn (httptools, uvloop) in a background thread, on a loopback port."""
 
-    def __init__(self, app: Any, port: int | None = None, http: Any = "httptools") -> None:
+    def __init__(self, app: Any, port: int | None = None, http: Any = "httptools", keep_alive: int = 5) -> None:
         self.port = port or free_port()
         self.app = app
         self._server = uvicorn.Server(
@@ -149,6 +149,7 @@ class ThreadedServer:
                 lifespan="on",
                 access_log=False,
                 log_level="warning",
+                timeout_keep_alive=keep_alive,
             )
         )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
@@ -180,7 +181,9 @@ class GatewayServer(ThreadedServer):
             if asgi_server
             else protocol_class(limits.header_timeout, limits.max_header_count, limits.max_header_bytes)
         )
-        super().__init__(create_app(settings, batch_records=batch_records), http=http)
+        super().__init__(
+            create_app(settings, batch_records=batch_records), http=http, keep_alive=limits.keep_alive_timeout
+        )
 
     @property
     def registry(self) -> Registry:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -15,6 +16,7 @@ from starlette.applications import Starlette
 
 from gateway.lifecycle import Lifecycle
 from gateway.server import GC_YOUNG_THRESHOLD, DrainingServer, tune_collector
+from gateway.settings import LimitSettings
 from tests.servers import gateway, running_sims, sim
 
 
@@ -111,3 +113,20 @@ def test_requests_leave_no_reference_cycles_behind() -> None:
                 gc.set_debug(0)
                 gc.garbage.clear()
     assert ours == []
+
+
+def test_idle_client_connections_outlive_the_clients_own_pool_expiry() -> None:
+    """A client's pool drops an idle connection before the gateway closes it, so no request is ever sent on a
+    connection the gateway is closing at that moment; the setting is what the server honours."""
+    assert LimitSettings().keep_alive_timeout > httpx.Limits().keepalive_expiry  # type: ignore[operator]
+    with gateway("http://127.0.0.1:9", limits={"keep_alive_timeout": 2}) as gw, socket.create_connection(("127.0.0.1", gw.port)) as conn:
+        conn.settimeout(5)
+        request = b"GET /health HTTP/1.1\r\nhost: gateway\r\n\r\n"
+        conn.sendall(request)
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(1)  # idle, within the timeout: the connection still serves
+        conn.sendall(request)
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert conn.recv(65536) == b""  # then closed by the gateway, once idle for the timeout
+        assert 1.5 < time.monotonic() - started < 4
