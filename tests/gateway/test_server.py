@@ -119,7 +119,10 @@ def test_idle_client_connections_outlive_the_clients_own_pool_expiry() -> None:
     """A client's pool drops an idle connection before the gateway closes it, so no request is ever sent on a
     connection the gateway is closing at that moment; the setting is what the server honours."""
     assert LimitSettings().keep_alive_timeout > httpx.Limits().keepalive_expiry  # type: ignore[operator]
-    with gateway("http://127.0.0.1:9", limits={"keep_alive_timeout": 2}) as gw, socket.create_connection(("127.0.0.1", gw.port)) as conn:
+    with (
+        gateway("http://127.0.0.1:9", limits={"keep_alive_timeout": 2}) as gw,
+        socket.create_connection(("127.0.0.1", gw.port)) as conn,
+    ):
         conn.settimeout(5)
         request = b"GET /health HTTP/1.1\r\nhost: gateway\r\n\r\n"
         conn.sendall(request)
