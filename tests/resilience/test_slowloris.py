@@ -157,4 +157,5 @@ def test_a_body_that_stalls_gets_408(sent: bytes) -> None:
         error = json.loads(response.partition(b"\r\n\r\n")[2])["error"]
         assert error["code"] == "request_timeout"
         assert "nothing arrived for 0.5 s" in error["message"]
-        assert 0.5 <= waited < 3
+        # uvloop's clock counts whole milliseconds, cached once per loop turn: its 0.5 s can end up to 1 ms early
+        assert 0.499 <= waited < 3
