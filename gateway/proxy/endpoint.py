@@ -71,7 +71,8 @@ class Proxy:
         except asyncio.CancelledError:
             if watch.disconnected:
                 task.uncancel()
-                exchange.outcome.status = CLIENT_CLOSED
+                if not exchange.outcome.delivered:
+                    exchange.outcome.status = CLIENT_CLOSED
                 return
             raise
         finally:

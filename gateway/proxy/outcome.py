@@ -40,6 +40,7 @@ class Outcome:
     retries: int = 0
     failovers: int = 0  # continuations of a stream on other backends after its backend failed mid-stream
     ttft: float | None = None
+    delivered: bool = False  # the client hung up only after the whole answer (an event stream's [DONE])
     usage: Usage | None = None
     usage_tail: bytes | None = None  # the answer's last bytes, where its usage is, until parsed (`settle_usage`)
     predicted_cached: int | None = None  # prompt tokens routing expected the backend to have cached

@@ -9,6 +9,7 @@ off, so that it cannot pass for a complete one.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 
@@ -78,6 +79,11 @@ class Relay:
                     break
                 response, backend = resumed
                 failure = await copy(exchange, response, observer, False, backend, stream)
+        except asyncio.CancelledError:
+            if observer.done:  # the client hung up after the stream's [DONE]: it had the whole answer
+                outcome.delivered = True
+                outcome.usage, outcome.usage_tail = observer.usage()
+            raise
         finally:
             response.close()  # no-op once released; drops the upstream connection when cut short
             outcome.ttft = observer.ttft
@@ -95,7 +101,7 @@ class Relay:
             self._metrics.stream_failovers.labels(exchange.label, "unsupported").inc()
         # The status line is gone: tell an SSE client in-band, then end the stream cleanly.
         rest = observer.flush()
-        separator = b"" if (rest or observer.sent_tail).endswith(b"\n\n") else b"\n\n"
+        separator = b"" if (rest or observer.last_sent).endswith(b"\n\n") else b"\n\n"
         event = b"data: " + error_body(error.message, error.error_type, None, error.status) + b"\n\ndata: [DONE]\n\n"
         await exchange.finish(rest + separator + event)
 

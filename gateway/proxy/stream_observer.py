@@ -9,11 +9,12 @@ from time import perf_counter
 from typing import Protocol
 
 from gateway.loop_series import HistogramChild
+from gateway.proxy.failover_stream import DONE
 from gateway.proxy.usage import Usage, UsageTail, count_content_events
 
 
 class StreamFilter(Protocol):
-    """Rewrites an SSE body on its way to the client; holds the usage it saw."""
+    """Rewrites an SSE body on its way to the client, in whole events; holds the usage it saw."""
 
     usage: Usage | None
 
@@ -24,7 +25,7 @@ class StreamFilter(Protocol):
 class ChunkObserver:
     def __init__(self, is_sse: bool, stream_filter: StreamFilter | None, started: float, itl: HistogramChild) -> None:
         self.ttft: float | None = None
-        self.sent_tail = b"\n\n"  # last bytes sent: does an injected event need a separator first?
+        self.last_sent = b"\n\n"  # the last bytes sent: does an injected event need a separator first?
         self.sse = is_sse
         self._started = started
         self._itl = itl
@@ -51,15 +52,21 @@ class ChunkObserver:
         if self._filter is not None:
             chunk = self._filter.feed(chunk)
         if chunk:
-            self.sent_tail = chunk[-2:]
+            self.last_sent = chunk
         return chunk
 
     def flush(self) -> bytes:
         """Bytes held back (an unfinished event) when the upstream ends."""
         rest = self._filter.flush() if self._filter is not None else b""
         if rest:
-            self.sent_tail = rest[-2:]
+            self.last_sent = rest
         return rest
+
+    @property
+    def done(self) -> bool:
+        """An event stream's [DONE] went out: the client has the whole answer. (A filter sends whole events, so
+        the last chunk it let through ends with [DONE]; an unfiltered body's tail holds it across chunks.)"""
+        return self.sse and (self.last_sent if self._filter is not None else self._tail.tail).endswith(DONE)
 
     def usage(self) -> tuple[Usage | None, bytes | None]:
         """The usage a filter read, or else the body's last bytes, where vLLM puts it (parse_usage)."""

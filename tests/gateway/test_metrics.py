@@ -3,16 +3,21 @@ streams whose client did not ask for it), TTFT and inter-token histograms, bound
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import openai
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from gateway.fleet.registry import BackendSpec
-from tests.servers import GatewayServer, SimProcess, gateway, running_sims, sim, wait_until
+from tests.servers import GatewayServer, SimProcess, ThreadedServer, gateway, running_sims, sim, wait_until
 
 CHAT = [{"role": "user", "content": "Count the wagons in the yard."}]
 
@@ -80,6 +85,73 @@ def test_non_stream_usage_counted(gw: GatewayServer) -> None:
     embedded = client.embeddings.create(model="m", input="wagons")
     expected = result.usage.prompt_tokens + embedded.usage.prompt_tokens
     assert sample(gw, "switchyard_tokens_total", model="m", kind="prompt") == expected
+
+
+def lingering_upstream(model: str, words: list[str], linger_s: float) -> Starlette:
+    """A vLLM-like server whose stream sends its usage and [DONE], then holds the body open a while before it
+    ends it: the client has its whole answer before the gateway sees the upstream finish."""
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": model, "object": "model", "root": model}]})
+
+    def event(**fields: object) -> bytes:  # compact JSON, as vLLM writes it
+        head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model}
+        return b"data: " + json.dumps({**head, **fields}, separators=(",", ":")).encode()
+
+    async def chat(request: Request) -> Response:
+        async def events() -> AsyncIterator[bytes]:
+            for word in words:
+                yield event(choices=[{"index": 0, "delta": {"content": word}, "finish_reason": None}]) + b"\n\n"
+            usage = {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)}
+            yield event(choices=[], usage=usage)  # [DONE] comes in the next chunk, as framing may split them
+            yield b"\n\ndata: [DONE]\n\n"
+            await asyncio.sleep(linger_s)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def health(request: Request) -> Response:
+        return Response()
+
+    return Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+        ]
+    )
+
+
+@pytest.mark.parametrize("asgi_server", [False, True], ids=["own-server", "uvicorn"])
+@pytest.mark.parametrize(
+    ("include_usage", "failover"),
+    [(False, "on"), (False, "off"), (True, "off")],
+    ids=["failover-stream", "usage-hidden", "unfiltered"],
+)
+def test_a_client_that_hangs_up_after_done_had_its_whole_answer(
+    asgi_server: bool, include_usage: bool, failover: str
+) -> None:
+    """The openai SDK closes the connection as soon as it reads [DONE]. That client got everything: the request
+    counts as a 200 and its tokens are counted (and charged), not lost as a 499. Each way a stream can pass
+    through (kept one stream for failover, its usage event hidden, untouched), under either server."""
+    app = lingering_upstream("m", ["one ", "two ", "three"], linger_s=1.0)
+    with ThreadedServer(app) as upstream, gateway(upstream.url, asgi_server=asgi_server) as gw:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+        chunks = list(
+            client.chat.completions.create(
+                model="m",
+                messages=CHAT,  # type: ignore[arg-type]
+                stream=True,
+                stream_options={"include_usage": include_usage},
+                extra_headers={"X-Switchyard-Failover": failover},
+            )
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "one two three"
+        assert (chunks[-1].usage is not None) is include_usage
+        route = "/v1/chat/completions"
+        wait_until(lambda: sample(gw, "switchyard_requests_total", model="m", route=route, code="200") == 1)
+        assert sample(gw, "switchyard_requests_total", model="m", route=route, code="499") == 0
+        assert sample(gw, "switchyard_tokens_total", model="m", kind="completion") == 3
+        assert sample(gw, "switchyard_tokens_total", model="m", kind="prompt") == 7
 
 
 def test_ttft_and_itl_histograms(gw: GatewayServer) -> None:
