@@ -46,7 +46,10 @@ The request is a small non-stream chat completion (113 bytes in, 317 bytes of JS
   The client's own garbage collector is off in these phases: its pauses would read as the proxy's gaps.
 
 All processes share the machine's cores (2 on the development machines), so max throughput is bounded by
-client + gateway + upstream together; compare paths, not absolute numbers between machines.
+client + gateway + upstream together; compare paths, not absolute numbers between machines. With --pin each
+proxy runs on one CPU and the client, wrk and the upstream on the others, as proxies are benchmarked on one
+host: the load generator can no longer preempt the proxy, so the open-streams gaps show the proxy's own
+backlog. vllm-router's threads then share that one CPU too, as the gateway's one process does.
 """
 
 from __future__ import annotations
@@ -115,6 +118,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def cpu_split() -> tuple[set[int], set[int]]:
+    """--pin: the first CPU this process may use for the proxies, the rest for the client and the upstream."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 CPUs")
+    return {cpus[0]}, set(cpus[1:])
+
+
 class Children:
     """Starts child processes and stops every one of them (SIGTERM, then SIGKILL) when the block exits."""
 
@@ -137,8 +148,18 @@ class Children:
                 proc.wait()
             log.close()
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, cpus: set[int] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a child; `cpus` pins it (and its threads) to those CPUs, else it inherits this process's."""
         log = (self._workdir / f"{name}.log").open("w")
+
+        def before_exec() -> None:
+            if sys.platform == "linux":
+                _die_with_parent()
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)
+
         proc = subprocess.Popen(
             argv,
             cwd=ROOT,
@@ -147,7 +168,7 @@ class Children:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches only the benchmark, which then stops them in order
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=before_exec,
         )
         self._procs.append((name, proc, log))
         return proc
@@ -703,6 +724,7 @@ class Bench:
     upstream_pid: int
     wrk_scripts: dict[str, Path] | None
     revision: str
+    pinning: str | None = None  # --pin: which CPUs the proxies and the load got
     phases: list[Phase] = field(default_factory=list)
 
     def paths(self, wanted: tuple[str, ...]) -> list[Target]:
@@ -839,6 +861,7 @@ def report(bench: Bench) -> dict[str, Any]:
     print(f"gateway code: {bench.revision}")
     paths = ", ".join(f"{t.name} (:{t.port})" for t in bench.targets.values())
     print(f"paths: {paths}; gateway = its defaults (access log on, to a file)")
+    print(bench.pinning or "not pinned: the proxies, the client, wrk and the upstream share every CPU")
     errors = sum(sample.errors for phase in bench.phases for sample in phase.samples.values())
     if errors:
         print(f"WARNING: {errors} requests failed (see the errors columns): the figures below are not valid")
@@ -1025,6 +1048,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--only", default=None, help="comma-separated paths to run (direct is always in)")
     parser.add_argument("--tracing", action="store_true", help="add a path with tracing on (an unreachable collector)")
+    parser.add_argument(
+        "--pin", action="store_true",
+        help="run each proxy (the gateway paths, vllm-router and its threads) on one CPU, and the client, wrk "
+        "and the upstream on the others (Linux): the load generator then never takes the proxy's core",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.duration = min(args.duration, 2.0)
@@ -1099,6 +1127,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vllm-router not found at {args.vllm_router}: its path is left out (--install-vllm-router)",
               file=sys.stderr)  # fmt: skip
     only = set(args.only.split(",")) if args.only else None
+    proxy_cpus: set[int] | None = None
+    if args.pin:
+        proxy_cpus, load_cpus = cpu_split()
+        os.sched_setaffinity(0, load_cpus)  # the client, and wrk and the upstream after it
     with sigterm_exits(), tempfile.TemporaryDirectory(prefix="switchyard-bench-") as tmp, Children(Path(tmp)) as kids:
         workdir = Path(tmp)
         upstream_port = free_port()
@@ -1119,6 +1151,7 @@ def main(argv: list[str] | None = None) -> int:
                 name,
                 [sys.executable, "-m", "gateway", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
                 env=env,
+                cpus=proxy_cpus,
             )
             wait_ready(kids, name, proc, f"http://127.0.0.1:{port}/ready", 30)
             extra = f"Authorization: Bearer {BENCH_KEY}\r\n" if name == "keys" else ""
@@ -1128,7 +1161,7 @@ def main(argv: list[str] | None = None) -> int:
             proc = kids.start("vllm-router", [
                 router, "--worker-urls", f"http://127.0.0.1:{upstream_port}", "--policy", "round_robin",
                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-            ])  # fmt: skip
+            ], cpus=proxy_cpus)  # fmt: skip
             wait_ready(kids, "vllm-router", proc, f"http://127.0.0.1:{port}/health", 60)
             targets["vllm-router"] = Target("vllm-router", port, proc.pid)
         scripts = None
@@ -1139,8 +1172,12 @@ def main(argv: list[str] | None = None) -> int:
                 header = f'wrk.headers["Authorization"] = "Bearer {BENCH_KEY}"\n' if target.extra else ""
                 script.write_text(WRK_SCRIPT.replace("@BODY@", SMALL_BODY.decode()) + header)
                 scripts[name] = script
+        pinning = None
+        if proxy_cpus is not None:
+            pinning = (f"pinned (--pin): each proxy on CPU {min(proxy_cpus)}, the client, wrk and the upstream on "
+                       f"CPU {', '.join(map(str, sorted(load_cpus)))}")  # fmt: skip
         bench = Bench(args=args, targets=targets, upstream_pid=upstream.pid, wrk_scripts=scripts,
-                      revision=gateway_revision())  # fmt: skip
+                      revision=gateway_revision(), pinning=pinning)  # fmt: skip
         uvloop.run(bench.run())
         for name in ("upstream", *targets):
             if name != "direct":
