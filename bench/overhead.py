@@ -1128,9 +1128,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
     only = set(args.only.split(",")) if args.only else None
     proxy_cpus: set[int] | None = None
+    pinning = None
     if args.pin:
         proxy_cpus, load_cpus = cpu_split()
         os.sched_setaffinity(0, load_cpus)  # the client, and wrk and the upstream after it
+        pinning = (f"pinned (--pin): each proxy on CPU {min(proxy_cpus)}, the client, wrk and the upstream on "
+                   f"CPU {', '.join(map(str, sorted(load_cpus)))}")  # fmt: skip
     with sigterm_exits(), tempfile.TemporaryDirectory(prefix="switchyard-bench-") as tmp, Children(Path(tmp)) as kids:
         workdir = Path(tmp)
         upstream_port = free_port()
@@ -1172,10 +1175,6 @@ def main(argv: list[str] | None = None) -> int:
                 header = f'wrk.headers["Authorization"] = "Bearer {BENCH_KEY}"\n' if target.extra else ""
                 script.write_text(WRK_SCRIPT.replace("@BODY@", SMALL_BODY.decode()) + header)
                 scripts[name] = script
-        pinning = None
-        if proxy_cpus is not None:
-            pinning = (f"pinned (--pin): each proxy on CPU {min(proxy_cpus)}, the client, wrk and the upstream on "
-                       f"CPU {', '.join(map(str, sorted(load_cpus)))}")  # fmt: skip
         bench = Bench(args=args, targets=targets, upstream_pid=upstream.pid, wrk_scripts=scripts,
                       revision=gateway_revision(), pinning=pinning)  # fmt: skip
         uvloop.run(bench.run())
