@@ -17,7 +17,7 @@ import orjson
 
 from gateway.errors import ErrorEvent
 from gateway.proxy.failover import FailoverPlan
-from gateway.proxy.usage import Usage, parse_usage
+from gateway.proxy.usage import CONTENT_EVENT, Usage, parse_usage
 
 SEP = b"\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -30,6 +30,7 @@ _FINISH = b'"finish_reason":'  # a string after it (not null): the stream's last
 _REASONING_DELTA = b'{"index":0,"delta":{"reasoning'  # reasoning_content (or reasoning) deltas
 _CONTENT_DELTA = b'{"index":0,"delta":{"content":"'
 _HEAD_KEYS = ("id", "object", "created", "model")
+_CLOSE = ord("]")
 
 
 class FailoverStream:
@@ -46,8 +47,11 @@ class FailoverStream:
         self._translate = False  # ... of a chat, from /v1/completions
         self._head: dict[str, Any] | None = None  # id, object, created and model of the first event
         self._prefix = b""  # its bytes up to its choices: every event of the same backend starts so
+        self._prefix_len = 0
+        self._count_from = 0  # where content is searched for in an event that starts with the prefix
         self._prompt_ids = b""  # comma-separated, as sent
-        self._generated = bytearray()  # the generated ids, comma-separated as sent (a few bytes a token)
+        # The generated ids as sent, each event's led by its "[" ("[7[8,9": 7, 8, 9): a few bytes a token.
+        self._generated = bytearray()
         self._part_start = 0  # tokens generated when the current part began
         self._last = b""  # the original backend's last content event, as received
         self._sent = False  # an event with content or a role went out (a failover is then a continuation)
@@ -55,15 +59,25 @@ class FailoverStream:
         self.done = False  # [DONE] came
         self.failure: ErrorEvent | None = None  # the backend sent an error event: fail over from here
         self.usage: Usage | None = None
+        self.content_events = 0  # in the last chunk fed: events with generated content (see usage.py)
 
     # -- the relay's filter ---------------------------------------------------------------------------
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._carry + chunk if self._carry else chunk
+        # The content events are counted here, for the stream's timing: an event of the original backend is
+        # searched after the head it shares with the first one, which holds no content (checked once).
+        prefix = self._prefix
+        headed: bool | None = bool(prefix) and chunk.startswith(prefix)
+        self.content_events = len(CONTENT_EVENT.findall(chunk, self._count_from if headed else 0))
+        if self._carry:
+            data = self._carry + chunk
+            headed = None  # not looked at
+        else:
+            data = chunk
         end = data.find(SEP)
         if end >= 0 and end == len(data) - 2 and self.failure is None:  # one whole event: vLLM writes each at once
             self._carry = b""
-            return self._continued(data) if self._continuing else self._original(data)
+            return self._continued(data) if self._continuing else self._original(data, headed)
         out = []
         start = 0
         while end >= 0 and self.failure is None:
@@ -80,9 +94,11 @@ class FailoverStream:
 
     # -- the original backend's events ----------------------------------------------------------------
 
-    def _original(self, event: bytes) -> bytes:
-        prefix = self._prefix
-        if prefix and event.startswith(prefix) and not event.startswith(b"]", len(prefix)):
+    def _original(self, event: bytes, headed: bool | None = None) -> bytes:
+        """`headed`: the event is known to start with the prefix (None: not looked at yet)."""
+        if headed is None:
+            headed = bool(self._prefix) and event.startswith(self._prefix)
+        if headed and event[self._prefix_len] != _CLOSE:
             # A content event, the usual case: its ids (last in vLLM's choice: found from the end) are kept
             # and, unless the client asked for them, nulled; nothing else is looked at.
             at = event.rfind(_IDS)
@@ -93,12 +109,9 @@ class FailoverStream:
             if end < 0:
                 return event
             if end > at + 1:
-                generated = self._generated
-                if generated:
-                    generated += b","
-                generated += event[at + 1 : end]
+                self._generated += event[at:end]
                 self._last = event
-            return b"".join((event[:at], b"null", event[end + 1 :])) if self._strip else event
+            return event[:at] + b"null" + event[end + 1 :] if self._strip else event
         return self._other(event)
 
     def _other(self, event: bytes) -> bytes:
@@ -123,7 +136,9 @@ class FailoverStream:
             self._learn_head(event[len(_DATA) : at - len(_CHOICES)])
             if self._head is None:
                 return event
-            self._prefix = event[:at]
+            self._prefix, self._prefix_len = event[:at], at
+            if CONTENT_EVENT.search(self._prefix) is None:  # no content in it: feed() looks after it
+                self._count_from = at
         self._sent = True
         if not self._prompt_ids:
             ids_at = event.find(_PROMPT_IDS)
@@ -148,7 +163,7 @@ class FailoverStream:
     @property
     def generated(self) -> int:
         """Tokens that reached the client."""
-        return self._generated.count(b",") + 1 if self._generated else 0
+        return self._generated.count(b"[") + self._generated.count(b",")
 
     @property
     def finished(self) -> bool:
@@ -174,7 +189,7 @@ class FailoverStream:
 
     def token_ids(self) -> list[int]:
         """The prompt's ids followed by the generated ones, for the continuation's prompt."""
-        generated = b"," + self._generated if self._generated else b""
+        generated = self._generated.replace(b"[", b",")
         parsed: list[int] = orjson.loads(b"[" + self._prompt_ids + generated + b"]")
         return parsed
 
@@ -233,9 +248,7 @@ class FailoverStream:
         choice = self._translated(choices[0]) if self._translate else choices[0]
         ids = choice.get("token_ids")
         if ids:
-            if self._generated:
-                self._generated += b","
-            self._generated += orjson.dumps(ids)[1:-1]
+            self._generated += orjson.dumps(ids)[:-1]
         if not self.plan.keep_ids and "token_ids" in choice:
             choice["token_ids"] = None
         if "prompt_token_ids" in choice:

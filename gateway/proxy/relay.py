@@ -58,7 +58,10 @@ class Relay:
         headers = [(name, value) for name, value in response.raw_headers if name not in drop]  # names in lower case
         headers.append((b"x-request-id", outcome.request_id))
         headers += outcome.extra_headers
-        observer = ChunkObserver(is_sse, stream_filter, outcome.started, self._metrics.model_series(exchange.label).itl)
+        itl = self._metrics.model_series(exchange.label).itl
+        # the request's prefill is done at its first token: its charge on the backend is released then
+        discharge = functools.partial(self._picker.discharge, exchange.info)
+        observer = ChunkObserver(is_sse, stream_filter, outcome.started, itl, discharge)
         learn_response_id = exchange.route == RESPONSES_ROUTE and response.status == 200
         try:
             await exchange.send({"type": "http.response.start", "status": response.status, "headers": headers})
@@ -78,6 +81,7 @@ class Relay:
                 if resumed is None:
                     break
                 response, backend = resumed
+                observer.await_first_token()  # the continuation's prefill ends at its first token
                 failure = await copy(exchange, response, observer, False, backend, stream)
         except asyncio.CancelledError:
             if observer.done:  # the client hung up after the stream's [DONE]: it had the whole answer
@@ -139,7 +143,7 @@ class Relay:
         stream that ends before its [DONE], or sends an error event, failed too: it is not finished here."""
         idle = self._idle_timeout
         send = exchange.send
-        observe = self._observing(exchange, observer, learn_response_id, backend)
+        observe = self._observing(observer, learn_response_id, backend)
         try:
             while True:
                 chunk = content.read_nowait()  # already buffered: no timer to arm
@@ -174,7 +178,7 @@ class Relay:
         stream: FailoverStream | None,
     ) -> UpstreamError | None:
         """`_copy`, with each chunk passed on by the upstream connection's callback as it arrives."""
-        observe = self._observing(exchange, observer, learn_response_id, backend)
+        observe = self._observing(observer, learn_response_id, backend)
         failure: UpstreamError | None = None
 
         def chunk_came(chunk: bytes) -> None:
@@ -196,22 +200,19 @@ class Relay:
         return failure or await self._ended(exchange, observer, stream)
 
     def _observing(
-        self, exchange: Exchange, observer: ChunkObserver, learn_response_id: bool, backend: Backend
+        self, observer: ChunkObserver, learn_response_id: bool, backend: Backend
     ) -> Callable[[bytes], bytes]:
-        """What each upstream chunk goes through on its way (returns the bytes for the client): the observer, a
-        Responses API answer's id learned once, and the prefill's charge released at the first token."""
-        waiting_first_token = observer.sse
+        """What each upstream chunk goes through on its way (returns the bytes for the client): the observer
+        and, for a Responses API answer, its id learned from the first chunk."""
+        if not learn_response_id:
+            return observer.feed  # every token of every stream: no frame in between
 
         def observe(chunk: bytes) -> bytes:
-            nonlocal learn_response_id, waiting_first_token
+            nonlocal learn_response_id
             if learn_response_id:
                 self._responses.learn(chunk, backend)
                 learn_response_id = False
-            out = observer.feed(chunk)
-            if waiting_first_token and observer.ttft is not None:
-                waiting_first_token = False
-                self._picker.discharge(exchange.info)  # its prefill is done
-            return out
+            return observer.feed(chunk)
 
         return observe
 

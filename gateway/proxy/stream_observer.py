@@ -5,55 +5,83 @@ kept one stream over its backends (FailoverStream)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from time import perf_counter
 from typing import Protocol
 
 from gateway.loop_series import HistogramChild
 from gateway.proxy.failover_stream import DONE
-from gateway.proxy.usage import Usage, UsageTail, count_content_events
+from gateway.proxy.usage import CONTENT_EVENT, Usage, UsageTail
 
 
 class StreamFilter(Protocol):
-    """Rewrites an SSE body on its way to the client, in whole events; holds the usage it saw."""
+    """Rewrites an SSE body on its way to the client, in whole events; holds the usage it saw, and counts the
+    content events of each chunk as it goes through it (`content_events`, as CONTENT_EVENT finds them)."""
 
     usage: Usage | None
+    content_events: int
 
     def feed(self, chunk: bytes) -> bytes: ...
     def flush(self) -> bytes: ...
 
 
 class ChunkObserver:
-    def __init__(self, is_sse: bool, stream_filter: StreamFilter | None, started: float, itl: HistogramChild) -> None:
+    """Observes each chunk on its way; `first_token` is called when the first content event passes.
+
+    `feed` runs for every token of every stream the gateway relays: it is written for that (one call, no
+    helper frames, the content events counted by one regex pass, the filter's when there is one)."""
+
+    def __init__(
+        self,
+        is_sse: bool,
+        stream_filter: StreamFilter | None,
+        started: float,
+        itl: HistogramChild,
+        first_token: Callable[[], None] = lambda: None,
+    ) -> None:
         self.ttft: float | None = None
         self.last_sent = b"\n\n"  # the last bytes sent: does an injected event need a separator first?
         self.sse = is_sse
         self._started = started
         self._itl = itl
+        self._first_token = first_token
+        self._awaiting = is_sse  # first_token is still to be called
         self._last_token_at = 0.0
         self._tail = UsageTail()
         self._filter = stream_filter if is_sse else None
+        self._count = CONTENT_EVENT.findall
 
     def feed(self, chunk: bytes) -> bytes:
         """Observe an upstream chunk; return the bytes to send the client (possibly none)."""
-        if self._filter is None:  # a filter reads the usage itself
+        stream_filter = self._filter
+        if stream_filter is None:  # a filter reads the usage itself
             self._tail.feed(chunk)
-        if not self.sse:
-            return chunk
-        tokens = count_content_events(chunk)
+            if not self.sse:
+                return chunk
+            tokens = len(self._count(chunk))
+        else:
+            chunk = stream_filter.feed(chunk)
+            tokens = stream_filter.content_events
         if tokens:
             now = perf_counter()
-            if self.ttft is None:
-                self.ttft = now - self._started
-            else:
+            if self.ttft is not None:
                 self._itl.observe(now - self._last_token_at)
-            for _ in range(tokens - 1):  # events that arrived together came with no gap between them
-                self._itl.observe(0.0)
+            else:
+                self.ttft = now - self._started
+            if self._awaiting:
+                self._awaiting = False
+                self._first_token()
+            if tokens > 1:
+                for _ in range(tokens - 1):  # events that arrived together came with no gap between them
+                    self._itl.observe(0.0)
             self._last_token_at = now
-        if self._filter is not None:
-            chunk = self._filter.feed(chunk)
         if chunk:
             self.last_sent = chunk
         return chunk
+
+    def await_first_token(self) -> None:
+        """Call `first_token` again at the next content event (that of a continuation on another backend)."""
+        self._awaiting = self.sse
 
     def flush(self) -> bytes:
         """Bytes held back (an unfinished event) when the upstream ends."""

@@ -22,7 +22,7 @@ _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 _CACHED_TOKENS = re.compile(rb'"cached_tokens":\s*(\d+)')  # in prompt_tokens_details (--enable-prompt-tokens-details)
 _USAGE_ONLY_EVENT = re.compile(rb'"choices":\s*\[\s*\]')
 # A delta or completion text that is not empty: the first one marks time to first token.
-_CONTENT = re.compile(rb'"(?:content|text|delta|reasoning_content)":\s*"[^"]')
+CONTENT_EVENT = re.compile(rb'"(?:content|text|delta|reasoning_content)":\s*"[^"]')
 _TAIL = 4096  # usage sits at the end of vLLM's JSON answers
 
 
@@ -50,7 +50,7 @@ def parse_usage(data: bytes) -> Usage | None:
 
 def count_content_events(chunk: bytes) -> int:
     """How many events in `chunk` carry generated content (the empty role-only chunk does not)."""
-    return len(_CONTENT.findall(chunk))
+    return len(CONTENT_EVENT.findall(chunk))
 
 
 def wants_usage_injection(route: str, payload: Mapping[str, Any] | None) -> bool:
@@ -84,8 +84,10 @@ class UsageChunkFilter:
     def __init__(self) -> None:
         self._carry = b""
         self.usage: Usage | None = None
+        self.content_events = 0  # in the last chunk fed
 
     def feed(self, chunk: bytes) -> bytes:
+        self.content_events = len(CONTENT_EVENT.findall(chunk))
         data = self._carry + chunk if self._carry else chunk
         end = data.rfind(b"\n\n")
         if end < 0:
