@@ -14,6 +14,7 @@ import pytest
 
 from gateway.proxy.failover import FailoverPlan, FailoverPolicy, continuation_body, inject_return_token_ids
 from gateway.proxy.failover_stream import FailoverStream
+from gateway.proxy.usage import count_content_events
 from gateway.settings import FailoverSettings
 
 CAPTURES = Path(__file__).parent / "vllm_streams"
@@ -70,6 +71,35 @@ def test_any_chunking_gives_the_same_bytes() -> None:
         assert fed(FailoverStream(FailoverPlan(chat=True)), pieces) == whole
     assert b"[DONE]" in whole
     assert b'"usage"' not in whole  # the client did not ask for it
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_content_events_are_counted_as_the_plain_search_counts_them(route: str) -> None:
+    """The stream searches an event of its backend only after the head all its events share: the counts
+    (TTFT and inter-token gaps come from them) are those of count_content_events on the same chunks, however
+    the body is cut, with reasoning, empty deltas and several events in one chunk."""
+    first, *rest = events(capture(f"{route}_idstrue_usagetrue"))
+    content = rest[0]
+    field = b'"delta":{"content":' if route == "chat" else b'"text":'
+    extra = [
+        content.replace(field, b'"delta":{"reasoning_content":' if route == "chat" else b'"text": '),
+        content.replace(field + b'"', field + b'"x\\"content\\":\\"y '),  # a key, escaped, in the text
+        content.replace(field + b'"', field + b'""'),  # empty
+    ]
+    body = b"".join([first, *extra, *rest])
+    assert count_content_events(body) == 4 + 3 - 1  # the empty delta is no token
+    for pieces in (
+        events(body),
+        [body],
+        [body[i : i + 50] for i in range(0, len(body), 50)],
+        [first + extra[0], b"".join(extra[1:] + rest)],
+    ):
+        stream = FailoverStream(FailoverPlan(chat=route == "chat", show_usage=True))
+        counted = []
+        for piece in pieces:
+            stream.feed(piece)
+            counted.append(stream.content_events)
+        assert counted == [count_content_events(piece) for piece in pieces]
 
 
 def test_client_that_asked_for_ids_keeps_them() -> None:
