@@ -28,7 +28,6 @@ _IDS = b'"token_ids":['  # the ids of one event (the quote before it: not "promp
 _PROMPT_IDS = b'"prompt_token_ids":['
 _FINISH = b'"finish_reason":'  # a string after it (not null): the stream's last content event
 _REASONING_DELTA = b'{"index":0,"delta":{"reasoning'  # reasoning_content (or reasoning) deltas
-_CONTENT_DELTA = b'{"index":0,"delta":{"content":"'
 _HEAD_KEYS = ("id", "object", "created", "model")
 _CLOSE = ord("]")
 
@@ -47,7 +46,6 @@ class FailoverStream:
         self._translate = False  # ... of a chat, from /v1/completions
         self._head: dict[str, Any] | None = None  # id, object, created and model of the first event
         self._prefix = b""  # its bytes up to its choices: every event of the same backend starts so
-        self._prefix_len = 0
         self._count_from = 0  # where content is searched for in an event that starts with the prefix
         self._prompt_ids = b""  # comma-separated, as sent
         # The generated ids as sent, each event's led by its "[" ("[7[8,9": 7, 8, 9): a few bytes a token.
@@ -98,7 +96,7 @@ class FailoverStream:
         """`headed`: the event is known to start with the prefix (None: not looked at yet)."""
         if headed is None:
             headed = bool(self._prefix) and event.startswith(self._prefix)
-        if headed and event[self._prefix_len] != _CLOSE:
+        if headed and event[len(self._prefix)] != _CLOSE:
             # A content event, the usual case: its ids (last in vLLM's choice: found from the end) are kept
             # and, unless the client asked for them, nulled; nothing else is looked at.
             at = event.rfind(_IDS)
@@ -136,7 +134,7 @@ class FailoverStream:
             self._learn_head(event[len(_DATA) : at - len(_CHOICES)])
             if self._head is None:
                 return event
-            self._prefix, self._prefix_len = event[:at], at
+            self._prefix = event[:at]
             if CONTENT_EVENT.search(self._prefix) is None:  # no content in it: feed() looks after it
                 self._count_from = at
         self._sent = True

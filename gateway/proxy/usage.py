@@ -87,7 +87,7 @@ class UsageChunkFilter:
         self.content_events = 0  # in the last chunk fed
 
     def feed(self, chunk: bytes) -> bytes:
-        self.content_events = len(CONTENT_EVENT.findall(chunk))
+        self.content_events = count_content_events(chunk)
         data = self._carry + chunk if self._carry else chunk
         end = data.rfind(b"\n\n")
         if end < 0:
