@@ -17,13 +17,12 @@ import orjson
 
 from gateway.errors import ErrorEvent
 from gateway.proxy.failover import FailoverPlan
+from gateway.proxy.sse import DONE, SEP, separator
 from gateway.proxy.usage import CONTENT_EVENT, Usage, parse_usage
 
-SEP = b"\n\n"
-DONE = b"data: [DONE]\n\n"
 _DATA = b"data: "
 _ERROR = b'data: {"error"'
-_CHOICES = b',"choices":['
+_CHOICES = b'"choices":['
 _IDS = b'"token_ids":['  # the ids of one event (the quote before it: not "prompt_token_ids")
 _PROMPT_IDS = b'"prompt_token_ids":['
 _FINISH = b'"finish_reason":'  # a string after it (not null): the stream's last content event
@@ -42,6 +41,7 @@ class FailoverStream:
         self.plan = plan
         self._strip = not plan.keep_ids
         self._carry = b""
+        self._sep: bytes | None = None  # the backend's event separator, once an event has ended (sse.py)
         self._continuing = False  # the events come from a continuation
         self._translate = False  # ... of a chat, from /v1/completions
         self._head: dict[str, Any] | None = None  # id, object, created and model of the first event
@@ -57,32 +57,38 @@ class FailoverStream:
         self.done = False  # [DONE] came
         self.failure: ErrorEvent | None = None  # the backend sent an error event: fail over from here
         self.usage: Usage | None = None
-        self.content_events = 0  # in the last chunk fed: events with generated content (see usage.py)
+        self.content_events = 0  # in the whole events of the last chunk fed: those with generated content (usage.py)
 
     # -- the relay's filter ---------------------------------------------------------------------------
 
     def feed(self, chunk: bytes) -> bytes:
-        # The content events are counted here, for the stream's timing: an event of the original backend is
-        # searched after the head it shares with the first one, which holds no content (checked once).
-        prefix = self._prefix
-        headed: bool | None = bool(prefix) and chunk.startswith(prefix)
-        self.content_events = len(CONTENT_EVENT.findall(chunk, self._count_from if headed else 0))
         if self._carry:
             data = self._carry + chunk
-            headed = None  # not looked at
+            headed: bool | None = None  # not looked at
         else:
             data = chunk
-        end = data.find(SEP)
-        if end >= 0 and end == len(data) - 2 and self.failure is None:  # one whole event: vLLM writes each at once
-            self._carry = b""
+            headed = bool(self._prefix) and chunk.startswith(self._prefix)
+        sep = self._sep or separator(data)
+        if sep is None:  # the first event has not ended yet
+            self._carry = data
+            self.content_events = 0
+            return b""
+        self._sep = sep
+        end = data.find(sep)
+        if end >= 0 and end == len(data) - len(sep) and self.failure is None:  # one whole event: vLLM writes each
+            self._carry = b""  # at once. Its content (for the stream's timing) is searched after the head it
+            # shares with the first event, which holds no content (checked once).
+            self.content_events = len(CONTENT_EVENT.findall(data, self._count_from if headed else 0))
             return self._continued(data) if self._continuing else self._original(data, headed)
+        last = data.rfind(sep)
+        self.content_events = len(CONTENT_EVENT.findall(data, 0, last + len(sep))) if last >= 0 else 0
         out = []
         start = 0
         while end >= 0 and self.failure is None:
-            event = data[start : end + 2]
+            event = data[start : end + len(sep)]
             out.append(self._continued(event) if self._continuing else self._original(event))
-            start = end + 2
-            end = data.find(SEP, start)
+            start = end + len(sep)
+            end = data.find(sep, start)
         self._carry = data[start:] if self.failure is None else b""
         return b"".join(out)
 
@@ -97,23 +103,27 @@ class FailoverStream:
         if headed is None:
             headed = bool(self._prefix) and event.startswith(self._prefix)
         if headed and event[len(self._prefix)] != _CLOSE:
-            # A content event, the usual case: its ids (last in vLLM's choice: found from the end) are kept
-            # and, unless the client asked for them, nulled; nothing else is looked at.
-            at = event.rfind(_IDS)
-            if at < 0:
-                return event
-            at += len(_IDS) - 1
-            end = event.find(b"]", at)
-            if end < 0:
-                return event
-            if end > at + 1:
-                self._generated += event[at:end]
-                self._last = event
-            return event[:at] + b"null" + event[end + 1 :] if self._strip else event
+            return self._take_ids(event)  # a content event, the usual case: nothing else is looked at
         return self._other(event)
 
+    def _take_ids(self, event: bytes) -> bytes:
+        """A content event's generated ids (last in vLLM's choice: found from the end) kept and, unless the
+        client asked for them, nulled."""
+        at = event.rfind(_IDS)
+        if at < 0:
+            return event
+        at += len(_IDS) - 1
+        end = event.find(b"]", at)
+        if end < 0:
+            return event
+        if end > at + 1:
+            self._generated += event[at:end]
+            self._last = event
+        return event[:at] + b"null" + event[end + 1 :] if self._strip else event
+
     def _other(self, event: bytes) -> bytes:
-        """The first event, the usage event, an error event, [DONE]."""
+        """The first event, the usage event, an error event, [DONE], or an event that does not start as the
+        first one did (a server whose events put their choices first, say: its head is never learned)."""
         if not event.startswith(b"data: {"):
             if event.startswith(b"data: [DONE]"):
                 self.done = True
@@ -123,20 +133,20 @@ class FailoverStream:
                 self.failure = ErrorEvent(event)
                 return b""
             return event  # before any content: the request's own error, it would fail anywhere
-        at = event.find(_CHOICES)
-        if at < 0:
-            return event
-        at += len(_CHOICES)
-        if event.startswith(b"]", at):  # no choices: the usage event
-            self.usage = parse_usage(event) or self.usage
-            return event if self.plan.show_usage else b""
-        if self._head is None:
-            self._learn_head(event[len(_DATA) : at - len(_CHOICES)])
-            if self._head is None:
-                return event
-            self._prefix = event[:at]
-            if CONTENT_EVENT.search(self._prefix) is None:  # no content in it: feed() looks after it
-                self._count_from = at
+        key = event.find(_CHOICES)
+        if key >= 0:
+            at = key + len(_CHOICES)
+            if event.startswith(b"]", at):  # no choices: the usage event
+                self.usage = parse_usage(event) or self.usage
+                return event if self.plan.show_usage else b""
+            if self._head is None and event[key - 1] == ord(","):
+                self._learn_head(event[len(_DATA) : key - 1])
+                if self._head is not None:
+                    self._prefix = event[:at]
+                    if CONTENT_EVENT.search(self._prefix) is None:  # no content in it: feed() looks after it
+                        self._count_from = at
+        # Whatever it holds, this event reaches the client: a failover from here on continues the answer (or,
+        # without a learned head, cannot), it never sends the request again.
         self._sent = True
         if not self._prompt_ids:
             ids_at = event.find(_PROMPT_IDS)
@@ -147,7 +157,7 @@ class FailoverStream:
                 if self._strip:
                     event = b"".join((event[:ids_at], b"null", event[end + 1 :]))
         self._last = event
-        return self._original(event) if event.startswith(self._prefix) else event
+        return self._take_ids(event)
 
     def _learn_head(self, head: bytes) -> None:
         """id, object, created and model, from the bytes of the first event before its choices."""

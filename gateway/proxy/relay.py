@@ -18,11 +18,12 @@ from gateway.fleet.registry import Backend
 from gateway.http.cycle import Cycle, server_cycle
 from gateway.metrics import Metrics
 from gateway.proxy.exchange import Exchange
-from gateway.proxy.failover_stream import DONE, FailoverStream
+from gateway.proxy.failover_stream import FailoverStream
 from gateway.proxy.gatekeeper import RESPONSES_ROUTE
 from gateway.proxy.headers import DROP_RESPONSE_HEADERS, DROP_RESPONSE_HEADERS_AND_LENGTH
 from gateway.proxy.interfaces import Picker
 from gateway.proxy.responses_api import ResponseDirectory
+from gateway.proxy.sse import CRLF_SEP, DONE, SEP
 from gateway.proxy.stream_observer import ChunkObserver, StreamFilter
 from gateway.proxy.upstream import UpstreamResponse
 from gateway.proxy.usage import UsageChunkFilter
@@ -61,8 +62,9 @@ class Relay:
         itl = self._metrics.model_series(exchange.label).itl
         # the request's prefill is done at its first token: its charge on the backend is released then
         discharge = functools.partial(self._picker.discharge, exchange.info)
-        observer = ChunkObserver(is_sse, stream_filter, outcome.started, itl, discharge)
-        learn_response_id = exchange.route == RESPONSES_ROUTE and response.status == 200
+        responses = exchange.route == RESPONSES_ROUTE
+        observer = ChunkObserver(is_sse, stream_filter, outcome.started, itl, discharge, responses)
+        learn_response_id = responses and response.status == 200
         try:
             await exchange.send({"type": "http.response.start", "status": response.status, "headers": headers})
             if not response.ready():  # nothing to send with the head: it goes now, not with the first chunk
@@ -84,7 +86,7 @@ class Relay:
                 observer.await_first_token()  # the continuation's prefill ends at its first token
                 failure = await copy(exchange, response, observer, False, backend, stream)
         except asyncio.CancelledError:
-            if observer.done:  # the client hung up after the stream's [DONE]: it had the whole answer
+            if observer.done:  # the client hung up after the stream's end: it had the whole answer
                 outcome.delivered = True
                 outcome.usage, outcome.usage_tail = observer.usage()
             raise
@@ -105,7 +107,7 @@ class Relay:
             self._metrics.stream_failovers.labels(exchange.label, "unsupported").inc()
         # The status line is gone: tell an SSE client in-band, then end the stream cleanly.
         rest = observer.flush()
-        separator = b"" if (rest or observer.last_sent).endswith(b"\n\n") else b"\n\n"
+        separator = b"" if (rest or observer.last_sent).endswith((SEP, CRLF_SEP)) else SEP
         event = b"data: " + error_body(error.message, error.error_type, None, error.status) + b"\n\ndata: [DONE]\n\n"
         await exchange.finish(rest + separator + event)
 

@@ -10,13 +10,13 @@ from time import perf_counter
 from typing import Protocol
 
 from gateway.loop_series import HistogramChild
-from gateway.proxy.failover_stream import DONE
-from gateway.proxy.usage import CONTENT_EVENT, Usage, UsageTail
+from gateway.proxy.sse import ENDS, RESPONSES_END, separator
+from gateway.proxy.usage import CONTENT_EVENT, RESPONSES_CONTENT_EVENT, Usage, UsageTail
 
 
 class StreamFilter(Protocol):
     """Rewrites an SSE body on its way to the client, in whole events; holds the usage it saw, and counts the
-    content events of each chunk as it goes through it (`content_events`, as CONTENT_EVENT finds them)."""
+    content events (as CONTENT_EVENT finds them) of the events each chunk completes (`content_events`)."""
 
     usage: Usage | None
     content_events: int
@@ -29,7 +29,10 @@ class ChunkObserver:
     """Observes each chunk on its way; `first_token` is called when the first content event passes.
 
     `feed` runs for every token of every stream the gateway relays: it is written for that (one call, no
-    helper frames, the content events counted by one regex pass, the filter's when there is one)."""
+    helper frames, the content events counted by one regex pass, the filter's when there is one). Content is
+    counted in whole events only, when their end arrives: a match cut between two reads is still one, and
+    half an event (of a backend that failed) is none. `responses`: a Responses API stream, whose tokens are
+    its deltas and whose end is its last event (it has no [DONE])."""
 
     def __init__(
         self,
@@ -38,6 +41,7 @@ class ChunkObserver:
         started: float,
         itl: HistogramChild,
         first_token: Callable[[], None] = lambda: None,
+        responses: bool = False,
     ) -> None:
         self.ttft: float | None = None
         self.last_sent = b"\n\n"  # the last bytes sent: does an injected event need a separator first?
@@ -49,7 +53,11 @@ class ChunkObserver:
         self._last_token_at = 0.0
         self._tail = UsageTail()
         self._filter = stream_filter if is_sse else None
-        self._count = CONTENT_EVENT.findall
+        self._count = (RESPONSES_CONTENT_EVENT if responses else CONTENT_EVENT).findall
+        self._responses = responses
+        self._ended = False  # a Responses API stream's last event went out
+        self._partial = b""  # without a filter: the start of an event whose end has not come yet
+        self._sep: bytes | None = None  # without a filter: the stream's event separator, once one ended
 
     def feed(self, chunk: bytes) -> bytes:
         """Observe an upstream chunk; return the bytes to send the client (possibly none)."""
@@ -58,7 +66,13 @@ class ChunkObserver:
             self._tail.feed(chunk)
             if not self.sse:
                 return chunk
-            tokens = len(self._count(chunk))
+            sep = self._sep
+            if sep is not None and not self._partial and chunk.endswith(sep):  # whole events, the usual case
+                tokens = len(self._count(chunk))
+                if self._responses and RESPONSES_END.search(chunk):
+                    self._ended = True
+            else:
+                tokens = self._count_whole_events(chunk)
         else:
             chunk = stream_filter.feed(chunk)
             tokens = stream_filter.content_events
@@ -79,6 +93,20 @@ class ChunkObserver:
             self.last_sent = chunk
         return chunk
 
+    def _count_whole_events(self, chunk: bytes) -> int:
+        """The content events that `chunk` completes, with what came before it of the first one."""
+        data = self._partial + chunk if self._partial else chunk
+        sep = self._sep or separator(data)
+        if sep is None or (last := data.rfind(sep)) < 0:
+            self._partial = data
+            return 0
+        self._sep = sep
+        end = last + len(sep)
+        self._partial = data[end:]
+        if self._responses and RESPONSES_END.search(data, 0, end):
+            self._ended = True
+        return len(self._count(data, 0, end))
+
     def await_first_token(self) -> None:
         """Call `first_token` again at the next content event (that of a continuation on another backend)."""
         self._awaiting = self.sse
@@ -92,9 +120,13 @@ class ChunkObserver:
 
     @property
     def done(self) -> bool:
-        """An event stream's [DONE] went out: the client has the whole answer. (A filter sends whole events, so
+        """An event stream's end went out: the client has the whole answer. (A filter sends whole events, so
         the last chunk it let through ends with [DONE]; an unfiltered body's tail holds it across chunks.)"""
-        return self.sse and (self.last_sent if self._filter is not None else self._tail.tail).endswith(DONE)
+        if not self.sse:
+            return False
+        if self._responses:
+            return self._ended
+        return (self.last_sent if self._filter is not None else self._tail.tail).endswith(ENDS)
 
     def usage(self) -> tuple[Usage | None, bytes | None]:
         """The usage a filter read, or else the body's last bytes, where vLLM puts it (parse_usage)."""

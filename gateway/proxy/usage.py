@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from gateway.proxy.sse import separator
+
 # Routes whose streams accept stream_options.
 USAGE_STREAM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 
@@ -21,8 +23,12 @@ _PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 _CACHED_TOKENS = re.compile(rb'"cached_tokens":\s*(\d+)')  # in prompt_tokens_details (--enable-prompt-tokens-details)
 _USAGE_ONLY_EVENT = re.compile(rb'"choices":\s*\[\s*\]')
-# A delta or completion text that is not empty: the first one marks time to first token.
-CONTENT_EVENT = re.compile(rb'"(?:content|text|delta|reasoning_content)":\s*"[^"]')
+# Generated text in a chat or completions event, not empty: the message's content, its reasoning (vLLM's
+# `reasoning`, formerly `reasoning_content`), a tool call's name or arguments, a completion's text. The first
+# one marks time to first token.
+CONTENT_EVENT = re.compile(rb'"(?:content|text|reasoning(?:_content)?|name|arguments)":\s*"[^"]')
+# The same in a Responses API stream: its deltas (its `.done` events repeat the text: they are no tokens).
+RESPONSES_CONTENT_EVENT = re.compile(rb'"delta":\s*"[^"]')
 _TAIL = 4096  # usage sits at the end of vLLM's JSON answers
 
 
@@ -83,25 +89,29 @@ class UsageChunkFilter:
 
     def __init__(self) -> None:
         self._carry = b""
+        self._sep: bytes | None = None  # the stream's event separator, once an event has ended
         self.usage: Usage | None = None
-        self.content_events = 0  # in the last chunk fed
+        self.content_events = 0  # in the whole events of the last chunk fed
 
     def feed(self, chunk: bytes) -> bytes:
-        self.content_events = count_content_events(chunk)
         data = self._carry + chunk if self._carry else chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
+        sep = self._sep or separator(data)
+        if sep is None or (end := data.rfind(sep)) < 0:
             self._carry = data
+            self.content_events = 0
             return b""
-        complete, self._carry = data[: end + 2], data[end + 2 :]
+        self._sep = sep
+        end += len(sep)
+        self.content_events = len(CONTENT_EVENT.findall(data, 0, end))
+        complete, self._carry = data[:end], data[end:]
         if b'"usage":' not in complete:
             return complete
         kept = []
-        for event in complete.split(b"\n\n")[:-1]:
+        for event in complete.split(sep)[:-1]:
             if b'"usage":' in event and _USAGE_ONLY_EVENT.search(event):
                 self.usage = parse_usage(event) or self.usage
                 continue
-            kept.append(event + b"\n\n")
+            kept.append(event + sep)
         return b"".join(kept)
 
     def flush(self) -> bytes:

@@ -73,33 +73,119 @@ def test_any_chunking_gives_the_same_bytes() -> None:
     assert b'"usage"' not in whole  # the client did not ask for it
 
 
+def counted_where_events_end(body: bytes, pieces: list[bytes], separator: bytes = b"\n\n") -> list[int]:
+    """Per piece, the content events (count_content_events of each event alone) of the events whose last byte
+    is in that piece: when a client has them whole."""
+    ends, at = [], 0
+    for event in body.split(separator)[:-1]:
+        at += len(event) + len(separator)
+        ends.append((at, count_content_events(event + separator)))
+    counts, offset = [], 0
+    for piece in pieces:
+        offset += len(piece)
+        counts.append(sum(count for end, count in ends if offset - len(piece) < end <= offset))
+    return counts
+
+
 @pytest.mark.parametrize("route", ["chat", "completions"])
-def test_content_events_are_counted_as_the_plain_search_counts_them(route: str) -> None:
+def test_content_events_are_counted_when_each_event_is_whole(route: str) -> None:
     """The stream searches an event of its backend only after the head all its events share: the counts
-    (TTFT and inter-token gaps come from them) are those of count_content_events on the same chunks, however
-    the body is cut, with reasoning, empty deltas and several events in one chunk."""
+    (TTFT and inter-token gaps come from them) are those of count_content_events on each whole event, in the
+    chunk that completes it, however the body is cut (a match cut in two is one, half an event none), with
+    reasoning (both of vLLM's spellings), an escaped key in a text, empty deltas and several events in one
+    chunk."""
     first, *rest = events(capture(f"{route}_idstrue_usagetrue"))
     content = rest[0]
     field = b'"delta":{"content":' if route == "chat" else b'"text":'
     extra = [
         content.replace(field, b'"delta":{"reasoning_content":' if route == "chat" else b'"text": '),
+        content.replace(field, b'"delta":{"reasoning":' if route == "chat" else b'"text":  '),
         content.replace(field + b'"', field + b'"x\\"content\\":\\"y '),  # a key, escaped, in the text
         content.replace(field + b'"', field + b'""'),  # empty
     ]
     body = b"".join([first, *extra, *rest])
-    assert count_content_events(body) == 4 + 3 - 1  # the empty delta is no token
-    for pieces in (
+    assert count_content_events(body) == 4 + 4 - 1  # the empty delta is no token
+    cuts = (
         events(body),
         [body],
         [body[i : i + 50] for i in range(0, len(body), 50)],
+        [body[i : i + 7] for i in range(0, len(body), 7)],
         [first + extra[0], b"".join(extra[1:] + rest)],
-    ):
+    )
+    for pieces in cuts:
         stream = FailoverStream(FailoverPlan(chat=route == "chat", show_usage=True))
         counted = []
         for piece in pieces:
             stream.feed(piece)
             counted.append(stream.content_events)
-        assert counted == [count_content_events(piece) for piece in pieces]
+        assert counted == counted_where_events_end(body, pieces)
+        assert sum(counted) == count_content_events(body)
+    # a match cut after its opening quote, the text's first byte in the next read: counted once, with its
+    # event's end (searching each read alone would miss it)
+    cut = body.index(field) + len(field) + 1
+    pieces = [body[:cut], body[cut:]]
+    assert sum(map(count_content_events, pieces)) == 6
+    stream = FailoverStream(FailoverPlan(chat=route == "chat", show_usage=True))
+    counted = [(stream.feed(piece), stream.content_events)[1] for piece in pieces]
+    assert counted == counted_where_events_end(body, pieces)
+    assert sum(counted) == 7
+
+
+def test_crlf_events_are_cut_where_the_server_cuts_them() -> None:
+    """A server that ends its lines with CRLF (as the SSE format allows): its events pass one by one, ids
+    stripped and counted, as vLLM's do."""
+    lf = capture("chat_idstrue_usagetrue")
+    crlf = lf.replace(b"\n", b"\r\n")
+    pieces = [crlf[i : i + 90] for i in range(0, len(crlf), 90)]
+    stream = FailoverStream(FailoverPlan(chat=True))
+    out, counted = [], []
+    for piece in pieces:
+        out.append(stream.feed(piece))
+        counted.append(stream.content_events)
+    whole = b"".join(out) + stream.flush()
+    assert whole.replace(b"\r\n", b"\n") == fed(FailoverStream(FailoverPlan(chat=True)), events(lf))
+    assert counted == counted_where_events_end(crlf, pieces, b"\r\n\r\n")
+    assert stream.done
+    assert stream.generated == 4
+    assert stream.token_ids() == fed_ids(lf)
+    # an event goes out as soon as it is whole, not at the end of the stream
+    first = crlf.index(b"\r\n\r\n") + 4
+    assert FailoverStream(FailoverPlan(chat=True)).feed(crlf[: first + 10]).endswith(b"\r\n\r\n")
+
+
+def fed_ids(body: bytes) -> list[int]:
+    stream = FailoverStream(FailoverPlan(chat=True))
+    fed(stream, events(body))
+    return stream.token_ids()
+
+
+def test_a_head_not_learned_still_counts_as_started_and_ids_are_stripped() -> None:
+    """Events that put their choices before the head (llama.cpp's server does): the head cannot be read off
+    their start, so the stream cannot be continued; but once an event reached the client the stream has
+    started (a failover must not send the request again) and no event carries the ids the client did not
+    ask for."""
+
+    def event(delta: bytes, extra: bytes = b"") -> bytes:
+        return (
+            b'data: {"choices":[{"index":0,"delta":%s,"finish_reason":null,"token_ids":[9,10]}],"created":1,'
+            b'"id":"chatcmpl-A","model":"m","object":"chat.completion.chunk"%s}\n\n' % (delta, extra)
+        )
+
+    stream = FailoverStream(FailoverPlan(chat=True))
+    out = stream.feed(event(b'{"role":"assistant","content":""}', b',"prompt_token_ids":[1,2]'))
+    out += stream.feed(event(b'{"content":"One"}'))
+    assert stream.started
+    assert stream.refusal() == "unknown stream head"
+    assert b'token_ids":[' not in out
+    assert [payload["choices"][0]["token_ids"] for payload in payloads(out)] == [None, None]
+    assert payloads(out)[0]["prompt_token_ids"] is None
+    assert stream.content_events == 1
+
+    # a head without one of the fields a continuation needs
+    stream = FailoverStream(FailoverPlan(chat=True))
+    stream.feed(b'data: {"id":"x","created":1,"choices":[{"index":0,"delta":{"content":"a"},"token_ids":[3]}]}\n\n')
+    assert stream.started
+    assert stream.refusal() == "unknown stream head"
 
 
 def test_client_that_asked_for_ids_keeps_them() -> None:

@@ -1,0 +1,27 @@
+"""Server-sent events as backends write them: how events are separated, and how a stream ends.
+
+vLLM ends each event with a blank line of LFs (`\\n\\n`). The SSE format also allows CRLF line ends, which
+other OpenAI-compatible servers (sse-starlette's default among them) use: a stream's separator is read off
+its first whole event, so events are cut where that server cuts them. Events the gateway writes itself (an
+error, an ending) use LFs; SSE readers take each line's end as it comes.
+"""
+
+from __future__ import annotations
+
+import re
+
+SEP = b"\n\n"
+CRLF_SEP = b"\r\n\r\n"
+DONE = b"data: [DONE]" + SEP
+ENDS = (DONE, b"data: [DONE]" + CRLF_SEP)  # what the last bytes of a finished chat or completions stream are
+# A Responses API stream has no [DONE]: its last event is one of these (the event line, outside any JSON).
+RESPONSES_END = re.compile(rb"(?:^|\n)event: response\.(?:completed|incomplete|failed)\r?\n")
+
+
+def separator(data: bytes) -> bytes | None:
+    """The separator of the first whole event in `data` (None: no event ends in it yet)."""
+    if SEP in data:
+        return SEP
+    if CRLF_SEP in data:
+        return CRLF_SEP
+    return None
