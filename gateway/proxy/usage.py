@@ -30,6 +30,7 @@ CONTENT_EVENT = re.compile(rb'"(?:content|text|reasoning(?:_content)?|name|argum
 # The same in a Responses API stream: its deltas (its `.done` events repeat the text: they are no tokens).
 RESPONSES_CONTENT_EVENT = re.compile(rb'"delta":\s*"[^"]')
 _TAIL = 4096  # usage sits at the end of vLLM's JSON answers
+_KEPT = 16  # chunks a UsageTail holds before it joins them
 
 
 @dataclass(slots=True)
@@ -120,20 +121,32 @@ class UsageChunkFilter:
 
 
 class UsageTail:
-    """Keeps the last few KB of a passing body, where vLLM puts `usage`."""
+    """Keeps the last few KB of a passing body, where vLLM puts `usage`.
 
-    __slots__ = ("tail",)
+    The chunks are kept as they came (a chunk costs an append, not a copy of the tail) and joined when the
+    tail is asked for, or every _KEPT chunks; a chunk of _TAIL bytes or more is a tail by itself."""
+
+    __slots__ = ("_chunks",)
 
     def __init__(self) -> None:
-        self.tail = b""
+        self._chunks: list[bytes] = []
 
     def feed(self, chunk: bytes) -> None:
         if len(chunk) >= _TAIL:
-            self.tail = chunk[-_TAIL:]
-        elif self.tail:
-            self.tail = (self.tail + chunk)[-_TAIL:]
-        else:
-            self.tail = chunk  # a small answer in one chunk: kept as it is, not copied
+            self._chunks = [chunk]
+            return
+        chunks = self._chunks
+        chunks.append(chunk)
+        if len(chunks) > _KEPT:
+            self._chunks = [b"".join(chunks)[-_TAIL:]]
+
+    @property
+    def tail(self) -> bytes:
+        """The body's last _TAIL bytes (all of it, if shorter)."""
+        chunks = self._chunks
+        if len(chunks) == 1:
+            return chunks[0][-_TAIL:]
+        return b"".join(chunks)[-_TAIL:]
 
     def usage(self) -> Usage | None:
         return parse_usage(self.tail)

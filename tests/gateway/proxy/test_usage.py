@@ -88,3 +88,19 @@ def test_tail_finds_usage_at_the_end_of_a_long_body() -> None:
     usage = tail.usage()
     assert usage is not None
     assert usage.completion_tokens == 4
+
+
+def test_tail_keeps_the_last_bytes_however_the_body_is_cut() -> None:
+    body = b"x" * 9_000 + b'{"usage":{"prompt_tokens":3,"completion_tokens":4}}' + b" " * 300
+    for size in (1, 7, 100, 4095, 4096, 5000, len(body)):
+        tail = UsageTail()
+        for start in range(0, len(body), size):
+            tail.feed(body[start : start + size])
+        assert tail.tail == body[-4096:]
+        usage = tail.usage()
+        assert usage is not None
+        assert (usage.prompt_tokens, usage.completion_tokens) == (3, 4)
+    short = UsageTail()
+    short.feed(b"ab")
+    short.feed(b"c")
+    assert short.tail == b"abc"
