@@ -22,6 +22,9 @@ USAGE_STREAM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 _CACHED_TOKENS = re.compile(rb'"cached_tokens":\s*(\d+)')  # in prompt_tokens_details (--enable-prompt-tokens-details)
+# The Responses API's names for them (its usage: input_tokens, input_tokens_details.cached_tokens, output_tokens).
+_INPUT_TOKENS = re.compile(rb'"input_tokens":\s*(\d+)')
+_OUTPUT_TOKENS = re.compile(rb'"output_tokens":\s*(\d+)')
 _USAGE_ONLY_EVENT = re.compile(rb'"choices":\s*\[\s*\]')
 # Generated text in a chat or completions event, not empty: the message's content, its reasoning (vLLM's
 # `reasoning`, formerly `reasoning_content`), a tool call's name or arguments, a completion's text. The first
@@ -41,14 +44,19 @@ class Usage:
 
 
 def parse_usage(data: bytes) -> Usage | None:
-    """The last usage figures in `data` (usage follows choices in vLLM's JSON), or None."""
+    """The last usage figures in `data` (usage follows choices in vLLM's JSON, and output in a Responses API
+    answer's), or None."""
     start = data.rfind(b'"usage":')
     if start < 0 or data.startswith(b"null", start + 8) or data.startswith(b" null", start + 8):
         return None
     prompt = _PROMPT_TOKENS.search(data, start)
+    completion_tokens = _COMPLETION_TOKENS
     if prompt is None:
-        return None
-    completion = _COMPLETION_TOKENS.search(data, start)
+        prompt = _INPUT_TOKENS.search(data, start)  # a Responses API answer's
+        if prompt is None:
+            return None
+        completion_tokens = _OUTPUT_TOKENS
+    completion = completion_tokens.search(data, start)
     cached = _CACHED_TOKENS.search(data, start)
     return Usage(
         int(prompt.group(1)), int(completion.group(1)) if completion else 0, int(cached.group(1)) if cached else None

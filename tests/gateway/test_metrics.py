@@ -109,6 +109,24 @@ def lingering_upstream(model: str, words: list[str], linger_s: float) -> Starlet
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def responses(request: Request) -> Response:
+        """A Responses API stream as vLLM writes it: typed events, the last one with the usage, no [DONE]."""
+
+        def typed(kind: str, **fields: object) -> bytes:
+            data = json.dumps({**fields, "type": kind}, separators=(",", ":"))
+            return f"event: {kind}\ndata: {data}\n\n".encode()
+
+        async def events() -> AsyncIterator[bytes]:
+            yield typed("response.created", response={"id": "resp_1", "status": "in_progress", "usage": None})
+            for word in words:
+                yield typed("response.output_text.delta", delta=word, item_id="msg_1", output_index=0)
+            yield typed("response.output_text.done", text="".join(words), item_id="msg_1", output_index=0)
+            usage = {"input_tokens": 7, "output_tokens": len(words), "total_tokens": 7 + len(words)}
+            yield typed("response.completed", response={"id": "resp_1", "status": "completed", "usage": usage})
+            await asyncio.sleep(linger_s)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     async def health(request: Request) -> Response:
         return Response()
 
@@ -117,6 +135,7 @@ def lingering_upstream(model: str, words: list[str], linger_s: float) -> Starlet
             Route("/health", health, methods=["GET"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
         ]
     )
 
@@ -152,6 +171,33 @@ def test_a_client_that_hangs_up_after_done_had_its_whole_answer(
         assert sample(gw, "switchyard_requests_total", model="m", route=route, code="499") == 0
         assert sample(gw, "switchyard_tokens_total", model="m", kind="completion") == 3
         assert sample(gw, "switchyard_tokens_total", model="m", kind="prompt") == 7
+
+
+@pytest.mark.parametrize("asgi_server", [False, True], ids=["own-server", "uvicorn"])
+def test_a_responses_client_that_hangs_up_after_the_last_event_had_its_whole_answer(asgi_server: bool) -> None:
+    """A Responses API stream has no [DONE]: its end is response.completed. A client that leaves after it got
+    everything: a 200, its tokens counted (input and output, as the Responses API names them), one token per
+    delta (the `.done` event repeats the text: no token)."""
+    app = lingering_upstream("m", ["one ", "two ", "three"], linger_s=1.0)
+    with ThreadedServer(app) as upstream, gateway(upstream.url, asgi_server=asgi_server) as gw:
+        wait_until(lambda: httpx.get(gw.url + "/v1/models").json()["data"], 5, what="the model")
+        body = {"model": "m", "input": "Count the wagons.", "stream": True}
+        with httpx.stream("POST", gw.url + "/v1/responses", json=body, timeout=10) as response:
+            assert response.status_code == 200
+            kinds = []
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    kinds.append(line[len("event: ") :])
+                if kinds[-1:] == ["response.completed"] and line.startswith("data: "):
+                    break  # the whole answer: hang up, the upstream still lingering
+        assert kinds[-1] == "response.completed"
+        route = "/v1/responses"
+        wait_until(lambda: sample(gw, "switchyard_requests_total", model="m", route=route, code="200") == 1)
+        assert sample(gw, "switchyard_requests_total", model="m", route=route, code="499") == 0
+        assert sample(gw, "switchyard_tokens_total", model="m", kind="completion") == 3
+        assert sample(gw, "switchyard_tokens_total", model="m", kind="prompt") == 7
+        assert sample(gw, "switchyard_time_to_first_token_seconds_count", model="m") == 1
+        assert sample(gw, "switchyard_inter_token_latency_seconds_count", model="m") == 2
 
 
 def test_ttft_and_itl_histograms(gw: GatewayServer) -> None:

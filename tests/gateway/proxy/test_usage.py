@@ -104,3 +104,19 @@ def test_tail_keeps_the_last_bytes_however_the_body_is_cut() -> None:
     short.feed(b"ab")
     short.feed(b"c")
     assert short.tail == b"abc"
+
+
+def test_parse_usage_of_a_responses_api_answer() -> None:
+    """vLLM's Responses API names them input and output tokens; its stream's last event holds them, after
+    the output, and earlier events carry `"usage":null`."""
+    completed = (
+        b'event: response.completed\ndata: {"response":{"id":"resp_1","output":[{"type":"message","content":'
+        b'[{"type":"output_text","text":"Hi"}]}],"status":"completed","usage":{"input_tokens":12,'
+        b'"input_tokens_details":{"cached_tokens":8},"output_tokens":3,"output_tokens_details":'
+        b'{"reasoning_tokens":0},"total_tokens":15},"user":null},"sequence_number":9,"type":"response.completed"}\n\n'
+    )
+    created = b'event: response.created\ndata: {"response":{"id":"resp_1","usage":null},"type":"x"}\n\n'
+    usage = parse_usage(created + completed)
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) == (12, 3, 8)
+    assert parse_usage(created) is None
