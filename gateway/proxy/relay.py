@@ -185,6 +185,8 @@ class Relay:
 
         def chunk_came(chunk: bytes) -> None:
             nonlocal failure
+            if cycle.disconnected:  # the client left (this task is being cancelled): nothing of it reaches them,
+                return  # so nothing of it may count as sent (a [DONE] here would pass for a delivered answer)
             out = observe(chunk)
             if out and not cycle.write_chunk(out):  # the client's window is full: the backend waits for it
                 content.hold()
