@@ -17,7 +17,7 @@ import orjson
 
 from gateway.errors import ErrorEvent
 from gateway.proxy.failover import FailoverPlan
-from gateway.proxy.sse import DONE, SEP, separator
+from gateway.proxy.sse import DONE, SEP, joined_if_ended, separator
 from gateway.proxy.usage import CONTENT_EVENT, Usage, parse_usage
 
 _DATA = b"data: "
@@ -40,7 +40,7 @@ class FailoverStream:
     def __init__(self, plan: FailoverPlan) -> None:
         self.plan = plan
         self._strip = not plan.keep_ids
-        self._carry = b""
+        self._held: list[bytes] = []  # the start of an event whose end has not come (sse.joined_if_ended)
         self._sep: bytes | None = None  # the backend's event separator, once an event has ended (sse.py)
         self._continuing = False  # the events come from a continuation
         self._translate = False  # ... of a chat, from /v1/completions
@@ -62,22 +62,26 @@ class FailoverStream:
     # -- the relay's filter ---------------------------------------------------------------------------
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._carry:
-            data = self._carry + chunk
+        if self._held:
+            joined = joined_if_ended(self._held, chunk, self._sep)
+            if joined is None:
+                self.content_events = 0
+                return b""
+            data = joined
             headed: bool | None = None  # not looked at
         else:
             data = chunk
             headed = bool(self._prefix) and chunk.startswith(self._prefix)
         sep = self._sep or separator(data)
         if sep is None:  # the first event has not ended yet
-            self._carry = data
+            self._held.append(data)
             self.content_events = 0
             return b""
         self._sep = sep
         end = data.find(sep)
         if end >= 0 and end == len(data) - len(sep) and self.failure is None:  # one whole event: vLLM writes each
-            self._carry = b""  # at once. Its content (for the stream's timing) is searched after the head it
-            # shares with the first event, which holds no content (checked once).
+            # at once. Its content (for the stream's timing) is searched after the head it shares with the
+            # first event, which holds no content (checked once).
             self.content_events = len(CONTENT_EVENT.findall(data, self._count_from if headed else 0))
             return self._continued(data) if self._continuing else self._original(data, headed)
         last = data.rfind(sep)
@@ -89,11 +93,13 @@ class FailoverStream:
             out.append(self._continued(event) if self._continuing else self._original(event))
             start = end + len(sep)
             end = data.find(sep, start)
-        self._carry = data[start:] if self.failure is None else b""
+        if self.failure is None and start < len(data):
+            self._held.append(data[start:])
         return b"".join(out)
 
     def flush(self) -> bytes:
-        rest, self._carry = self._carry, b""
+        rest = b"".join(self._held)
+        self._held.clear()
         return rest
 
     # -- the original backend's events ----------------------------------------------------------------
@@ -208,7 +214,7 @@ class FailoverStream:
 
     def continue_from_here(self, translate: bool) -> None:
         """The next events come from a continuation (`translate`: /v1/completions events for a chat)."""
-        self._carry = b""
+        self._held.clear()
         self.failure = None
         self._continuing = True
         self._translate = translate
@@ -216,7 +222,7 @@ class FailoverStream:
 
     def resend(self) -> None:
         """The next events come from the same request sent again (nothing of it reached the client)."""
-        self._carry = b""
+        self._held.clear()
         self.failure = None
 
     def ending(self) -> bytes:

@@ -10,7 +10,7 @@ from time import perf_counter
 from typing import Protocol
 
 from gateway.loop_series import HistogramChild
-from gateway.proxy.sse import ENDS, RESPONSES_END, separator
+from gateway.proxy.sse import ENDS, RESPONSES_END, joined_if_ended, separator
 from gateway.proxy.usage import CONTENT_EVENT, RESPONSES_CONTENT_EVENT, Usage, UsageTail
 
 
@@ -56,7 +56,7 @@ class ChunkObserver:
         self._count = (RESPONSES_CONTENT_EVENT if responses else CONTENT_EVENT).findall
         self._responses = responses
         self._ended = False  # a Responses API stream's last event went out
-        self._partial = b""  # without a filter: the start of an event whose end has not come yet
+        self._held: list[bytes] = []  # without a filter: the start of an event whose end has not come yet
         self._sep: bytes | None = None  # without a filter: the stream's event separator, once one ended
 
     def feed(self, chunk: bytes) -> bytes:
@@ -67,7 +67,7 @@ class ChunkObserver:
             if not self.sse:
                 return chunk
             sep = self._sep
-            if sep is not None and not self._partial and chunk.endswith(sep):  # whole events, the usual case
+            if sep is not None and not self._held and chunk.endswith(sep):  # whole events, the usual case
                 tokens = len(self._count(chunk))
                 if self._responses and RESPONSES_END.search(chunk):
                     self._ended = True
@@ -95,14 +95,21 @@ class ChunkObserver:
 
     def _count_whole_events(self, chunk: bytes) -> int:
         """The content events that `chunk` completes, with what came before it of the first one."""
-        data = self._partial + chunk if self._partial else chunk
+        if self._held:
+            joined = joined_if_ended(self._held, chunk, self._sep)
+            if joined is None:
+                return 0
+            data = joined
+        else:
+            data = chunk
         sep = self._sep or separator(data)
         if sep is None or (last := data.rfind(sep)) < 0:
-            self._partial = data
+            self._held.append(data)
             return 0
         self._sep = sep
         end = last + len(sep)
-        self._partial = data[end:]
+        if end < len(data):
+            self._held.append(data[end:])
         if self._responses and RESPONSES_END.search(data, 0, end):
             self._ended = True
         return len(self._count(data, 0, end))

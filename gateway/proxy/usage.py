@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from gateway.proxy.sse import separator
+from gateway.proxy.sse import joined_if_ended, separator
 
 # Routes whose streams accept stream_options.
 USAGE_STREAM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -97,22 +97,30 @@ class UsageChunkFilter:
     event anyway), so nothing is delayed beyond the upstream's own framing."""
 
     def __init__(self) -> None:
-        self._carry = b""
+        self._held: list[bytes] = []  # the start of an event whose end has not come (sse.joined_if_ended)
         self._sep: bytes | None = None  # the stream's event separator, once an event has ended
         self.usage: Usage | None = None
         self.content_events = 0  # in the whole events of the last chunk fed
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._carry + chunk if self._carry else chunk
+        self.content_events = 0
+        if self._held:
+            joined = joined_if_ended(self._held, chunk, self._sep)
+            if joined is None:
+                return b""
+            data = joined
+        else:
+            data = chunk
         sep = self._sep or separator(data)
         if sep is None or (end := data.rfind(sep)) < 0:
-            self._carry = data
-            self.content_events = 0
+            self._held.append(data)
             return b""
         self._sep = sep
         end += len(sep)
         self.content_events = len(CONTENT_EVENT.findall(data, 0, end))
-        complete, self._carry = data[:end], data[end:]
+        complete = data[:end]
+        if end < len(data):
+            self._held.append(data[end:])
         if b'"usage":' not in complete:
             return complete
         kept = []
@@ -124,7 +132,8 @@ class UsageChunkFilter:
         return b"".join(kept)
 
     def flush(self) -> bytes:
-        rest, self._carry = self._carry, b""
+        rest = b"".join(self._held)
+        self._held.clear()
         return rest
 
 
