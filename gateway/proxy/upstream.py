@@ -22,6 +22,9 @@ from gateway.errors import BadResponse, BodyBroken, ConnectFailed, HeadTimeout, 
 from gateway.http.deadline import Deadline
 
 HIGH_WATER = 256 * 1024  # buffered response bytes at which reading from the backend pauses
+# A close without an answer this soon after the request went out crossed it (about a round trip, plus the
+# event loop's lag): the backend had closed before it read the request. Later, it may have worked on it.
+UNREAD_S = 0.1
 MAX_IDLE_PER_ORIGIN = 512  # idle keep-alive connections kept per backend; more are closed when released
 _SINGLE_WRITE = 256 * 1024  # request bodies up to this size are joined to the head: one write, one segment
 
@@ -84,8 +87,8 @@ class UpstreamPool:
             try:
                 return await connection.exchange(head, body, head_timeout, method == b"HEAD")
             except ConnectFailed:
-                # A kept-alive connection the backend closed just as it was reused: nothing came back, so
-                # the request is sent again once, on a new connection (what browsers and urllib3 do too).
+                # A kept-alive connection the backend closed just as it was reused, before it read the request:
+                # it is sent again once, on a new connection.
                 break
         connection = await self._connect(base_url)
         return await connection.exchange(head, body, head_timeout, method == b"HEAD")
@@ -421,6 +424,7 @@ class _Connection(asyncio.Protocol):
         self._loop = loop
         self._deadline = Deadline(loop, self._deadline_passed)
         self._head_timeout = 0.0
+        self._sent_at = 0.0  # loop time the current request went out
         self._parked = False  # idle in its origin's list
 
     # The pool's side.
@@ -465,6 +469,7 @@ class _Connection(asyncio.Protocol):
         self._response = response
         self._received = False
         self._bodiless = bodiless
+        self._sent_at = self._loop.time()
         if len(body) <= _SINGLE_WRITE:
             transport.write(head + body)
         else:
@@ -546,8 +551,13 @@ class _Connection(asyncio.Protocol):
         self._response = None
         if response.status and not self._framed and exc is None:
             response._finish()  # a body without length or chunks ends when the connection closes (not resets)
+        elif not self._received and self._loop.time() - self._sent_at <= UNREAD_S:
+            # The close crossed the request: the backend closed the (kept-alive) connection before it could
+            # have read it, so sending it again (another connection, another backend) runs it once.
+            response._fail(ConnectFailed("the backend closed the connection as the request went out"))
         elif not self._received:
-            response._fail(ConnectFailed("the backend closed the connection before answering"))
+            # It may have been read and worked on: not sent again, and no "could not be reached".
+            response._fail(BadResponse("the backend closed the connection without answering"))
         else:
             response._fail(_broken(response, "the backend closed the connection mid-response"))
 

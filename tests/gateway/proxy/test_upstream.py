@@ -19,7 +19,7 @@ import pytest
 
 from gateway.errors import BadResponse, BodyBroken, ConnectFailed, HeadTimeout, IdleTimeout
 from gateway.proxy import upstream as upstream_module
-from gateway.proxy.upstream import HIGH_WATER, UpstreamPool, UpstreamResponse
+from gateway.proxy.upstream import HIGH_WATER, UNREAD_S, UpstreamPool, UpstreamResponse
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
@@ -258,17 +258,40 @@ async def test_a_body_without_length_ends_with_the_connection() -> None:
         assert upstream.idle_connections() == 0
 
 
-async def test_failures_before_the_answer_are_connect_failures() -> None:
+async def test_failures_before_the_request_could_be_read_are_connect_failures() -> None:
     async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
 
     async with RawServer(hang_up) as server, pool() as upstream:
-        with pytest.raises(ConnectFailed, match="before answering"):
+        with pytest.raises(ConnectFailed, match="as the request went out"):
             await post(upstream, server.url)
         closed_port = server.url
     async with pool() as upstream:
         with pytest.raises(ConnectFailed, match="connect failed"):
             await post(upstream, closed_port)
+
+
+async def test_a_backend_that_worked_on_the_request_and_closed_is_not_sent_it_again() -> None:
+    """A POST the backend read and worked on before it closed without an answer (it crashed, say) may have
+    been run: it is not sent again, on a new connection or a kept-alive one, and the failure says it was
+    reached."""
+
+    async def work_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        if len(server.requests) == 1:  # the first answer keeps the connection for the pool
+            writer.write(OK)
+            await writer.drain()
+            await server.read_request(reader)
+        await asyncio.sleep(UNREAD_S * 3)
+
+    async with RawServer(work_then_hang_up) as server, pool() as upstream:
+        await read_all(await post(upstream, server.url))
+        with pytest.raises(BadResponse, match="closed the connection without answering"):
+            await post(upstream, server.url)  # on the kept-alive connection
+        assert len(server.requests) == 2
+        with pytest.raises(BadResponse, match="closed the connection without answering"):
+            await post(upstream, server.url)  # on a new one
+        assert len(server.requests) == 3
 
 
 async def test_bytes_that_are_not_http_are_a_bad_response() -> None:
