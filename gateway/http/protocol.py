@@ -175,6 +175,8 @@ class HttpProtocol(asyncio.Protocol):
         self._head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._head_begun:  # a trailer, after a chunked body: no header of the request (RFC 9110 6.5.1)
+            return
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self._expect_continue = True
