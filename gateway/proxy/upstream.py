@@ -570,7 +570,7 @@ class _Connection(asyncio.Protocol):
     # Each callback ignores what comes after abort(): the parser goes on with the bytes it was given.
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self._response
-        if response is not None:
+        if response is not None and not response.status:  # with a status, a trailer: no header of the answer
             name = name.lower()
             if name == b"content-type":
                 response.content_type = value.partition(b";")[0].strip().lower()

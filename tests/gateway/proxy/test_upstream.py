@@ -294,6 +294,20 @@ async def test_a_backend_that_worked_on_the_request_and_closed_is_not_sent_it_ag
         assert len(server.requests) == 3
 
 
+async def test_an_answer_s_trailers_are_not_its_headers() -> None:
+    """Fields after a chunked body are no headers: they can neither add to the head the client gets nor
+    change the content type that decides how the body is read."""
+    answer = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"2;ext=1\r\n{}\r\n0\r\nx-trailer: v\r\ncontent-type: text/event-stream\r\n\r\n"
+    )
+    async with RawServer.replying(answer) as server, pool() as upstream:
+        response = await post(upstream, server.url)
+        assert await read_all(response) == b"{}"
+        assert response.content_type == b"application/json"
+        assert [name for name, _ in response.raw_headers] == [b"content-type", b"transfer-encoding"]
+
+
 async def test_bytes_that_are_not_http_are_a_bad_response() -> None:
     async with RawServer.replying(b"SSH-2.0-OpenSSH_9.6\r\n\r\n") as server, pool() as upstream:
         with pytest.raises(BadResponse, match="the backend answered with invalid HTTP"):
