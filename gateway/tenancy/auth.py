@@ -51,18 +51,19 @@ class Principal:
         return allowed
 
     def admit(self) -> list[tuple[bytes, bytes]]:
-        """Take one request from the buckets or raise RateLimited; returns x-ratelimit-* headers."""
+        """Take one request from the buckets or raise RateLimited (taking nothing); returns x-ratelimit-*
+        headers."""
         now = monotonic()
         requests, tokens = self.requests, self.tokens
+        if tokens is not None and tokens.level(now) <= 0:  # first: a refused request takes no request
+            raise RateLimited(
+                f"Rate limit reached for key {self.name!r}: {tokens.limit} tokens per minute.",
+                headers=_retry_headers(tokens.seconds_until(now), self, now),
+            )
         if requests is not None and not requests.try_take(now):
             raise RateLimited(
                 f"Rate limit reached for key {self.name!r}: {requests.limit} requests per minute.",
                 headers=_retry_headers(requests.seconds_until(now), self, now),
-            )
-        if tokens is not None and tokens.level(now) <= 0:
-            raise RateLimited(
-                f"Rate limit reached for key {self.name!r}: {tokens.limit} tokens per minute.",
-                headers=_retry_headers(tokens.seconds_until(now), self, now),
             )
         return rate_headers(self, now)
 

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.errors import Unauthorized
+from gateway.errors import RateLimited, Unauthorized
 from gateway.settings import AuthSettings
 from gateway.tenancy.auth import KeyRing
 from tests.gateway.echo_upstream import echo_app, forwarded_headers
@@ -101,6 +101,21 @@ def test_token_rate_limit_charges_reported_usage() -> None:
         client.completions.create(model="m", prompt="a long enough prompt to cost tokens", max_tokens=40)
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model="m", prompt="again", max_tokens=1)
+
+
+def test_a_request_refused_for_tokens_takes_no_request() -> None:
+    """A key out of tokens is refused without spending its requests: once its tokens come back, its
+    requests per minute are all there."""
+    settings = AuthSettings(
+        keys=[{"name": "k", "key": "sk-k-0123456789", "requests_per_minute": 5, "tokens_per_minute": 50}]
+    )
+    principal = KeyRing(settings).authenticate(scope_with(b"Bearer sk-k-0123456789"))
+    assert dict(principal.admit())[b"x-ratelimit-remaining-requests"] == b"4"
+    principal.charge_tokens(100)
+    for _ in range(3):
+        with pytest.raises(RateLimited, match="tokens per minute") as refused:
+            principal.admit()
+        assert refused.value.headers["x-ratelimit-remaining-requests"] == "4"
 
 
 def test_keys_from_a_mounted_file(tmp_path: Path) -> None:
