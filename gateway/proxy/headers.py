@@ -8,9 +8,11 @@ import re
 from starlette.types import Scope
 
 # Connection-level headers (RFC 9110 7.6.1) and those the gateway sets itself. The client's
-# Authorization is never forwarded: the backend's own key is sent instead.
+# Authorization is never forwarded: the backend's own key is sent instead. Nor is its Accept-Encoding: the
+# gateway reads the answers (usage, a stream's events), so it asks for them unencoded (IDENTITY).
 DROP_REQUEST_HEADERS = frozenset(
     {
+        b"accept-encoding",
         b"connection",
         b"keep-alive",
         b"proxy-authenticate",
@@ -27,6 +29,7 @@ DROP_REQUEST_HEADERS = frozenset(
         b"x-request-id",
     }
 )
+IDENTITY = (b"accept-encoding", b"identity")  # without one, any coding would do (RFC 9110 12.5.3)
 DROP_RESPONSE_HEADERS = frozenset(
     {
         b"connection",
@@ -81,5 +84,6 @@ def upstream_headers(scope: Scope, request_id: bytes) -> list[tuple[bytes, bytes
     if connection:  # headers named in Connection are hop-by-hop too
         drop = drop | {token.strip().lower() for token in connection.split(b",")}
     headers = [(name, value) for name, value in scope["headers"] if name not in drop]
+    headers.append(IDENTITY)
     headers.append((b"x-request-id", request_id))
     return headers

@@ -73,9 +73,11 @@ def test_headers_forwarded_and_filtered(gw: GatewayServer) -> None:
             "X-Hop": "1",
             "Proxy-Authorization": "Basic x",
             "X-Custom": "kept",
+            "Accept-Encoding": "gzip, br",
         },
     )
     seen = forwarded_headers(response)
+    assert seen["accept-encoding"] == "identity"  # the gateway reads the answers: asked for unencoded
     assert seen["authorization"] == "Bearer sk-backend"  # the backend's key, never the client's
     assert seen["x-request-id"] == "req-123"
     assert seen["traceparent"].startswith("00-0af7651916cd43dd")
