@@ -355,16 +355,23 @@ class HttpProtocol(asyncio.Protocol):
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer bytes that are not a request we can take, then close. A request whose own body broke is given
-        up (its app sees the client leave); one answered before the broken one finishes first."""
+        up (its app sees the client leave), and answered when it has not begun its response; one answered
+        before the broken one finishes first."""
         LOGGER.warning("refused a request: %s", message)
         active = self._active
         if active is not None:
             active.keep_alive = False
             self._pause_reading()
             if active is self._parsing and active.more_body:
+                answered = active.response_started
                 active.lost()
+                if not answered:
+                    self._answer_and_close(status, message)
                 self._close()
             return
+        self._answer_and_close(status, message)
+
+    def _answer_and_close(self, status: int, message: str) -> None:
         body = error_body(message, "invalid_request_error", None, None)
         head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
         self.write(STATUS_LINES[status] + head + body)

@@ -273,6 +273,19 @@ def test_a_chunked_request_s_trailers_are_not_its_headers(server: Server) -> Non
         assert reader.response()[::2] == (200, b"next")
 
 
+@pytest.mark.parametrize("chunks", [b"zz\r\nhello\r\n", b"5\r\nhello\r\nzz\r\n"], ids=["first", "later"])
+def test_a_malformed_chunked_body_is_answered_400(server: Server, chunks: bytes) -> None:
+    head = b"POST /echo HTTP/1.1\r\nhost: test\r\ntransfer-encoding: chunked\r\n\r\n"
+    with server.connect() as sock:
+        sock.sendall(head + chunks)
+        reader = Reader(sock)
+        status, headers, body = reader.response()
+        assert status == 400
+        assert headers["connection"] == "close"
+        assert json.loads(body)["error"]["type"] == "invalid_request_error"
+        assert reader.closed()
+
+
 def test_expect_100_continue_is_answered_before_the_body_is_read(server: Server) -> None:
     with server.connect() as sock:
         sock.sendall(request("POST", "/echo", headers={"expect": "100-continue", "content-length": "5"}))
