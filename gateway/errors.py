@@ -6,7 +6,7 @@ client errors to OpenAI-shaped responses (`error_parts`).
     ├── ClientDisconnected          the client left before there was anything to answer
     ├── AnswerTruncated             a non-stream answer broke after its head went out
     ├── UpstreamError               talking to a backend failed (internal: never answered as it is)
-    │   ├── ConnectFailed, BadResponse, BodyBroken, HeadTimeout, IdleTimeout
+    │   ├── ConnectFailed, Unanswered, BadResponse, BodyBroken, HeadTimeout, IdleTimeout
     │   └── ErrorEvent              a stream's backend sent vLLM's in-band error event (a failover may follow)
     └── GatewayError                answered as {"error": {"message", "type", "param", "code"}}
         ├── InvalidRequest (400) ── ModelRequired, UnsupportedMediaType
@@ -172,7 +172,13 @@ class UpstreamError(SwitchyardError):
 
 
 class ConnectFailed(UpstreamError):
-    """No response: the connection could not be made, or it closed before a single response byte came."""
+    """The request did not reach the backend: the connection could not be made, or it closed as the request
+    went out, before the backend could read it."""
+
+
+class Unanswered(UpstreamError):
+    """The backend closed the connection without a single response byte, after it could have read the request
+    (it died mid-generation, say): tried elsewhere, never sent to it again."""
 
 
 class BadResponse(UpstreamError):
@@ -221,6 +227,8 @@ def upstream_failure(
         return "disconnect", UpstreamUnavailable(f"The backend connection broke: {exc}.")
     if isinstance(exc, ConnectFailed):
         return "connect", UpstreamUnavailable(f"No backend of model `{model}` could be reached ({backend}: {exc}).")
+    if isinstance(exc, Unanswered):
+        return "disconnect", UpstreamUnavailable(f"The backend closed the connection without answering ({backend}).")
     if isinstance(exc, HeadTimeout):
         return "timeout", UpstreamTimeout(f"The backend did not answer within {exc.seconds:g} s.")
     return "protocol", UpstreamUnavailable(f"The backend failed: {exc}")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from opentelemetry.trace import Span, SpanKind
 
-from gateway.errors import ConnectFailed, HeadTimeout, UpstreamError, upstream_failure
+from gateway.errors import ConnectFailed, HeadTimeout, Unanswered, UpstreamError, upstream_failure
 from gateway.fleet.registry import Backend
 from gateway.loop_series import GaugeChild
 from gateway.metrics import Metrics
@@ -142,9 +142,9 @@ class Attempts:
                     kind, error = upstream_failure(exc, model=model, backend=backend.url)
                     errors.labels(backend.url, kind).inc()
                     held.failed(kind, str(exc))
-                    if isinstance(exc, ConnectFailed | HeadTimeout):
+                    if isinstance(exc, ConnectFailed | Unanswered | HeadTimeout):
                         self._feedback.failure(backend)
-                    if not isinstance(exc, ConnectFailed):
+                    if not isinstance(exc, ConnectFailed | Unanswered):  # nothing reached the client: retried
                         raise error from None
                     tried.append(backend)
                     pool = self._retry_pool(candidates, tried)
@@ -334,7 +334,7 @@ class _Continuations:
                 attempts._metrics.upstream_errors.labels(backend.url, kind).inc()
                 self._held.failed(kind, str(exc))
                 self._held.release()
-                if isinstance(exc, ConnectFailed | HeadTimeout):
+                if isinstance(exc, ConnectFailed | Unanswered | HeadTimeout):
                     attempts._feedback.failure(backend)
                 if not isinstance(exc, ConnectFailed):  # it went out: one attempt used
                     self._count += 1

@@ -18,12 +18,13 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from gateway.errors import BadResponse, BodyBroken, ConnectFailed, HeadTimeout, IdleTimeout, UpstreamError
+from gateway.errors import BadResponse, BodyBroken, ConnectFailed, HeadTimeout, IdleTimeout, Unanswered, UpstreamError
 from gateway.http.deadline import Deadline
 
 HIGH_WATER = 256 * 1024  # buffered response bytes at which reading from the backend pauses
 # A close without an answer this soon after the request went out crossed it (about a round trip, plus the
-# event loop's lag): the backend had closed before it read the request. Later, it may have worked on it.
+# event loop's lag): the backend had closed before it read the request. Later, it may have worked on it
+# (Unanswered: attempts tries another backend, the pool does not send it to this one again).
 UNREAD_S = 0.1
 MAX_IDLE_PER_ORIGIN = 512  # idle keep-alive connections kept per backend; more are closed when released
 _SINGLE_WRITE = 256 * 1024  # request bodies up to this size are joined to the head: one write, one segment
@@ -555,9 +556,8 @@ class _Connection(asyncio.Protocol):
             # The close crossed the request: the backend closed the (kept-alive) connection before it could
             # have read it, so sending it again (another connection, another backend) runs it once.
             response._fail(ConnectFailed("the backend closed the connection as the request went out"))
-        elif not self._received:
-            # It may have been read and worked on: not sent again, and no "could not be reached".
-            response._fail(BadResponse("the backend closed the connection without answering"))
+        elif not self._received:  # it may have been read and worked on: not sent to this backend again
+            response._fail(Unanswered("the backend closed the connection without answering"))
         else:
             response._fail(_broken(response, "the backend closed the connection mid-response"))
 

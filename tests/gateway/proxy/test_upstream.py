@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import BadResponse, BodyBroken, ConnectFailed, HeadTimeout, IdleTimeout
+from gateway.errors import BadResponse, BodyBroken, ConnectFailed, HeadTimeout, IdleTimeout, Unanswered
 from gateway.proxy import upstream as upstream_module
 from gateway.proxy.upstream import HIGH_WATER, UNREAD_S, UpstreamPool, UpstreamResponse
 
@@ -273,8 +273,8 @@ async def test_failures_before_the_request_could_be_read_are_connect_failures() 
 
 async def test_a_backend_that_worked_on_the_request_and_closed_is_not_sent_it_again() -> None:
     """A POST the backend read and worked on before it closed without an answer (it crashed, say) may have
-    been run: it is not sent again, on a new connection or a kept-alive one, and the failure says it was
-    reached."""
+    been run: the pool does not send it to that backend again, on a new connection or a kept-alive one (the
+    attempts stage may try another), and the failure says it was reached."""
 
     async def work_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
@@ -286,10 +286,10 @@ async def test_a_backend_that_worked_on_the_request_and_closed_is_not_sent_it_ag
 
     async with RawServer(work_then_hang_up) as server, pool() as upstream:
         await read_all(await post(upstream, server.url))
-        with pytest.raises(BadResponse, match="closed the connection without answering"):
+        with pytest.raises(Unanswered, match="closed the connection without answering"):
             await post(upstream, server.url)  # on the kept-alive connection
         assert len(server.requests) == 2
-        with pytest.raises(BadResponse, match="closed the connection without answering"):
+        with pytest.raises(Unanswered, match="closed the connection without answering"):
             await post(upstream, server.url)  # on a new one
         assert len(server.requests) == 3
 
