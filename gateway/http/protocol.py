@@ -101,6 +101,7 @@ class HttpProtocol(asyncio.Protocol):
         self.written.set_result(None)
         self._closed = False
         self._head_too_large = False
+        self._upgrade_body = 0  # body bytes still due of an Upgrade request answered as HTTP/1.1 (llhttp stopped)
         self._defaults_from: object = None  # uvicorn's default headers (date, server), as last rendered
         self._defaults = b""
 
@@ -118,18 +119,25 @@ class HttpProtocol(asyncio.Protocol):
         self._deadline.after(self.limits.header_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self._upgrade_body:
+            self._read_upgrade_body(data)
+            return
         if self._waiting == _IDLE:
             # Between requests any byte, even a bare CRLF the parser skips, starts the head's deadline.
             self._waiting = _HEAD
             self._deadline.after(self.limits.header_timeout)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as upgrade:
             # No protocol upgrades here: the request is answered as plain HTTP, and the connection closes after
-            # it (the parser cannot go on past an upgrade).
+            # it (the parser cannot go on past an upgrade). llhttp ends the message at its head; a body it
+            # declared (curl --http2 and Java's HttpClient offer h2c on a POST) is read here.
             if self._parsing is not None:
                 self._parsing.keep_alive = False
-            self._pause_reading()
+            if self._upgrade_body:
+                self._read_upgrade_body(data[upgrade.args[0] :])
+            else:
+                self._pause_reading()
         except httptools.HttpParserError as exc:
             if self._head_too_large:
                 self._refuse(431, "The request head is too large.")
@@ -243,7 +251,25 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         cycle = self._parsing
         if cycle is not None:
+            if self._parser.should_upgrade():  # the message "ends" at its head: its body is still to come
+                self._upgrade_body = _content_length(cycle.scope["headers"])
+                if self._upgrade_body:
+                    return
             cycle.scope[BODY_RECEIVED] = True  # the whole body is here: the proxy reads it without a timer
+            cycle.end_body()
+
+    def _read_upgrade_body(self, data: bytes) -> None:
+        """The body of an Upgrade request, up to its declared length; what follows is the offered protocol's."""
+        body = data[: self._upgrade_body]
+        self._upgrade_body -= len(body)
+        cycle = self._parsing
+        if cycle is None:
+            return
+        if body:
+            self.on_body(body)
+        if not self._upgrade_body:
+            self._pause_reading()
+            cycle.scope[BODY_RECEIVED] = True
             cycle.end_body()
 
     # -- the cycles' side -------------------------------------------------------------------------------
@@ -394,6 +420,14 @@ class HttpProtocol(asyncio.Protocol):
         if not self._pipeline_paused:
             self._pipeline_paused = True
             self._pause_reading()
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
+    """A request's declared Content-Length (0 without one, or with one that is not a number)."""
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
 
 
 def protocol_class(header_timeout: float, max_header_count: int, max_header_bytes: int) -> type[HttpProtocol]:

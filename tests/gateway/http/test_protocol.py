@@ -286,6 +286,28 @@ def test_a_malformed_chunked_body_is_answered_400(server: Server, chunks: bytes)
         assert reader.closed()
 
 
+@pytest.mark.parametrize("split", [0, 3, 1000], ids=["with-head", "split", "later"])
+def test_an_upgrade_offer_is_declined_and_the_request_s_body_read(server: Server, split: int) -> None:
+    """curl --http2 (and Java's HttpClient) offer h2c on a plain-HTTP POST: the request is answered as HTTP/1.1,
+    its body read whole however it arrives, and the connection closed after it."""
+    head = request(
+        "POST",
+        "/echo",
+        body=b"hello world",
+        headers={"connection": "Upgrade, HTTP2-Settings", "upgrade": "h2c", "http2-settings": "AAMAAABkAAQAoAAA"},
+    )
+    at = len(head) - len(b"hello world") + split
+    with server.connect() as sock:
+        sock.sendall(head[:at])
+        time.sleep(0.05)
+        sock.sendall(head[at:])
+        reader = Reader(sock)
+        status, headers, body = reader.response()
+        assert (status, body) == (200, b"hello world")
+        assert headers["connection"] == "close"
+        assert reader.closed()
+
+
 def test_expect_100_continue_is_answered_before_the_body_is_read(server: Server) -> None:
     with server.connect() as sock:
         sock.sendall(request("POST", "/echo", headers={"expect": "100-continue", "content-length": "5"}))
