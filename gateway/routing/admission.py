@@ -73,6 +73,7 @@ class Admission:
         self._by_model: dict[str, int] = {}  # models with requests in flight (entries leave at zero)
         self._bands = tuple(_Band() for _ in Priority)
         self._waiting = 0
+        self._queued: dict[str, int] = {}  # waiters per model (entries leave at zero)
         self._ticker: asyncio.Task[None] | None = None
         self._low_limit = int(settings.queue_size * settings.low_priority_queue_share)
         self._saturation: dict[str, tuple[int, float, float]] = {}  # model -> (engine version, when, value)
@@ -100,9 +101,14 @@ class Admission:
     # The same in three calls, for the proxy's hot path: most requests take a slot at once, without the
     # cost of an async context manager.
     def try_enter(self, request: RequestInfo) -> bool:
-        """Take a slot now when the request may run at once; False when it has to go through `enter`."""
-        if self._waiting == 0 and self._has_room(request.model):
-            self._take(request.model)
+        """Take a slot now when the request may run at once; False when it has to go through `enter`.
+
+        It may when it has room and nobody waits for its model: the waiters of other models are held by their
+        own model's limits or saturation (a slot any of them could take is handed over at once, on release),
+        so it takes nothing from them, and a full queue of theirs does not turn it away."""
+        model = request.model
+        if (self._waiting == 0 or model not in self._queued) and self._has_room(model):
+            self._take(model)
             return True
         return False
 
@@ -205,6 +211,7 @@ class Admission:
         queue.append(waiter)
         self._bands[band].size += 1
         self._waiting += 1
+        self._queued[model] = self._queued.get(model, 0) + 1
         self._dispatch()  # it may run at once: what blocked the fast path may concern other models only
         if not waiter.future.done():
             self._start_ticker()
@@ -266,6 +273,11 @@ class Admission:
             del band.tenants[waiter.tenant]
         band.size -= 1
         self._waiting -= 1
+        left = self._queued[waiter.model] - 1
+        if left:
+            self._queued[waiter.model] = left
+        else:
+            del self._queued[waiter.model]
 
     def _dispatch(self) -> None:
         """Hand free slots to waiters: bands in priority order, tenants in rotation, FIFO per tenant."""

@@ -93,6 +93,41 @@ async def test_per_model_limit_does_not_hold_other_models(order: list[str]) -> N
     assert order == ["m1", "o1", "m2"]
 
 
+@pytest.mark.parametrize("priority", ["high", "normal", "low"])
+async def test_a_full_queue_of_one_model_neither_holds_nor_sheds_for_another(order: list[str], priority: str) -> None:
+    """Another model's waiters fill the queue, held by their own model's limit: a request for a model with
+    room runs at once, at any priority, and sheds none of them."""
+    admission, _, metrics = build(max_inflight_per_model=1, queue_size=2)
+    holder = Holder(admission, order)
+    tasks = [holder.start(f"m{i}", info("m")) for i in range(3)]
+    await settle()
+    assert (order, admission.waiting) == (["m0"], 2)
+    other = holder.start("other", info("other", priority=priority))
+    await settle()
+    assert order == ["m0", "other"]
+    assert admission.waiting == 2
+    assert rejected(metrics, "m", "shed") == rejected(metrics, "other", "queue_full") == 0
+    for _task, release in [*tasks, other]:
+        release.set()
+    await asyncio.gather(*(task for task, _ in [*tasks, other]))
+    assert order == ["m0", "other", "m1", "m2"]
+
+
+async def test_a_request_does_not_pass_a_waiter_of_its_own_model(order: list[str]) -> None:
+    """Room that opened for a model (its saturation fell) goes to its waiters first, not to a newcomer."""
+    admission, _, _ = build(max_inflight_per_model=1)
+    holder = Holder(admission, order)
+    first, _ = holder.start("first", info("m"))
+    waiter = holder.start("waiter", info("m"))
+    await settle()
+    assert not admission.try_enter(info("m"))  # its model has a waiter: through the queue, behind it
+    first.cancel()
+    await settle()
+    assert order == ["first", "waiter"]
+    waiter[1].set()
+    await waiter[0]
+
+
 async def test_full_queue_answers_429_with_retry_after_and_reason(order: list[str]) -> None:
     admission, _, metrics = build(max_inflight=1, queue_size=1, retry_after=3)
     holder = Holder(admission, order)
