@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from opentelemetry.trace import Span, SpanKind
 
-from gateway.errors import ConnectFailed, HeadTimeout, Unanswered, UpstreamError, upstream_failure
+from gateway.errors import ConnectFailed, HeadTimeout, NoHealthyBackend, Unanswered, UpstreamError, upstream_failure
 from gateway.fleet.registry import Backend
 from gateway.loop_series import GaugeChild
 from gateway.metrics import Metrics
@@ -72,6 +72,7 @@ class Attempts:
         self._retry_statuses = frozenset(settings.retries.on_status)
         self._budget = RetryBudget(settings.retries.budget_ratio, settings.retries.budget_reserve)
         self._max_failovers = settings.failover.max_attempts
+        self._retry_after = {"Retry-After": str(settings.retry_after)}
 
     async def run(self, exchange: Exchange) -> None:
         info = exchange.info
@@ -79,8 +80,10 @@ class Attempts:
         routing = None  # the span of admission and the first pick, when tracing
         if exchange.span is not None:
             routing = self._tracing.child(exchange.span, "switchyard.route", SpanKind.INTERNAL, {POLICY: self._policy})
+        queued = False
         try:
             if not gate.try_enter(info):
+                queued = True
                 if routing is not None:
                     routing.set_attribute(QUEUED, True)
                 await gate.enter(info)
@@ -90,11 +93,24 @@ class Attempts:
                 routing.end()
             raise
         try:
+            if queued:  # backends may have left, drained or gone down while it waited
+                exchange.candidates = self._still_routable(exchange)
             await self._attempts(exchange, routing)
         finally:
             gate.leave(info.model)
             if routing is not None and routing.is_recording():
                 routing.end()  # the request ended before its first pick
+
+    def _still_routable(self, exchange: Exchange) -> Sequence[Backend]:
+        """The request's candidates that may still take it (as the registry has them now), or NoHealthyBackend."""
+        now = {backend.url: backend for backend in self._directory.candidates(exchange.info.model)}
+        kept = [now[backend.url] for backend in exchange.candidates if backend.url in now]
+        if not kept:
+            raise NoHealthyBackend(
+                f"No healthy backend serves the model `{exchange.info.model}` right now.",
+                headers=dict(self._retry_after),
+            )
+        return kept
 
     async def _attempts(self, exchange: Exchange, routing: Span | None) -> None:
         info = exchange.info
