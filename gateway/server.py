@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import math
 import socket
 import sys
 import time
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,  # the gateway writes its own JSON access log (switchyard.access)
         proxy_headers=False,  # trust no X-Forwarded-For by default; the peer address is the client
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown.grace_period) or None,
+        # whole seconds, rounded up (uvicorn's type); 0 stays 0: nothing waited for (None would wait forever)
+        timeout_graceful_shutdown=math.ceil(settings.shutdown.grace_period),
         timeout_keep_alive=settings.limits.keep_alive_timeout,
     )
     server = DrainingServer(config, app.lifecycle, settings.shutdown.drain_delay)
@@ -102,7 +104,10 @@ class DrainingServer(uvicorn.Server):
         gc.freeze()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._exit_at is not None or self._drain_delay <= 0:
+        if self._lifecycle.draining:  # the second signal: no more waiting, for the drain or for requests
+            self.should_exit = self.force_exit = True
+            return
+        if self._drain_delay <= 0:
             self._lifecycle.draining = True
             super().handle_exit(sig, frame)
             return

@@ -44,3 +44,46 @@ def test_sigterm_drains_then_exits(tmp_path: Path) -> None:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def started_gateway(tmp_path: Path, upstream_url: str, shutdown: str) -> tuple[subprocess.Popen[bytes], str]:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"backends: [{{url: '{upstream_url}'}}]\nshutdown: {shutdown}\n")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(url + "/ready").status_code == 200, 20, what="gateway ready")
+    return process, url
+
+
+@pytest.mark.parametrize(
+    ("shutdown", "signals", "within"),
+    [
+        ("{drain_delay: 0, grace_period: 0}", 1, 3.0),  # nothing waited for
+        ("{drain_delay: 0, grace_period: 0.5}", 1, 3.0),  # half a second, rounded up to one
+        ("{drain_delay: 10, grace_period: 30}", 2, 3.0),  # the second signal: at once
+    ],
+    ids=["no-grace", "short-grace", "second-signal"],
+)
+def test_shutdown_waits_no_longer_than_it_is_told(tmp_path: Path, shutdown: str, signals: int, within: float) -> None:
+    """A stream that would last 10 s is in flight: the process ends within its grace period (0 is none, not
+    forever), and a second SIGTERM ends it at once, however long the drain and the grace."""
+    with running_sims(sim("m", "--decode-ms-per-token", "100", fast=False)) as (upstream,):
+        process, url = started_gateway(tmp_path, upstream.url, shutdown)
+        try:
+            body = {"model": "m", "prompt": "x", "max_tokens": 100, "stream": True, "ignore_eos": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
+                next(response.iter_text())
+                signalled = time.monotonic()
+                for _ in range(signals):
+                    process.send_signal(signal.SIGTERM)
+                    time.sleep(0.3)
+                process.wait(15)
+            assert time.monotonic() - signalled < within
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
