@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,20 +70,22 @@ def started_gateway(tmp_path: Path, upstream_url: str, shutdown: str) -> tuple[s
     ids=["no-grace", "short-grace", "second-signal"],
 )
 def test_shutdown_waits_no_longer_than_it_is_told(tmp_path: Path, shutdown: str, signals: int, within: float) -> None:
-    """A stream that would last 10 s is in flight: the process ends within its grace period (0 is none, not
+    """A request that would take 10 s is in flight: the process ends within its grace period (0 is none, not
     forever), and a second SIGTERM ends it at once, however long the drain and the grace."""
     with running_sims(sim("m", "--decode-ms-per-token", "100", fast=False)) as (upstream,):
         process, url = started_gateway(tmp_path, upstream.url, shutdown)
         try:
-            body = {"model": "m", "prompt": "x", "max_tokens": 100, "stream": True, "ignore_eos": True}
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
-                next(response.iter_text())
-                signalled = time.monotonic()
-                for _ in range(signals):
-                    process.send_signal(signal.SIGTERM)
-                    time.sleep(0.3)
-                process.wait(15)
+            body = {"model": "m", "prompt": "x", "max_tokens": 100, "ignore_eos": True}
+            slow = threading.Thread(target=lambda: httpx.post(url + "/v1/completions", json=body, timeout=30))
+            slow.start()
+            wait_until(lambda: upstream.metric("vllm:num_requests_running") == 1, 10, what="the request running")
+            signalled = time.monotonic()
+            for _ in range(signals):
+                process.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+            process.wait(15)
             assert time.monotonic() - signalled < within
+            slow.join(15)
         finally:
             if process.poll() is None:
                 process.kill()
