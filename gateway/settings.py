@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -61,7 +61,7 @@ class BackendSettings(UpstreamKeyEnv):
 class KubernetesSettings(UpstreamKeyEnv):
     """Where to look for workers when `discovery: kubernetes`."""
 
-    namespaces: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
+    namespaces: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=lambda: ["default"], min_length=1)
     label_selector: str = "app.kubernetes.io/part-of=switchyard,app.kubernetes.io/component=worker"
     port_name: str = Field(default="http", description="EndpointSlice port name that carries the vLLM API.")
     kv_events_port_name: str = Field(
@@ -119,7 +119,9 @@ class RetrySettings(StrictModel):
 
     max_retries: int = Field(default=2, ge=0, le=10)
     budget_ratio: float = Field(default=0.2, ge=0, le=1, description="Retries allowed per request, on average.")
-    on_status: list[int] = Field(default_factory=lambda: [503], description="Backend statuses worth a retry.")
+    on_status: list[Annotated[int, Field(ge=400, le=599)]] = Field(
+        default_factory=lambda: [503], description="Backend error statuses (4xx, 5xx) worth a retry."
+    )
     budget_reserve: float = Field(
         default=10.0,
         ge=0,
@@ -152,6 +154,12 @@ class HealthSettings(StrictModel):
     )
     eject_base: float = Field(default=2.0, gt=0, description="First ejection's length in seconds; doubles each time.")
     eject_max: float = Field(default=60.0, gt=0, description="Longest ejection in seconds.")
+
+    @model_validator(mode="after")
+    def _check_ejection(self) -> HealthSettings:
+        if self.eject_max < self.eject_base:
+            raise ValueError(f"eject_max ({self.eject_max:g}) is shorter than eject_base ({self.eject_base:g})")
+        return self
 
 
 class ShutdownSettings(StrictModel):
@@ -306,6 +314,11 @@ class Settings(BaseSettings):
         admin = self.admin.key()
         if admin is not None and admin in {key.secret() for key in self.auth.keys}:
             raise ValueError("admin.key_env holds an API key: the admin key must be a key of its own")
+        if self.admission.stale_after <= self.routing.scrape_interval:
+            raise ValueError(
+                f"admission.stale_after ({self.admission.stale_after:g} s) must be longer than"
+                f" routing.scrape_interval ({self.routing.scrape_interval:g} s): every scrape would count as stale"
+            )
         return self
 
     @classmethod

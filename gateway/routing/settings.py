@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveInt, model_validator
 
 from gateway.settings_base import StrictModel
 
@@ -106,13 +106,22 @@ class RoutingSettings(StrictModel):
         description="Prefill cost assumed until the engines' own (learned from their metrics) is known.",
     )
 
+    @model_validator(mode="after")
+    def _check_staleness(self) -> RoutingSettings:
+        if self.stale_after <= self.scrape_interval:
+            raise ValueError(
+                f"stale_after ({self.stale_after:g} s) must be longer than scrape_interval"
+                f" ({self.scrape_interval:g} s): every scrape would count as stale"
+            )
+        return self
+
 
 class AdmissionSettings(StrictModel):
     max_inflight: int | None = Field(default=None, gt=0, description="Gateway-wide in-flight limit (none: unlimited).")
     max_inflight_per_model: int | None = Field(
         default=None, gt=0, description="In-flight limit of each model (none: unlimited)."
     )
-    models: dict[str, int] = Field(default_factory=dict, description="In-flight limit for particular models.")
+    models: dict[str, PositiveInt] = Field(default_factory=dict, description="In-flight limit for particular models.")
     queue_size: int = Field(default=1000, ge=0, description="Requests that may wait for a slot, gateway-wide.")
     queue_timeout: float = Field(default=30.0, gt=0, description="Longest wait for a slot before a 429.")
     saturation: float | None = Field(

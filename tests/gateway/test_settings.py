@@ -39,6 +39,14 @@ def test_unknown_top_level_key_is_named(tmp_path: Path) -> None:
         ("backends: [{url: 'http://x:1'}]\ntimeouts: {idle: -1}", "timeouts.idle"),
         ("backends: [{url: 'http://x:1'}]\ndiscovery: consul", "discovery"),
         ("backends: []", "static discovery needs at least one"),
+        # accepted once, then wrong at run time: every request timed out, a success retried, every scrape stale
+        ("backends: [{url: 'http://x:1'}]\nadmission: {models: {m: 0}}", "admission.models.m"),
+        ("backends: [{url: 'http://x:1'}]\nadmission: {models: {m: -3}}", "admission.models.m"),
+        ("backends: [{url: 'http://x:1'}]\nretries: {on_status: [200]}", "retries.on_status.0"),
+        ("backends: [{url: 'http://x:1'}]\nhealth: {eject_base: 30, eject_max: 5}", "eject_max (5) is shorter"),
+        ("discovery: kubernetes\nkubernetes: {namespaces: ['']}", "kubernetes.namespaces.0"),
+        ("backends: [{url: 'http://x:1'}]\nrouting: {scrape_interval: 2}", "scrape_interval (2 s)"),
+        ("backends: [{url: 'http://x:1'}]\nadmission: {stale_after: 0.05}", "admission.stale_after (0.05 s)"),
     ],
 )
 def test_bad_values_are_named(tmp_path: Path, text: str, key: str) -> None:
