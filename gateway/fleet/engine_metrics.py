@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import time
 
@@ -61,6 +62,8 @@ def parse_engine_sample(text: bytes, at: float) -> EngineSample | None:
         name, labels, number = match.groups()
         with contextlib.suppress(ValueError):
             value = float(number)
+            if not math.isfinite(value):  # NaN or ±Inf, which the text format allows: no load figure
+                continue
             if name == b"num_requests_waiting":
                 waiting += value
                 seen = True

@@ -44,6 +44,16 @@ def test_absent_gauges_give_no_sample_and_bad_lines_are_skipped() -> None:
     assert sample.max_lora is None  # no lora_requests_info: unknown, not zero
 
 
+def test_values_that_are_not_finite_are_no_load_figure() -> None:
+    """NaN and ±Inf are valid in the text format: they must not reach the routing scores (a NaN score left
+    no backend to pick) nor the admin endpoint's JSON."""
+    text = b'vllm:num_requests_waiting{engine="0"} NaN\nvllm:num_requests_running{engine="0"} +Inf\n'
+    text += b'vllm:kv_cache_usage_perc{engine="0"} NaN\nvllm:num_requests_waiting{engine="1"} 3\n'
+    sample = parse_engine_sample(text, 0.0)
+    assert sample is not None
+    assert (sample.waiting, sample.running, sample.kv_usage) == (3.0, 0.0, 0.0)
+
+
 def test_label_values_with_braces_quotes_and_a_trailing_timestamp() -> None:
     text = (
         b'vllm:num_requests_running{model_name="a}b",engine="0"} 3.0\n'  # the first line, a brace in a value
