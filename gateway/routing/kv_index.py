@@ -111,8 +111,8 @@ class KvIndex:
         """The engine's whole event history from its start is applied: its cache is known (empty at start)."""
         entry = self.backend(url)
         entry.sources.setdefault(rank, _Source()).synced = True
-        if entry.state is CacheState.UNKNOWN and all(source.synced for source in entry.sources.values()):
-            entry.state = CacheState.LIVE
+        if entry.state is not CacheState.LIVE and all(source.synced for source in entry.sources.values()):
+            entry.state = CacheState.LIVE  # also after a loss or a restart: the history is whole again
 
     def restarted(self, url: str, rank: int) -> None:
         """The engine started afresh (a new event sequence): what it held before is gone."""
@@ -120,12 +120,14 @@ class KvIndex:
         source = entry.sources.get(rank)
         if source is not None:
             self._drop_source(entry, source)
+            source.synced = False  # until its new history is read from the start
 
     def lost(self, url: str) -> None:
         """Events were lost beyond recovery: drop what is known and rebuild from the events that follow."""
         entry = self.backend(url)
         for source in entry.sources.values():
             self._drop_source(entry, source)
+            source.synced = False
         entry.state = CacheState.REBUILDING
         entry.stored_since_loss = 0
 

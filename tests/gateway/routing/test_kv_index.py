@@ -118,6 +118,26 @@ def test_a_restart_forgets_the_old_engine_and_more_blocks_than_possible_mean_a_r
     assert index.backend(A).blocks == 0
 
 
+def test_a_whole_history_read_after_a_loss_or_a_restart_makes_the_cache_known_again() -> None:
+    """After a loss, an engine restart whose history is read from its first batch (the follower's replay from
+    0) leaves nothing unknown: the backend is live again, not rebuilding until a cache's worth of stores."""
+    index = KvIndex(max_blocks_per_backend=1000)
+    index.synced(A, 0)
+    index.lost(A)
+    index.restarted(A, 0)
+    assert index.state(A) is CacheState.REBUILDING
+    index.synced(A, 0)
+    assert index.state(A) is CacheState.LIVE
+    # with two data-parallel ranks, both histories must be whole again
+    index.synced(B, 0)
+    index.synced(B, 1)
+    index.lost(B)
+    index.synced(B, 0)
+    assert index.state(B) is CacheState.REBUILDING
+    index.synced(B, 1)
+    assert index.state(B) is CacheState.LIVE
+
+
 def test_unknown_and_forgotten_backends() -> None:
     prompt = tokens(2 * BS)
     index = live_index()
