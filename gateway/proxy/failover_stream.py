@@ -83,14 +83,24 @@ class FailoverStream:
             # at once. Its content (for the stream's timing) is searched after the head it shares with the
             # first event, which holds no content (checked once).
             self.content_events = len(CONTENT_EVENT.findall(data, self._count_from if headed else 0))
-            return self._continued(data) if self._continuing else self._original(data, headed)
+            if self._continuing:
+                return self._continued(data)
+            if headed and data[len(self._prefix)] != _CLOSE:  # a content event, the usual case
+                return self._take_ids(data)
+            return self._other(data)
         last = data.rfind(sep)
         self.content_events = len(CONTENT_EVENT.findall(data, 0, last + len(sep))) if last >= 0 else 0
         out = []
         start = 0
         while end >= 0 and self.failure is None:
             event = data[start : end + len(sep)]
-            out.append(self._continued(event) if self._continuing else self._original(event))
+            prefix = self._prefix  # (learned from the first event: it may be new)
+            if self._continuing:
+                out.append(self._continued(event))
+            elif prefix and event.startswith(prefix) and event[len(prefix)] != _CLOSE:
+                out.append(self._take_ids(event))
+            else:
+                out.append(self._other(event))
             start = end + len(sep)
             end = data.find(sep, start)
         if self.failure is None and start < len(data):
@@ -104,17 +114,10 @@ class FailoverStream:
 
     # -- the original backend's events ----------------------------------------------------------------
 
-    def _original(self, event: bytes, headed: bool | None = None) -> bytes:
-        """`headed`: the event is known to start with the prefix (None: not looked at yet)."""
-        if headed is None:
-            headed = bool(self._prefix) and event.startswith(self._prefix)
-        if headed and event[len(self._prefix)] != _CLOSE:
-            return self._take_ids(event)  # a content event, the usual case: nothing else is looked at
-        return self._other(event)
-
     def _take_ids(self, event: bytes) -> bytes:
         """A content event's generated ids (last in vLLM's choice: found from the end) kept and, unless the
-        client asked for them, nulled."""
+        client asked for them, nulled. An event that starts with the first one's head and has choices is one:
+        nothing else of it is looked at."""
         at = event.rfind(_IDS)
         if at < 0:
             return event
