@@ -32,17 +32,27 @@ def joined_if_ended(held: list[bytes], chunk: bytes, sep: bytes | None) -> bytes
     (its separator in `chunk`, or across the two; `sep` None: either); `held` is then emptied. Else None, and
     `chunk` is held too. An event read in many pieces is so copied once, not once per read: 16 MB of prompt
     logprobs in 64 KB reads took 4 s of copying that way, the event loop stalled."""
-    if sep is not None and sep in chunk:  # the usual case: the event ends in this read
-        held.append(chunk)
-        data = b"".join(held)
-        held.clear()
-        return data
-    edge = b"".join(held[-3:])[-3:] + chunk[:3]  # a separator's first bytes may end the held ones
-    for end in (SEP, CRLF_SEP) if sep is None else (sep,):
-        if end in chunk or end in edge:
-            held.append(chunk)
-            data = b"".join(held)
-            held.clear()
-            return data
     held.append(chunk)
-    return None
+    if sep is None or sep not in chunk:  # else the usual case: the event ends in this read
+        edge = b"".join(held[-4:-1])[-3:] + chunk[:3]  # a separator's first bytes may end the held ones
+        if not any(end in chunk or end in edge for end in ((SEP, CRLF_SEP) if sep is None else (sep,))):
+            return None
+    data = b"".join(held)
+    held.clear()
+    return data
+
+
+def whole_events(held: list[bytes], chunk: bytes, sep: bytes | None) -> tuple[bytes, bytes, int] | None:
+    """The events `chunk` completes, with the held start of the first: (data, the stream's separator, end),
+    data[:end] being whole events; what follows the last one is held. None: no event ends yet (all held)."""
+    data = joined_if_ended(held, chunk, sep) if held else chunk
+    if data is None:
+        return None
+    sep = sep or separator(data)
+    if sep is None or (last := data.rfind(sep)) < 0:
+        held.append(data)
+        return None
+    end = last + len(sep)
+    if end < len(data):
+        held.append(data[end:])
+    return data, sep, end

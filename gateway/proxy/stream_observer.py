@@ -10,7 +10,7 @@ from time import perf_counter
 from typing import Protocol
 
 from gateway.loop_series import HistogramChild
-from gateway.proxy.sse import ENDS, RESPONSES_END, joined_if_ended, separator
+from gateway.proxy.sse import ENDS, RESPONSES_END, whole_events
 from gateway.proxy.usage import CONTENT_EVENT, RESPONSES_CONTENT_EVENT, Usage, UsageTail
 
 
@@ -95,21 +95,10 @@ class ChunkObserver:
 
     def _count_whole_events(self, chunk: bytes) -> int:
         """The content events that `chunk` completes, with what came before it of the first one."""
-        if self._held:
-            joined = joined_if_ended(self._held, chunk, self._sep)
-            if joined is None:
-                return 0
-            data = joined
-        else:
-            data = chunk
-        sep = self._sep or separator(data)
-        if sep is None or (last := data.rfind(sep)) < 0:
-            self._held.append(data)
+        whole = whole_events(self._held, chunk, self._sep)
+        if whole is None:
             return 0
-        self._sep = sep
-        end = last + len(sep)
-        if end < len(data):
-            self._held.append(data[end:])
+        data, self._sep, end = whole
         if self._responses and RESPONSES_END.search(data, 0, end):
             self._ended = True
         return len(self._count(data, 0, end))

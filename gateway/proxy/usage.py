@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from gateway.proxy.sse import joined_if_ended, separator
+from gateway.proxy.sse import whole_events
 
 # Routes whose streams accept stream_options.
 USAGE_STREAM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -97,30 +97,24 @@ class UsageChunkFilter:
     event anyway), so nothing is delayed beyond the upstream's own framing."""
 
     def __init__(self) -> None:
-        self._held: list[bytes] = []  # the start of an event whose end has not come (sse.joined_if_ended)
+        self._held: list[bytes] = []  # the start of an event whose end has not come (sse.whole_events)
         self._sep: bytes | None = None  # the stream's event separator, once an event has ended
         self.usage: Usage | None = None
         self.content_events = 0  # in the whole events of the last chunk fed
 
     def feed(self, chunk: bytes) -> bytes:
-        self.content_events = 0
-        if self._held:
-            joined = joined_if_ended(self._held, chunk, self._sep)
-            if joined is None:
-                return b""
-            data = joined
+        sep = self._sep
+        if sep is not None and not self._held and chunk.endswith(sep):  # whole events, the usual case
+            complete = chunk
         else:
-            data = chunk
-        sep = self._sep or separator(data)
-        if sep is None or (end := data.rfind(sep)) < 0:
-            self._held.append(data)
-            return b""
-        self._sep = sep
-        end += len(sep)
-        self.content_events = len(CONTENT_EVENT.findall(data, 0, end))
-        complete = data[:end]
-        if end < len(data):
-            self._held.append(data[end:])
+            whole = whole_events(self._held, chunk, sep)
+            if whole is None:
+                self.content_events = 0
+                return b""
+            data, sep, end = whole
+            self._sep = sep
+            complete = data[:end]
+        self.content_events = len(CONTENT_EVENT.findall(complete))
         if b'"usage":' not in complete:
             return complete
         kept = []
