@@ -24,16 +24,22 @@ class HealthChecker:
         self._session = session
         self._settings = settings
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout)
-        self._streaks: dict[str, int] = {}  # url -> passes (> 0) or failures (< 0) in a row
+        # Passes (> 0) or failures (< 0) in a row, per backend object rather than URL: a backend that left and
+        # came back at the same address (a new pod given the old one's IP) starts a streak of its own.
+        self._streaks: dict[Backend, int] = {}
 
     async def run(self) -> None:
         while True:
-            backends = self._registry.backends
-            await asyncio.gather(*(self._check(backend) for backend in backends))
-            live = {backend.url for backend in backends}
-            for url in [url for url in self._streaks if url not in live]:
-                del self._streaks[url]
+            await self.check_all()
             await asyncio.sleep(self._settings.interval)
+
+    async def check_all(self) -> None:
+        """One round: every current backend checked once; the streaks of backends that left are dropped."""
+        backends = self._registry.backends
+        await asyncio.gather(*(self._check(backend) for backend in backends))
+        current = set(self._registry.backends)
+        for gone in [backend for backend in self._streaks if backend not in current]:
+            del self._streaks[gone]
 
     async def _check(self, backend: Backend) -> None:
         try:
@@ -42,9 +48,9 @@ class HealthChecker:
                 reason = f"/health answered {response.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
             passed, reason = False, f"/health failed: {exc.__class__.__name__}"
-        streak = self._streaks.get(backend.url, 0)
+        streak = self._streaks.get(backend, 0)
         streak = max(streak, 0) + 1 if passed else min(streak, 0) - 1
-        self._streaks[backend.url] = streak
+        self._streaks[backend] = streak
         if passed and not backend.live and streak >= self._settings.healthy_threshold:
             log.info("backend %s passes health checks again", backend.url)
             self._registry.set_live(backend, True)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import aiohttp
 import httpx
 
+from gateway.fleet.health import HealthChecker
+from gateway.fleet.registry import BackendSpec, Registry
+from gateway.settings import HealthSettings
 from tests.gateway.echo_upstream import Behaviour, echo_app, forwarded_headers
 from tests.servers import ThreadedServer, gateway, wait_until
 
@@ -85,3 +89,22 @@ def test_retry_budget_stops_a_retry_storm() -> None:
         text = httpx.get(gw.url + "/metrics").text
         retries = next(line for line in text.splitlines() if line.startswith('switchyard_retries_total{model="m"}'))
         assert float(retries.rsplit(" ", 1)[1]) <= 10  # the initial allowance; no deposits at ratio 0
+
+
+async def test_a_backend_re_added_at_the_same_address_starts_its_own_streak() -> None:
+    """A new pod that gets a departed pod's IP is a new backend: the old one's failed checks are not its own."""
+    sick = Behaviour(health_status=503)
+    with ThreadedServer(echo_app(["m"], sick)) as upstream:
+        registry = Registry()
+        registry.reconcile([BackendSpec(upstream.url)])
+        settings = HealthSettings(unhealthy_threshold=2, healthy_threshold=1)
+        async with aiohttp.ClientSession() as session:
+            checker = HealthChecker(registry, session, settings)
+            await checker.check_all()
+            assert registry.backends[0].live  # one failure of two
+            registry.reconcile([])  # the pod leaves; a new one at the same address arrives before the next round
+            registry.reconcile([BackendSpec(upstream.url)])
+            await checker.check_all()
+            assert registry.backends[0].live, "the new backend was charged the old one's failure"
+            await checker.check_all()
+            assert not registry.backends[0].live  # its own two failures in a row
