@@ -57,6 +57,7 @@ RECENT = 4096  # applied batches remembered (sequence -> payload hash), to tell 
 class KvEventSink(Protocol):
     """Where the events go (routing's precise prefix index)."""
 
+    def expect(self, url: str, ranks: Iterable[int]) -> None: ...
     def apply(self, url: str, rank: int, events: Iterable[KvEvent]) -> int: ...
     def synced(self, url: str, rank: int) -> None: ...
     def restarted(self, url: str, rank: int) -> None: ...
@@ -145,6 +146,7 @@ class KvEventHub:
             delay = min(delay * 2, self._settings.backoff_max)
         subscription.error = None
         subscription.sources = [SourceStatus(source) for source in sources]
+        self._sink.expect(backend.url, [source.rank for source in sources])
         self._metrics.kv_events.labels(backend.url)  # label values known in advance: exported from 0
         for outcome in ("filled", "lost", "restart"):
             self._metrics.kv_event_gaps.labels(backend.url, outcome)

@@ -107,6 +107,13 @@ class KvIndex:
             self.lost(url)
         return count
 
+    def expect(self, url: str, ranks: Iterable[int]) -> None:
+        """The backend's engines (data-parallel ranks) that publish: its cache is known only once every one of
+        them has synced, not when the first to answer has."""
+        sources = self.backend(url).sources
+        for rank in ranks:
+            sources.setdefault(rank, _Source())
+
     def synced(self, url: str, rank: int) -> None:
         """The engine's whole event history from its start is applied: its cache is known (empty at start)."""
         entry = self.backend(url)

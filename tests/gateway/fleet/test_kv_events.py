@@ -9,13 +9,19 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
 
-from tests.servers import GatewayServer, SimProcess, gateway, running_sims, sim, wait_until
+from tests.gateway.echo_upstream import echo_app
+from tests.servers import GatewayServer, SimProcess, ThreadedServer, gateway, running_sims, sim, wait_until
 from worker.procs import free_port_block
 
 ADMIN = "kv-admin-key"
@@ -172,3 +178,23 @@ def test_two_replicas_fed_the_same_events_choose_the_same_backends(caplog: pytes
         same = sum(backends[f"one-{i}"] == backends[f"two-{i}"] for i in range(80))
         assert same >= 0.95 * 80, f"{same} of 80 requests went to the same backend"
         assert len({backends[f"one-{i}"] for i in range(80)}) > 1  # and the groups did spread over the fleet
+
+
+def test_a_backend_with_two_ranks_is_live_only_once_both_have_synced() -> None:
+    """A data-parallel backend publishes from one socket per rank. Rank 0 here is a real publisher (a
+    simulator's); rank 1's publisher never answers. The first rank to catch up must not make the whole cache
+    known: the blocks rank 1 holds are unknown."""
+    with running_sims(kv_sim()) as (publisher,):
+        rank0 = httpx.get(publisher.url + "/kv_event_sources", timeout=10).json()["0"]
+        silent = free_port_block(2)
+        rank1 = {**rank0, "endpoint": f"tcp://*:{silent}", "replay_endpoint": f"tcp://*:{silent + 1}"}
+
+        async def sources(request: Request) -> Response:
+            return JSONResponse({"0": rank0, "1": rank1})
+
+        front = Starlette(routes=[Route("/kv_event_sources", sources), Mount("/", echo_app(["m"]))])
+        with ThreadedServer(front) as backend, kv_gateway(backend.url) as gw:
+            connected = lambda: [s["connected"] for s in cache(gw, backend.url)["events"]["sources"]]  # noqa: E731
+            wait_until(lambda: connected() == [True, False], 10, what="rank 0 to catch up")
+            time.sleep(0.5)  # several reconcile rounds: the state has settled
+            assert cache(gw, backend.url)["state"] != "live"

@@ -138,6 +138,16 @@ def test_a_whole_history_read_after_a_loss_or_a_restart_makes_the_cache_known_ag
     assert index.state(B) is CacheState.LIVE
 
 
+def test_a_backend_is_live_only_once_every_rank_it_publishes_from_has_synced() -> None:
+    """Data-parallel ranks sync one by one: the first to catch up does not make the whole cache known."""
+    index = KvIndex(max_blocks_per_backend=1000)
+    index.expect(A, [0, 1])
+    index.synced(A, 0)
+    assert index.state(A) is CacheState.UNKNOWN
+    index.synced(A, 1)
+    assert index.state(A) is CacheState.LIVE
+
+
 def test_unknown_and_forgotten_backends() -> None:
     prompt = tokens(2 * BS)
     index = live_index()
