@@ -1,16 +1,25 @@
-"""An OTLP/HTTP trace receiver for tests: POST /v1/traces with protobuf ExportTraceServiceRequest bodies, decoded
-with opentelemetry-proto into plain spans (as a collector would receive them from the SDK or from vLLM)."""
+"""OTLP trace receivers for tests, over HTTP (POST /v1/traces with protobuf ExportTraceServiceRequest bodies) and
+over gRPC (the TraceService's Export call), decoded with opentelemetry-proto into plain spans, as a collector
+would receive them from the SDK or from vLLM."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import (
+    TraceServiceServicer,
+    add_TraceServiceServicer_to_server,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
@@ -98,3 +107,26 @@ class OtlpReceiver:
 def otlp_receiver(port: int | None = None) -> tuple[ThreadedServer, OtlpReceiver]:
     receiver = OtlpReceiver()
     return ThreadedServer(receiver, port), receiver
+
+
+class _GrpcTraceService(TraceServiceServicer):
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        self._receiver = receiver
+
+    def Export(self, request: ExportTraceServiceRequest, context: Any) -> ExportTraceServiceResponse:
+        self._receiver._store(request)
+        return ExportTraceServiceResponse()
+
+
+@contextmanager
+def grpc_otlp_receiver() -> Iterator[tuple[str, OtlpReceiver]]:
+    """A gRPC OTLP receiver on a loopback port: its endpoint URL (http://, plaintext) and what it received."""
+    receiver = OtlpReceiver()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    add_TraceServiceServicer_to_server(_GrpcTraceService(receiver), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}", receiver
+    finally:
+        server.stop(grace=None)

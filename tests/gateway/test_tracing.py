@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.gateway.echo_upstream import Behaviour, echo_app, forwarded_headers
-from tests.otlp_receiver import OtlpReceiver, ReceivedSpan, otlp_receiver
+from tests.otlp_receiver import OtlpReceiver, ReceivedSpan, grpc_otlp_receiver, otlp_receiver
 from tests.servers import GatewayServer, ThreadedServer, free_port, gateway, running_sims, sim, wait_until
 
 SERVER, CLIENT, INTERNAL = 2, 3, 1  # SpanKind values in OTLP
@@ -143,6 +143,25 @@ def test_tracing_off_passes_the_clients_traceparent_unchanged(echo: ThreadedServ
             gw.url + "/v1/chat/completions", json={"model": "chat"}, headers={"traceparent": TRACEPARENT}
         )
     assert forwarded_headers(answer)["traceparent"] == TRACEPARENT
+
+
+def test_spans_reach_a_collector_over_grpc(monkeypatch: pytest.MonkeyPatch, echo: ThreadedServer) -> None:
+    """OTEL_EXPORTER_OTLP_PROTOCOL=grpc (a collector's port 4317, vLLM's default protocol) works as installed."""
+    with grpc_otlp_receiver() as (endpoint, receiver):
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+        with traced_gateway(echo.url) as gw:
+            ready(gw, "chat")
+            answer = httpx.post(
+                gw.url + "/v1/chat/completions", json={"model": "chat"}, headers={"traceparent": TRACEPARENT}
+            )
+            assert answer.status_code == 200
+            spans = receiver.wait_for(lambda spans: any(s.kind == SERVER for s in trace_of(spans, CLIENT_TRACE)))
+    (server,) = [span for span in trace_of(spans, CLIENT_TRACE) if span.kind == SERVER]
+    assert server.parent_span_id == CLIENT_PARENT
+    assert server.service == "switchyard-gateway"
+    assert [span.kind for span in attempts_of(spans, server)] == [CLIENT]
 
 
 def test_an_unreachable_collector_fails_and_slows_nothing(
