@@ -154,8 +154,13 @@ def test_selectors_match_their_pods(ci_objects: list[Obj]) -> None:
         assert pdb["spec"]["selector"]["matchLabels"] == gateway["spec"]["selector"]["matchLabels"]
 
 
+def _gateway_config_text(objects: list[Obj]) -> str:
+    text: str = named(objects, "ConfigMap", f"{RELEASE}-switchyard-gateway")["data"]["config.yaml"]
+    return text
+
+
 def _gateway_config(objects: list[Obj]) -> Obj:
-    config: Obj = yaml.safe_load(named(objects, "ConfigMap", f"{RELEASE}-switchyard-gateway")["data"]["config.yaml"])
+    config: Obj = yaml.safe_load(_gateway_config_text(objects))
     return config
 
 
@@ -453,8 +458,9 @@ def test_lora_adapters_reach_the_worker(ci: dict[str, list[Obj]]) -> None:
     assert "--lora" in args
     assert [args[i + 1] for i, arg in enumerate(args) if arg == "--lora"] == [
         "sql-lora=yard/llama-3.1-8b-sql-lora",
-        "support-lora=/models/adapters/support",
+        "support-lora=/adapters/support",
     ]
+    assert {"name": "adapters", "mountPath": "/adapters", "readOnly": True} in llama["volumeMounts"]
     assert args[args.index("--") + 1 :] == ["--max-loras", "4", "--max-lora-rank", "64"]
     sim = named(objects, "Deployment", f"{RELEASE}-switchyard-sim")["spec"]["template"]["spec"]["containers"][0]
     assert sim["command"] == ["python", "-m", "worker.sim"]
@@ -606,7 +612,12 @@ def test_alert_thresholds_come_from_values(tmp_path: Path) -> None:
     assert expressions["SwitchyardHighTimeToFirstToken"].rstrip().endswith(") > 1.5")
     assert "(vllm:num_requests_waiting) > 20\nand" in expressions["SwitchyardEngineQueueGrowing"]
     (defaults,) = of_kind(render(load_values(CHART / "ci" / "monitoring-values.yaml")), "PrometheusRule")
-    shipped = yaml.safe_load((CHART / "alerts" / "switchyard.yaml").read_text())
+    # the file unchanged, but for the gateway job, which the chart knows exactly
+    text = (CHART / "alerts" / "switchyard.yaml").read_text()
+    text = text.replace(
+        'job=~".*switchyard.*gateway.*"', f'job="{RELEASE}-switchyard-gateway", namespace="{NAMESPACE}"'
+    )
+    shipped = yaml.safe_load(text)
     assert defaults["spec"]["groups"] == shipped["groups"], "default thresholds must render the file unchanged"
 
     # a rule file edited so the threshold is no longer where the chart looks fails the render, naming it
@@ -676,6 +687,38 @@ def test_schema_rejects_bad_values_naming_the_field(values: Obj, field: str) -> 
         ({"models": [{"name": "a"}]}, "source.huggingFace.id or source.pvc.claimName"),
         ({"models": [{"name": "a", "simulator": True, "cache": {"type": "pvc"}}]}, "cache.claimName is required"),
         ({"ingress": {"enabled": True, "tls": {"enabled": True}}}, "ingress.tls.secretName"),
+        # a label the selectors use, replaced: discovery would find no worker
+        ({"commonLabels": {"app.kubernetes.io/part-of": "ml-platform"}}, "app.kubernetes.io/part-of is set by the"),
+        ({"commonLabels": {"team": "a", "app.kubernetes.io/instance": "x"}}, "app.kubernetes.io/instance is set by"),
+        # the simulator takes one --served-model-name: a second name would never be served
+        ({"models": [{"name": "a", "simulator": True, "servedNames": ["a", "b"]}]}, "a simulator serves one name"),
+        # vLLM fails to start on an adapter path it cannot read
+        (
+            {
+                "models": [
+                    {
+                        "name": "a",
+                        "source": {"huggingFace": {"id": "x/y"}},
+                        "loras": [{"name": "l", "source": "/models/l"}],
+                    }
+                ]
+            },
+            "the LoRA l is at /models/l, which no volume of the worker holds (mounted: none)",
+        ),
+        (
+            {
+                "models": [
+                    {
+                        "name": "a",
+                        "source": {"huggingFace": {"id": "x/y"}},
+                        "loras": [{"name": "l", "source": "/adaptersx/l"}],
+                        "extraVolumes": [{"name": "ad", "emptyDir": {}}],
+                        "extraVolumeMounts": [{"name": "ad", "mountPath": "/adapters"}],
+                    }
+                ]
+            },
+            "(mounted: /adapters)",
+        ),
     ],
 )
 def test_inconsistent_values_fail_with_a_message(values: Obj, message: str) -> None:
@@ -811,3 +854,91 @@ def test_gateway_down_alert_matches_the_job_the_service_monitor_scrapes() -> Non
             if s["spec"]["selector"] == monitor["spec"]["selector"]["matchLabels"]
         ]
         assert re.fullmatch(pattern, service["metadata"]["name"]), (release, service["metadata"]["name"], pattern)
+
+
+def test_the_gateway_lets_streams_finish_within_the_pods_termination_budget(tmp_path: Path) -> None:
+    """SIGTERM reaches the gateway after the preStop sleep; what is left of terminationGracePeriodSeconds (less
+    5 s to exit) is its grace period for streams in flight, not the gateway's own 30 s default."""
+
+    def grace(values: Obj) -> float:
+        path = tmp_path / "config.yaml"
+        path.write_text(_gateway_config_text(render(values)))
+        return load_settings(path).shutdown.grace_period
+
+    assert grace({}) == 60 - 5 - 5
+    assert grace({"gateway": {"terminationGracePeriodSeconds": 900}}) == 890
+    assert grace({"gateway": {"terminationGracePeriodSeconds": 900, "preStopSleepSeconds": 0}}) == 895
+    assert grace({"gateway": {"terminationGracePeriodSeconds": 3}}) == 1
+    assert grace({"gateway": {"config": {"shutdown": {"grace_period": 12.5}}}}) == 12.5
+    drain = {"gateway": {"config": {"shutdown": {"drain_delay": 2}}}}
+    assert grace(drain) == 50
+
+
+def test_the_gateway_down_alert_selects_this_releases_gateway_job() -> None:
+    """With fullnameOverride or nameOverride the gateway Service (the ServiceMonitor's job) may not contain
+    "switchyard": the rendered alert names the job exactly, so it neither fires forever nor misses an outage."""
+    for values in ({"fullnameOverride": "llm"}, {"nameOverride": "gw"}, {}):
+        objects = render({**load_values(CHART / "ci" / "monitoring-values.yaml"), **values})
+        (monitor,) = of_kind(objects, "ServiceMonitor")
+        (service,) = [
+            s
+            for s in of_kind(objects, "Service")
+            if s["spec"]["selector"] == monitor["spec"]["selector"]["matchLabels"]
+        ]
+        (rule,) = of_kind(objects, "PrometheusRule")
+        (expr,) = [
+            r["expr"] for g in rule["spec"]["groups"] for r in g["rules"] if r["alert"] == "SwitchyardGatewayDown"
+        ]
+        selector = f'up{{job="{service["metadata"]["name"]}", namespace="{NAMESPACE}"}}'
+        assert expr.count(selector) == 2, expr
+        assert "=~" not in expr
+
+
+def test_simulators_take_their_own_vllm_args_only() -> None:
+    """workerDefaults.vllmArgs are vLLM's flags (the simulator would exit on --gpu-memory-utilization); a
+    simulator entry's own vllmArgs still reach it, and real workers still get the defaults."""
+    objects = render(
+        {
+            "workerDefaults": {"vllmArgs": ["--gpu-memory-utilization", "0.92"]},
+            "models": [
+                {"name": "sim", "simulator": True, "vllmArgs": ["--seed", "3"]},
+                {"name": "plain-sim", "simulator": True},
+                {"name": "real", "source": {"huggingFace": {"id": "x/y"}}},
+            ],
+        }
+    )
+    args = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["args"] for d in workers(objects)}
+    assert args[f"{RELEASE}-switchyard-sim"][-2:] == ["--seed", "3"]
+    assert "--gpu-memory-utilization" not in args[f"{RELEASE}-switchyard-sim"]
+    assert "--gpu-memory-utilization" not in args[f"{RELEASE}-switchyard-plain-sim"]
+    assert args[f"{RELEASE}-switchyard-real"][-2:] == ["--gpu-memory-utilization", "0.92"]
+
+
+def test_extra_volumes_numeric_cpu_and_the_test_pods_key() -> None:
+    """A Secret of API keys mounted for auth.keys_file, a CPU request written as a number, and `helm test`
+    sending a key when the gateway requires one."""
+    keys = {"name": "keys", "secret": {"secretName": "gateway-keys"}}
+    mount = {"name": "keys", "mountPath": "/etc/switchyard-keys", "readOnly": True}
+    objects = render(
+        {
+            "gateway": {
+                "extraVolumes": [keys],
+                "extraVolumeMounts": [mount],
+                "resources": {"requests": {"cpu": 0.5}},
+                "config": {"auth": {"keys_file": "/etc/switchyard-keys/keys.yaml"}},
+            },
+            "tests": {"apiKey": {"existingSecret": "test-key"}},
+        }
+    )
+    for obj in objects:
+        if obj["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(obj, K8S_VERSIONS[0], strict=True)
+    pod = named(objects, "Deployment", f"{RELEASE}-switchyard-gateway")["spec"]["template"]["spec"]
+    assert keys in pod["volumes"]
+    assert mount in pod["containers"][0]["volumeMounts"]
+    test = of_kind(objects, "Pod")[0]["spec"]["containers"][0]
+    assert test["env"] == [
+        {"name": "SWITCHYARD_TEST_API_KEY", "valueFrom": {"secretKeyRef": {"name": "test-key", "key": "api-key"}}}
+    ]
+    assert "Authorization" in test["args"][0]
+    assert "env" not in of_kind(render({}), "Pod")[0]["spec"]["containers"][0]

@@ -35,6 +35,11 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: switchyard
 {{- with .Values.commonLabels }}
+{{- range $key := list "helm.sh/chart" "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/version" "app.kubernetes.io/managed-by" "app.kubernetes.io/part-of" "app.kubernetes.io/component" }}
+{{- if hasKey $.Values.commonLabels $key }}
+{{- fail (printf "commonLabels: %s is set by the chart (its selectors and discovery use these labels)" $key) }}
+{{- end }}
+{{- end }}
 {{ toYaml . }}
 {{- end }}
 {{- end }}
@@ -142,6 +147,8 @@ return lists). Per-model keys win; nested maps merge key by key; lists replace.
 {{- $_ := set $base "cache" (dict "type" "emptyDir" "sizeLimit" "1Gi" "claimName" "") }}
 {{- $_ := set $base "startupProbe" (dict "periodSeconds" 2 "failureThreshold" 30) }}
 {{- $_ := set $base "terminationGracePeriodSeconds" 30 }}
+{{- /* workerDefaults.vllmArgs are for vLLM (e.g. --gpu-memory-utilization): the simulator gets its entry's only. */}}
+{{- $_ := set $base "vllmArgs" list }}
 {{- /* The simulator writes nothing: a read-only root unless the entry says otherwise. */}}
 {{- $_ := set $base "securityContext" (merge (dict "readOnlyRootFilesystem" true) ($base.securityContext | default dict)) }}
 {{- end }}
