@@ -28,6 +28,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.errors import ConfigError
+from gateway.proxy.vllm_bool import is_true
 
 if TYPE_CHECKING:
     from gateway.proxy.exchange import Exchange
@@ -161,7 +162,7 @@ def end_server_span(span: Span, exchange: Exchange) -> None:
     if operation is not None:
         attributes[GEN_AI_OPERATION] = operation
     if info.payload is not None:
-        attributes[GEN_AI_STREAM] = info.payload.get("stream") is True
+        attributes[GEN_AI_STREAM] = is_true(info.payload.get("stream"))
     if outcome.backend is not None:
         attributes[BACKEND] = outcome.backend
     if outcome.ttft is not None:

@@ -25,6 +25,7 @@ import orjson
 from starlette.types import Scope
 
 from gateway.proxy.headers import header
+from gateway.proxy.vllm_bool import is_true
 from gateway.settings import FailoverSettings
 
 CHAT_ROUTE = "/v1/chat/completions"
@@ -85,7 +86,7 @@ class FailoverPolicy:
     def plan(self, route: str, payload: Mapping[str, Any] | None, scope: Scope) -> FailoverPlan | None:
         """The plan for a request: None when it is not a chat or completions stream, failover is off, or the
         request opted out (`X-Switchyard-Failover: off`)."""
-        if not self._enabled or payload is None or payload.get("stream") is not True:
+        if not self._enabled or payload is None or not is_true(payload.get("stream")):
             return None
         chat = route == CHAT_ROUTE
         if not chat and route != COMPLETIONS_ROUTE:
@@ -94,8 +95,8 @@ class FailoverPolicy:
         if opt_out is not None and opt_out.strip().lower() in OPT_OUT_VALUES:
             return None
         options = payload.get("stream_options")
-        show_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        keep_ids = payload.get("return_token_ids") is True
+        show_usage = isinstance(options, dict) and is_true(options.get("include_usage"))
+        keep_ids = is_true(payload.get("return_token_ids"))
         refusal = _refusal(payload, chat)
         return FailoverPlan(chat=chat, keep_ids=keep_ids, show_usage=show_usage, refusal=refusal)
 

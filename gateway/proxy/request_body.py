@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope
 from gateway.errors import BodyTimeout, ClientDisconnected, InvalidRequest, PayloadTooLarge
 from gateway.http.cycle import BODY_RECEIVED
 from gateway.proxy.headers import header
+from gateway.proxy.vllm_bool import is_true
 
 
 class BodyKind(Enum):
@@ -32,7 +33,7 @@ class RoutingFields:
 
     @property
     def stream(self) -> bool:
-        return self.payload is not None and self.payload.get("stream") is True
+        return self.payload is not None and is_true(self.payload.get("stream"))
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int, stall_timeout: float) -> bytes:

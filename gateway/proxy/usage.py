@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from gateway.proxy.sse import whole_events
+from gateway.proxy.vllm_bool import is_true
 
 # Routes whose streams accept stream_options.
 USAGE_STREAM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -70,12 +71,12 @@ def count_content_events(chunk: bytes) -> int:
 
 def wants_usage_injection(route: str, payload: Mapping[str, Any] | None) -> bool:
     """True for a stream whose client did not ask for usage (so the gateway asks, then hides it)."""
-    if route not in USAGE_STREAM_ROUTES or payload is None or payload.get("stream") is not True:
+    if route not in USAGE_STREAM_ROUTES or payload is None or not is_true(payload.get("stream")):
         return False
     options = payload.get("stream_options")
     if options is None:
         return True
-    return isinstance(options, dict) and not options.get("include_usage")
+    return isinstance(options, dict) and not is_true(options.get("include_usage"))
 
 
 def inject_include_usage(body: bytes, payload: Mapping[str, Any]) -> bytes:
@@ -83,9 +84,12 @@ def inject_include_usage(body: bytes, payload: Mapping[str, Any]) -> bytes:
 
     The original bytes stay as they were; JSON parsers (vLLM's included) keep the last of duplicate keys,
     so this overrides a `stream_options` the client sent without include_usage while keeping its other
-    fields."""
+    fields, but for `continuous_usage_stats`: vLLM honours it only with include_usage, so the client would not
+    have had usage in every chunk, and the filter removes only the last chunk's."""
     options = dict(payload.get("stream_options") or {})
     options["include_usage"] = True
+    if "continuous_usage_stats" in options:
+        options["continuous_usage_stats"] = False
     end = body.rstrip().rfind(b"}")
     return body[:end] + b',"stream_options":' + orjson.dumps(options) + body[end:]
 

@@ -147,9 +147,7 @@ def _common(body: JSON) -> GenerationParams:
     n = body.get("n")
     if n is not None and n != 1:
         raise bad_request("The simulator supports n=1 only.", "n")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise ApiError(400, "stream: Input should be a valid boolean", "Bad Request", "stream")
+    stream = _opt_bool(body, "stream")
     options = body.get("stream_options")
     include_usage = continuous = False
     if options is not None:
@@ -157,8 +155,9 @@ def _common(body: JSON) -> GenerationParams:
             raise bad_request("Stream options can only be defined when `stream=True`.", "stream_options")
         if not isinstance(options, dict):
             raise ApiError(400, "stream_options: Input should be a valid dictionary", "Bad Request")
-        include_usage = bool(options.get("include_usage"))
-        continuous = bool(options.get("continuous_usage_stats"))
+        include_usage = bool(_opt_bool(options, "include_usage"))
+        # as in vLLM: usage in every chunk only for a stream that asked for usage at all
+        continuous = include_usage and bool(_opt_bool(options, "continuous_usage_stats"))
     max_tokens = _opt_int(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _opt_int(body, "max_tokens", 1)

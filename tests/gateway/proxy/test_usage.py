@@ -51,6 +51,13 @@ def test_content_events_ignore_the_empty_role_chunk() -> None:
         ("/v1/chat/completions", {"stream": False}, False),
         ("/v1/embeddings", {"stream": True}, False),
         ("/v1/chat/completions", {"stream": True, "stream_options": "bad"}, False),  # vLLM answers the 400
+        # booleans as vLLM's pydantic models read them: a stream that asked for no usage in other words
+        ("/v1/chat/completions", {"stream": 1}, True),
+        ("/v1/completions", {"stream": "yes", "stream_options": {"include_usage": "false"}}, True),
+        ("/v1/chat/completions", {"stream": "true", "stream_options": {"include_usage": 0}}, True),
+        ("/v1/chat/completions", {"stream": "on", "stream_options": {"include_usage": "t"}}, False),
+        ("/v1/chat/completions", {"stream": 0}, False),
+        ("/v1/chat/completions", {"stream": "maybe"}, False),  # vLLM answers the 400
     ],
 )
 def test_wants_usage_injection(route: str, payload: dict[str, object], expected: bool) -> None:
@@ -58,10 +65,12 @@ def test_wants_usage_injection(route: str, payload: dict[str, object], expected:
 
 
 def test_inject_keeps_bytes_and_overrides_stream_options() -> None:
-    body = b'{"model": "m", "stream": true, "stream_options": {"continuous_usage_stats": true}}  \n'
+    body = b'{"model": "m", "stream": true, "stream_options": {"continuous_usage_stats": true, "x": 1}}  \n'
     injected = inject_include_usage(body, json.loads(body))
     assert injected.startswith(body.rstrip()[:-1])
-    assert json.loads(injected)["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
+    # vLLM sends usage in every chunk only with include_usage: the client asked for none, and gets none
+    expected = {"continuous_usage_stats": False, "x": 1, "include_usage": True}
+    assert json.loads(injected)["stream_options"] == expected
 
 
 def test_filter_removes_only_the_usage_event_across_odd_chunking() -> None:
