@@ -59,7 +59,10 @@ class Gatekeeper:
         fields = routing_fields(exchange.kind, body, header(scope, b"content-type"), limits.max_json_depth)
         exchange.label = UNKNOWN_MODEL
         if exchange.kind is BodyKind.RESPONSE_ID:
-            candidates = await self._response_owner(scope["path_params"]["response_id"])
+            pool = self._directory.routable_backends()
+            if principal is not None:  # only where the key's models are: another key's response stays unseen
+                pool = tuple(b for b in pool if any(principal.may_use(name) for name in b.models))
+            candidates = await self._response_owner(scope["path_params"]["response_id"], pool)
             model = _base_model(candidates[0])
         else:
             model = self._resolve_model(fields.model, principal)

@@ -7,8 +7,9 @@ import re
 
 from starlette.types import Scope
 
-# Connection-level headers (RFC 9110 7.6.1) and those the gateway sets itself. The client's
-# Authorization is never forwarded: the backend's own key is sent instead. Nor is its Accept-Encoding: the
+# Connection-level headers (RFC 9110 7.6.1) and those the gateway sets itself. The client's key is never
+# forwarded (Authorization, or x-api-key / api-key as Anthropic's and Azure's SDKs send it): the backend's own
+# key is sent instead. Nor is its Accept-Encoding: the
 # gateway reads the answers (usage, a stream's events), so it asks for them unencoded (IDENTITY).
 DROP_REQUEST_HEADERS = frozenset(
     {
@@ -26,6 +27,8 @@ DROP_REQUEST_HEADERS = frozenset(
         b"content-length",
         b"expect",
         b"authorization",
+        b"x-api-key",
+        b"api-key",
         b"x-request-id",
     }
 )

@@ -123,9 +123,10 @@ class KeyRing:
             known = self._known.get(value)
             if known is not None:
                 return known
-        presented = _bearer(value)
+        # Anthropic's SDK (for /v1/messages) sends its key as `x-api-key`
+        presented = _bearer(value) if value is not None else (_header(scope, b"x-api-key") or b"").strip() or None
         if presented is None:
-            raise Unauthorized("Missing API key: send it as `Authorization: Bearer <key>`.")
+            raise Unauthorized("Missing API key: send it as `Authorization: Bearer <key>` or `x-api-key: <key>`.")
         digest = hashlib.sha256(presented).digest()
         principal = self._by_digest.get(digest)
         if principal is None or not hmac.compare_digest(principal.digest, digest):
@@ -136,8 +137,12 @@ class KeyRing:
 
 
 def _authorization(scope: Scope) -> bytes | None:
+    return _header(scope, b"authorization")
+
+
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
     for name, value in scope["headers"]:
-        if name == b"authorization":
+        if name == wanted:
             return bytes(value)
     return None
 

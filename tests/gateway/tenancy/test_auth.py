@@ -169,3 +169,56 @@ def test_guesses_leave_nothing_behind() -> None:
         with pytest.raises(Unauthorized):
             ring.authenticate(scope_with(b"Bearer sk-guess-%d" % guess))
     assert len(ring._known) == 1  # only the header value that authenticated is remembered
+
+
+def test_an_x_api_key_authenticates_and_no_client_key_reaches_the_backend(gw: GatewayServer) -> None:
+    """Anthropic's SDK sends its key as `x-api-key` (Azure's as `api-key`): it authenticates like a Bearer key,
+    and neither header is forwarded, whatever the client sends."""
+    body = {"model": "chat-small", "prompt": "x"}
+    response = httpx.post(gw.url + "/v1/messages", json=body, headers={"x-api-key": "sk-team-a-0123456789"})
+    assert response.status_code == 200
+    assert "x-api-key" not in forwarded_headers(response)
+    wrong = httpx.post(gw.url + "/v1/messages", json=body, headers={"x-api-key": "sk-team-a-wrong"})
+    assert wrong.status_code == 401
+    assert httpx.post(gw.url + "/v1/messages", json=body, headers={"x-api-key": ""}).status_code == 401
+    both = {"Authorization": "Bearer sk-team-a-0123456789", "x-api-key": "sk-secret", "api-key": "sk-azure"}
+    forwarded = forwarded_headers(httpx.post(gw.url + "/v1/completions", json=body, headers=both))
+    assert not {"authorization", "x-api-key", "api-key"} & forwarded.keys()
+
+
+def test_a_key_reaches_only_responses_on_backends_of_its_models() -> None:
+    """GET /v1/responses/{id} and its cancel are routed by the id, not a model: a key must not reach a
+    response held by a backend of a model it may not use (it is not found, as the model would not be)."""
+    keys = [{"name": "a", "key": "sk-a-0123456789", "models": ["chat-*"]}, {"name": "b", "key": "sk-b-0123456789"}]
+    with (
+        ThreadedServer(echo_app(["chat-small"])) as chat,
+        ThreadedServer(echo_app(["private"])) as private,
+        gateway(chat.url, private.url, auth={"keys": keys}) as gw,
+    ):
+        b = {"Authorization": "Bearer sk-b-0123456789"}
+        a = {"Authorization": "Bearer sk-a-0123456789"}
+        created = httpx.post(gw.url + "/v1/responses", json={"model": "private", "input": "x"}, headers=b).json()
+        mine = httpx.post(gw.url + "/v1/responses", json={"model": "chat-small", "input": "x"}, headers=a).json()
+        assert httpx.get(f"{gw.url}/v1/responses/{created['id']}", headers=b).status_code == 200
+        assert httpx.get(f"{gw.url}/v1/responses/{created['id']}", headers=a).status_code == 404
+        assert httpx.post(f"{gw.url}/v1/responses/{created['id']}/cancel", headers=a).status_code == 404
+        assert httpx.get(f"{gw.url}/v1/responses/{mine['id']}", headers=a).status_code == 200
+
+
+def test_a_stream_asked_for_with_a_non_boolean_true_is_charged_too() -> None:
+    """vLLM reads `"stream": 1` (or "true", "yes") as a stream: the gateway counts its tokens as it does any
+    stream's, so it cannot pass a key's token limit uncounted."""
+    from tests.servers import running_sims, sim
+
+    keys = [{"name": "small", "key": "sk-small-0123456789", "tokens_per_minute": 40}]
+    with running_sims(sim("m")) as (upstream,), gateway(upstream.url, auth={"keys": keys}) as gw:
+        headers = {"Authorization": "Bearer sk-small-0123456789"}
+        body = {"model": "m", "prompt": "a long enough prompt to cost tokens", "max_tokens": 40, "stream": 1}
+        with httpx.stream("POST", gw.url + "/v1/completions", json=body, headers=headers, timeout=30) as answer:
+            assert answer.status_code == 200
+            assert answer.headers["content-type"].startswith("text/event-stream")
+            text = "".join(answer.iter_text())
+        assert '"usage"' not in text  # the client asked for none: the gateway's own request for it is hidden
+        assert text.rstrip().endswith("data: [DONE]")
+        refused = httpx.post(gw.url + "/v1/completions", json={**body, "stream": "true"}, headers=headers)
+        assert refused.status_code == 429
