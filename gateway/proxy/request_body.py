@@ -7,6 +7,7 @@ the policies that look at the prompt; a multipart body is only searched for its 
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -88,7 +89,7 @@ def _json_fields(body: bytes, max_depth: int) -> RoutingFields:
     try:
         data: Any = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+        data = _lenient_json(body, exc)
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     # Counting brackets is cheap and bounds the depth from above: most bodies never need the walk.
@@ -98,6 +99,18 @@ def _json_fields(body: bytes, max_depth: int) -> RoutingFields:
     if model is not None and not isinstance(model, str):
         raise InvalidRequest("`model` must be a string.", param="model")
     return RoutingFields(model=model or None, payload=data)
+
+
+def _lenient_json(body: bytes, error: orjson.JSONDecodeError) -> Any:
+    """What vLLM's own parser (Python's json) reads where orjson does not: NaN and Infinity, a UTF-8 byte order
+    mark. Anything else is answered with orjson's message, a lone surrogate escape (text that is no Unicode,
+    which the gateway could not serialise again for routing or a failover) included."""
+    try:
+        data = json.loads(body)
+        orjson.dumps(data)
+    except (ValueError, RecursionError, orjson.JSONEncodeError):
+        raise InvalidRequest(f"The request body is not valid JSON: {error}") from None
+    return data
 
 
 def _deeper_than(value: Any, limit: int) -> bool:
@@ -114,8 +127,10 @@ def _deeper_than(value: Any, limit: int) -> bool:
 def _multipart_model(body: bytes, content_type: bytes | None) -> str | None:
     """Find the form field `model` in a multipart/form-data body without decoding the other parts."""
     boundary = _boundary(content_type)
-    delimiter = b"--" + boundary
-    for part in body.split(delimiter)[1:]:
+    # A delimiter is a line of its own (RFC 2046 5.1.1): CRLF, "--", the boundary. The same bytes inside a
+    # part (a file's content) split nothing, so a file cannot pose as the `model` field.
+    delimiter = b"\r\n--" + boundary
+    for part in (b"\r\n" + body).split(delimiter)[1:]:
         if part.startswith(b"--"):
             break  # the closing delimiter
         head, sep, value = part.partition(b"\r\n\r\n")

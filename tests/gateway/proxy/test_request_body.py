@@ -69,3 +69,30 @@ def test_multipart_content_type_errors(content_type: bytes | None, message: str)
 def test_multipart_part_without_header_end() -> None:
     with pytest.raises(InvalidRequest, match="Malformed multipart"):
         routing_fields(BodyKind.MULTIPART, b"--" + BOUNDARY + b"\r\nContent-Disposition: x", CONTENT_TYPE)
+
+
+def test_a_file_holding_the_boundary_cannot_pose_as_the_model_field() -> None:
+    """A delimiter is CRLF "--" boundary: the boundary inside a part's bytes, not at a line start, is content
+    (the backend reads it so), so a file cannot make the gateway route and authorise by another model."""
+    forged = b"abc--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\nnope'
+    body = multipart(("file", forged), ("model", b"whisper-small"), filename="a.wav")
+    assert routing_fields(BodyKind.MULTIPART, body, CONTENT_TYPE).model == "whisper-small"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "m", "temperature": NaN}',
+        b'{"model": "m", "top_p": Infinity}',
+        b'\xef\xbb\xbf{"model": "m"}',  # a UTF-8 byte order mark
+    ],
+)
+def test_json_that_vllms_parser_reads_is_read(body: bytes) -> None:
+    """vLLM parses request bodies with Python's json: what it reads, the gateway must not refuse."""
+    assert routing_fields(BodyKind.JSON, body, b"application/json").model == "m"
+
+
+def test_a_lone_surrogate_is_refused() -> None:
+    """Python's json reads it, but it is no text: routing and a failover could not serialise it again."""
+    with pytest.raises(InvalidRequest, match="not valid JSON"):
+        routing_fields(BodyKind.JSON, b'{"model": "m", "prompt": "\\ud83d"}', b"application/json")
