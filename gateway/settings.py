@@ -204,8 +204,8 @@ class AuthSettings(StrictModel):
     def _load_file(self) -> AuthSettings:
         if self.keys_file is not None:
             try:
-                loaded = yaml.safe_load(self.keys_file.read_text()) or []
-            except (OSError, yaml.YAMLError) as exc:
+                loaded = yaml.safe_load(self.keys_file.read_text(encoding="utf-8")) or []
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
                 raise ValueError(f"cannot read keys_file {self.keys_file}: {exc}") from exc
             entries = loaded.get("keys", []) if isinstance(loaded, dict) else loaded
             if not isinstance(entries, list):
@@ -353,9 +353,11 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text: {exc}") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):

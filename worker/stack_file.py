@@ -140,7 +140,7 @@ def parse_stack(data: Any, models: Path, source: str = "stack file") -> StackSpe
 def load_stack(path: Path, models: Path) -> StackSpec:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise StackFileError(f"cannot read stack file {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise StackFileError(f"{path}: invalid YAML: {exc}") from None

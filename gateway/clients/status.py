@@ -28,10 +28,10 @@ class StatusError(Exception):
 
 
 def fetch(gateway: str, key: str | None, timeout: float = 10.0) -> dict[str, Any]:
-    request = urllib.request.Request(f"{gateway.rstrip('/')}/admin/fleet")
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
     try:
+        request = urllib.request.Request(f"{gateway.rstrip('/')}/admin/fleet")  # ValueError: not a URL
+        if key:
+            request.add_header("Authorization", f"Bearer {key}")
         with urllib.request.urlopen(request, timeout=timeout) as response:
             data: dict[str, Any] = json.loads(response.read())
             return data

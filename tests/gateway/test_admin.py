@@ -46,6 +46,13 @@ def test_without_an_admin_key_there_is_no_admin_endpoint() -> None:
         assert "no admin endpoint" in result.stderr
 
 
+def test_status_with_a_gateway_that_is_no_url_says_so_in_one_line() -> None:
+    result = status("--gateway", "notaurl")
+    assert result.returncode == 1
+    assert result.stderr.startswith("switchyard status: cannot read notaurl/admin/fleet")
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.usefixtures("keys")
 def test_the_fleet_view_needs_the_admin_key_not_an_api_key() -> None:
     auth = {"keys": [{"name": "team", "key_env": "TEST_CLIENT_KEY"}]}

@@ -104,3 +104,14 @@ def test_file_that_is_not_a_mapping(tmp_path: Path, text: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path / "absent.yaml")
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"log_level: info # caf\xe9\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_settings(path)
+    keys = tmp_path / "keys.yaml"
+    keys.write_bytes(b"- {name: caf\xe9, key: sk-0123456789abcdef}\n")
+    with pytest.raises(ConfigError, match="cannot read keys_file"):
+        load_settings(None, backends=[{"url": "http://x:1"}], auth={"keys_file": str(keys)})

@@ -71,6 +71,10 @@ def test_bad_stack_files_name_the_problem(data: object, message: str) -> None:
 def test_unreadable_and_invalid_yaml_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(StackFileError, match="cannot read"):
         load_stack(tmp_path / "missing.yaml", Path("/m"))
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"workers: [] # caf\xe9\n")
+    with pytest.raises(StackFileError, match="cannot read stack file"):
+        load_stack(latin1, Path("/m"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("workers: [\n")
     with pytest.raises(StackFileError, match="invalid YAML"):
