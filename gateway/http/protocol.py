@@ -100,7 +100,7 @@ class HttpProtocol(asyncio.Protocol):
         self.written: asyncio.Future[None] = self.loop.create_future()  # what a send that did not wait returns
         self.written.set_result(None)
         self._closed = False
-        self._head_too_large = False
+        self._refusal: tuple[int, str] | None = None  # why a callback stopped the parser: answered, then closed
         self._upgrade_body = 0  # body bytes still due of an Upgrade request answered as HTTP/1.1 (llhttp stopped)
         self._defaults_from: object = None  # uvicorn's default headers (date, server), as last rendered
         self._defaults = b""
@@ -134,13 +134,15 @@ class HttpProtocol(asyncio.Protocol):
             # declared (curl --http2 and Java's HttpClient offer h2c on a POST) is read here.
             if self._parsing is not None:
                 self._parsing.keep_alive = False
-            if self._upgrade_body:
+            if self._refusal is not None:
+                self._refuse(*self._refusal)
+            elif self._upgrade_body:
                 self._read_upgrade_body(data[upgrade.args[0] :])
             else:
                 self._pause_reading()
         except httptools.HttpParserError as exc:
-            if self._head_too_large:
-                self._refuse(431, "The request head is too large.")
+            if self._refusal is not None:
+                self._refuse(*self._refusal)
             else:
                 self._refuse(400, f"Invalid HTTP request: {exc}.")
 
@@ -192,8 +194,8 @@ class HttpProtocol(asyncio.Protocol):
         self._head_bytes += len(name) + len(value)
         limits = self.limits
         if len(self._headers) > limits.max_headers or self._head_bytes > limits.max_head_bytes:
-            self._head_too_large = True
-            raise ValueError("request head too large")  # the parser stops; data_received answers 431
+            self._refusal = (431, "The request head is too large.")
+            raise ValueError("request head too large")  # the parser stops; data_received answers
 
     def on_headers_complete(self) -> None:
         self._head_begun = False
@@ -203,7 +205,16 @@ class HttpProtocol(asyncio.Protocol):
         parser = self._parser
         method = parser.get_method().decode("ascii")
         http_version = parser.get_http_version()
-        url = httptools.parse_url(self._url)
+        try:
+            url = httptools.parse_url(self._url)
+        except httptools.HttpParserInvalidURLError:
+            # llhttp's URL parser holds offsets in 16 bits: a longer target is refused as too long
+            self._refusal = (
+                (414, "The request target is longer than 65,535 bytes.")
+                if len(self._url) > 0xFFFF
+                else (400, "The request target is not a path (or an absolute URL).")
+            )
+            raise ValueError("bad request target") from None  # the parser stops; data_received answers
         raw_path = url.path
         path = raw_path.decode("ascii")
         if "%" in path:
@@ -252,7 +263,13 @@ class HttpProtocol(asyncio.Protocol):
         cycle = self._parsing
         if cycle is not None:
             if self._parser.should_upgrade():  # the message "ends" at its head: its body is still to come
-                self._upgrade_body = _content_length(cycle.scope["headers"])
+                headers = cycle.scope["headers"]
+                if any(name == b"transfer-encoding" for name, _ in headers):
+                    # llhttp stopped at the head: a chunked body cannot be decoded here (one with a
+                    # Content-Length can), so the request is refused rather than sent on without its body
+                    self._refusal = (400, "A request offering an Upgrade cannot have a chunked body here.")
+                    return
+                self._upgrade_body = _content_length(headers)
                 if self._upgrade_body:
                     return
             cycle.scope[BODY_RECEIVED] = True  # the whole body is here: the proxy reads it without a timer

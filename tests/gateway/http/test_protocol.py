@@ -96,14 +96,14 @@ async def respond(send: Send, status: int, body: bytes) -> None:
 
 
 class Server:
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, max_header_bytes: int = 1024) -> None:
         self.port = free_port()
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
             port=self.port,
             loop="uvloop",
-            http=protocol_class(HEADER_TIMEOUT, 10, 1024),
+            http=protocol_class(HEADER_TIMEOUT, 10, max_header_bytes),
             lifespan="on",
             log_level="warning",
             proxy_headers=False,  # as python -m gateway: with uvicorn's middleware around it, no route is fast
@@ -446,6 +446,40 @@ def test_answered_requests_leave_the_servers_task_set(server: Server) -> None:
         sock.sendall(request("GET", "/boom"))
         reader.response()
     wait_until(lambda: server.server.server_state.tasks <= before, 2, what="the answered requests to leave the set")
+
+
+def test_an_upgrade_offer_with_a_chunked_body_is_refused_not_sent_on_without_it(server: Server) -> None:
+    """llhttp stops at an Upgrade request's head; a body of declared length is read after it, a chunked one
+    cannot be: the request is refused in the OpenAI error shape, never passed on with an empty body."""
+    head = request("POST", "/echo", headers={"connection": "Upgrade", "upgrade": "h2c", "transfer-encoding": "chunked"})
+    with server.connect() as sock:
+        sock.sendall(head + b"b\r\nhello world\r\n0\r\n\r\n")
+        reader = Reader(sock)
+        status, headers, body = reader.response()
+        assert status == 400
+        assert "chunked body" in json.loads(body)["error"]["message"]
+        assert headers["connection"] == "close"
+        assert reader.closed()
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "status"),
+    [("GET", "/" + "a" * 70_000, 414), ("CONNECT", "example.com:443", 400)],
+    ids=["longer-than-llhttp-parses", "authority-form"],
+)
+def test_a_target_that_is_no_path_is_refused_clearly(app: App, method: str, target: str, status: int) -> None:
+    """A head within the limits (the gateway's default allows 64 KiB of headers) whose target llhttp's URL
+    parser cannot take: a clear 414 or 400, not "User callback error"."""
+    with Server(app, max_header_bytes=65536) as server, server.connect() as sock:
+        sock.sendall(request(method, target))
+        reader = Reader(sock)
+        answer, headers, body = reader.response()
+        assert headers["connection"] == "close"
+        assert answer == status
+        message = json.loads(body)["error"]["message"]
+        assert "request target" in message
+        assert "callback" not in message
+        assert reader.closed()
 
 
 def test_an_upgrade_request_is_answered_as_plain_http_and_closed(server: Server) -> None:
