@@ -222,6 +222,12 @@ class Registry:
         """Backends that may take a new request for `model` now."""
         return self._routable.get(model, ())
 
+    def out_of_service(self, url: str) -> bool:
+        """A backend at `url` is in the fleet but takes no new requests now (down, failing checks, ejected,
+        draining)."""
+        backend = self._backends.get(url)
+        return backend is not None and not backend.routable
+
     def routable_backends(self) -> tuple[Backend, ...]:
         return tuple(backend for backend in self._backends.values() if backend.routable)
 

@@ -59,7 +59,10 @@ class Gatekeeper:
         fields = routing_fields(exchange.kind, body, header(scope, b"content-type"), limits.max_json_depth)
         exchange.label = UNKNOWN_MODEL
         if exchange.kind is BodyKind.RESPONSE_ID:
-            pool = self._directory.routable_backends()
+            routable = self._directory.routable_backends()
+            if not routable:
+                raise NoHealthyBackend("No backend can take requests right now.", headers=dict(self._retry_after))
+            pool = routable
             if principal is not None:  # only where the key's models are: another key's response stays unseen
                 pool = tuple(b for b in pool if any(principal.may_use(name) for name in b.models))
             candidates = await self._response_owner(scope["path_params"]["response_id"], pool)
@@ -118,13 +121,18 @@ class Gatekeeper:
             return model
         raise ModelNotFound(model)  # also for a model the key may not use: its existence is not revealed
 
-    async def _response_owner(self, response_id: str, candidates: Sequence[Backend] | None = None) -> Sequence[Backend]:
-        """The one backend holding a Responses API response, or ResponseNotFound."""
-        pool = self._directory.routable_backends() if candidates is None else candidates
-        owner = await self._responses.locate(response_id, pool)
-        if owner is None:
-            raise ResponseNotFound(f"Response with id '{response_id}' not found.", param="response_id")
-        return (owner,)
+    async def _response_owner(self, response_id: str, pool: Sequence[Backend]) -> Sequence[Backend]:
+        """The one backend of `pool` holding a Responses API response; NoHealthyBackend (503) when it may be on
+        one that cannot be reached now, else ResponseNotFound (404)."""
+        owner, out_of_reach = await self._responses.locate(response_id, pool, self._directory.out_of_service)
+        if owner is not None:
+            return (owner,)
+        if out_of_reach:
+            raise NoHealthyBackend(
+                f"The backend holding response '{response_id}' cannot be reached right now.",
+                headers=dict(self._retry_after),
+            )
+        raise ResponseNotFound(f"Response with id '{response_id}' not found.", param="response_id")
 
 
 def _base_model(backend: Backend) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from urllib.parse import quote
 
 from gateway.errors import UpstreamError
@@ -40,22 +40,30 @@ class ResponseDirectory:
         if len(self._owners) > self._capacity:
             self._owners.popitem(last=False)
 
-    async def locate(self, response_id: str, candidates: Sequence[Backend]) -> Backend | None:
+    async def locate(
+        self, response_id: str, candidates: Sequence[Backend], out_of_service: Callable[[str], bool]
+    ) -> tuple[Backend | None, bool]:
+        """The candidate holding the response, or None; and, when None, whether it may still exist out of reach:
+        the server remembered as its owner is in the fleet but takes no requests now (`out_of_service`), or a
+        candidate could not be asked. The caller answers 503 then, not 404."""
         owner = self._owners.get(response_id)
         if owner is not None:
             for backend in candidates:
                 if backend.url == owner:
-                    return backend
-        found = await self._probe(response_id, candidates)
+                    return backend, False
+        found, unasked = await self._probe(response_id, candidates)
         if found is not None:
             self._remember(response_id, found.url)
-        return found
+            return found, False
+        return None, unasked or (owner is not None and out_of_service(owner))
 
-    async def _probe(self, response_id: str, candidates: Sequence[Backend]) -> Backend | None:
+    async def _probe(self, response_id: str, candidates: Sequence[Backend]) -> tuple[Backend | None, bool]:
+        """The candidate that answers 200 for the response, and whether some candidate could not be asked."""
         # The id comes from the client's URL, decoded: quoted again, it cannot break the request line.
         target = b"/v1/responses/" + quote(response_id, safe="").encode()
 
-        async def owns(backend: Backend) -> bool:
+        async def owns(backend: Backend) -> bool | None:
+            """True or False as the backend answers; None when it could not be asked."""
             headers = [(b"authorization", b"Bearer " + backend.api_key.encode())] if backend.api_key else []
             try:
                 async with asyncio.timeout(self._timeout):
@@ -66,8 +74,11 @@ class ResponseDirectory:
                     finally:
                         response.close()
             except (UpstreamError, TimeoutError):
-                return False
+                return None
+            if response.status >= 500:
+                return None  # it could not say
             return response.status == 200
 
         answers = await asyncio.gather(*(owns(backend) for backend in candidates))
-        return next((backend for backend, yes in zip(candidates, answers, strict=True) if yes), None)
+        found = next((backend for backend, yes in zip(candidates, answers, strict=True) if yes), None)
+        return found, None in answers
