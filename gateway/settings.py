@@ -55,6 +55,9 @@ class BackendSettings(UpstreamKeyEnv):
             raise ValueError("must start with http:// or https://")
         if value.endswith("/v1"):
             raise ValueError("must be the server's base URL, without the /v1 suffix")
+        if "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            # the URL names the backend in metrics, logs, traces and /admin/fleet: credentials would leak there
+            raise ValueError("must not hold credentials (user:password@); give the backend's key with api_key_env")
         return value
 
 

@@ -174,8 +174,10 @@ class Attempts:
                     self._feedback.failure(backend)
                 elif not continuable:  # a stream that may fail over is judged by how it ends
                     self._feedback.success(backend)
-                if response.status in self._retry_statuses:
+                retryable = response.status in self._retry_statuses
+                if retryable or response.status >= 500:  # every failed answer, retried or passed on
                     errors.labels(backend.url, "status").inc()
+                if retryable:
                     tried.append(backend)
                     pool = self._retry_pool(candidates, tried)
                     if pool:
@@ -369,6 +371,7 @@ class _Continuations:
                 self._held.release()
                 continue
             exchange.outcome.failovers += 1
+            exchange.outcome.backend = backend.url  # the access log and the metrics name who finished the answer
             attempts._metrics.stream_failovers.labels(exchange.label, "continued").inc()
             if stream.started:
                 stream.continue_from_here(translate=stream.plan.chat)

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.fleet.registry import BackendSpec
+from tests.gateway.echo_upstream import Behaviour, echo_app
 from tests.servers import GatewayServer, SimProcess, ThreadedServer, gateway, running_sims, sim, wait_until
 
 CHAT = [{"role": "user", "content": "Count the wagons in the yard."}]
@@ -270,3 +271,18 @@ def test_counters_with_known_label_values_start_at_zero(upstream: SimProcess) ->
 
 def _specs(gw: GatewayServer) -> list[BackendSpec]:
     return [BackendSpec(url=backend.url) for backend in gw.registry.backends]
+
+
+def test_a_failed_answer_passed_on_is_an_upstream_error_too() -> None:
+    """A 5xx the gateway does not retry (500 is not in retries.on_status) reaches the client as it is, and is
+    counted as the backend's failure all the same: the upstream-errors panel and alert must see it."""
+    broken = Behaviour(answer_status=500)
+    with ThreadedServer(echo_app(["m"], broken)) as upstream, gateway(upstream.url) as gw:
+        for _ in range(2):
+            assert httpx.post(gw.url + "/v1/completions", json={"model": "m"}).status_code == 500
+        text = httpx.get(gw.url + "/metrics").text
+        assert f'switchyard_upstream_errors_total{{backend="{upstream.url}",kind="status"}} 2.0' in text
+        broken.answer_status = 404  # a client error is the client's: no upstream error
+        assert httpx.post(gw.url + "/v1/completions", json={"model": "m"}).status_code == 404
+        text = httpx.get(gw.url + "/metrics").text
+        assert f'switchyard_upstream_errors_total{{backend="{upstream.url}",kind="status"}} 2.0' in text

@@ -35,6 +35,8 @@ def test_unknown_top_level_key_is_named(tmp_path: Path) -> None:
     [
         ("backends: [{url: 'ftp://x'}]", "backends.0.url"),
         ("backends: [{url: 'http://x:1/v1'}]", "backends.0.url"),
+        # the URL names the backend in metrics, logs and traces: a password there would be everywhere
+        ("backends: [{url: 'http://svc:hunter2@x:1'}]", "must not hold credentials"),
         ("backends: [{url: 'http://x:1'}]\nport: 70000", "port"),
         ("backends: [{url: 'http://x:1'}]\ntimeouts: {idle: -1}", "timeouts.idle"),
         ("backends: [{url: 'http://x:1'}]\ndiscovery: consul", "discovery"),

@@ -169,6 +169,9 @@ def test_accounting_counts_the_stream_once(
     text = httpx.get(gw.url + "/metrics").text
     before = {kind: metric_sum(text, "switchyard_tokens_total", kind=kind) for kind in ("prompt", "completion")}
     disconnects = metric_sum(text, "switchyard_upstream_errors_total", kind="disconnect")
+    dropped = {
+        s.url: metric_sum(text, "switchyard_upstream_errors_total", kind="disconnect", backend=s.url) for s in sims
+    }
     prompt = prompt_tokens(sims[0].url, CHAT)
     with caplog.at_level(logging.INFO, logger="switchyard.access"):
         stream_text(gw, body(CHAT, 5, False), CHAT, headers={"x-request-id": "counted-once"})
@@ -183,6 +186,13 @@ def test_accounting_counts_the_stream_once(
     assert metric_sum(text, "switchyard_tokens_total", kind="completion") - before["completion"] == 5
     assert metric_sum(text, "switchyard_upstream_errors_total", kind="disconnect") - disconnects == 1
     assert metric_sum(text, "switchyard_requests_total", code="200") >= 1
+    (failed,) = [
+        url
+        for url, n in dropped.items()
+        if metric_sum(text, "switchyard_upstream_errors_total", kind="disconnect", backend=url) > n
+    ]
+    assert lines[0]["backend"] in dropped
+    assert lines[0]["backend"] != failed  # the log names the backend that finished the answer
 
 
 def test_failed_backend_gets_outlier_treatment() -> None:
