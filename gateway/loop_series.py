@@ -91,6 +91,14 @@ class _Family(Collector, Generic[Child, Family]):
             child = self._children[values] = self._new_child()
         return child
 
+    def items(self) -> list[tuple[tuple[str, ...], Child]]:
+        """Every child with its label values."""
+        return list(self._children.items())
+
+    def remove(self, *values: str) -> None:
+        """Stop exporting the child with these label values (KeyError if there is none)."""
+        del self._children[values]
+
     def describe(self) -> Iterator[Metric]:
         """The family without samples: the registry learns its names and refuses a duplicate at once."""
         yield self._family()

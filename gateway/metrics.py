@@ -7,6 +7,7 @@ Label values are bounded: `model` is a name some backend served, or one of the f
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ REJECT_REASONS = ("rate_limit", "saturated", "queue_full", "queue_timeout", "she
 # What became of a stream whose backend failed mid-stream (switchyard_stream_failovers_total): continued on
 # another backend; a continuation tried that failed too; not continuable (n > 1, logprobs, a tool call, ...);
 # no other backend or no retry budget left; out of `failover.max_attempts`.
+KV_GAP_OUTCOMES = ("filled", "lost", "restart")
+# A departed backend's series are dropped again (a request still running there may count once more) this long.
+DEPARTED_S = 3600.0
 FAILOVER_OUTCOMES = ("continued", "failed", "unsupported", "no_backend", "exhausted")
 NO_MODEL = "__none__"  # rejected before a model was known (bad body, too large)
 
@@ -114,7 +118,8 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "switchyard_upstream_errors",
-            "Failures talking to a backend, by kind (connect, timeout, disconnect, status).",
+            "Failures talking to a backend, by kind (connect, timeout, protocol, status, disconnect, idle_timeout, "
+            "error_event).",
             ["backend", "kind"],
             registry=self.registry,
         )
@@ -196,19 +201,27 @@ class Metrics:
         self._outcomes: dict[tuple[str, str, int], tuple[CounterChild, HistogramChild]] = {}
         self._models: dict[str, ModelSeries] = {}
         self._backend_series: set[str] = set()  # backends whose counters are exported from 0
+        self._departed: dict[str, float] = {}  # backends that left -> when (time.monotonic())
+        self._cached_series: dict[str, set[str]] = {}  # backend -> models with cached-token series there
         self._model_series: set[str] = set()
 
-    def export_known_series(self, registry: Registry) -> None:
-        """Create the per-backend and per-model counters whose label values are known, at 0; drop those of
-        backends that left (so pods that come and go do not grow the label sets for ever)."""
+    def export_known_series(self, registry: Registry, now: float | None = None) -> None:
+        """Create the per-backend and per-model counters whose label values are known, at 0; drop every series
+        of backends that left (so pods that come and go do not grow the label sets for ever)."""
+        now = time.monotonic() if now is None else now
         backends = {backend.url for backend in registry.backends}
         for url in backends - self._backend_series:
             for kind in UPSTREAM_ERROR_KINDS:
                 self.upstream_errors.labels(url, kind)
         for url in self._backend_series - backends:
-            for kind in UPSTREAM_ERROR_KINDS:
-                with contextlib.suppress(KeyError):
-                    self.upstream_errors.remove(url, kind)
+            self._departed[url] = now
+        for url, since in list(self._departed.items()):
+            if url in backends:  # back at the same address
+                del self._departed[url]
+                continue
+            self._drop_backend_series(url)
+            if now - since > DEPARTED_S:
+                del self._departed[url]
         self._backend_series = backends
         for model in registry.backends_per_model().keys() - self._model_series:
             for reason in REJECT_REASONS:
@@ -216,6 +229,24 @@ class Metrics:
             for outcome in FAILOVER_OUTCOMES:
                 self.stream_failovers.labels(model, outcome)
             self._model_series.add(model)
+
+    def _drop_backend_series(self, url: str) -> None:
+        for kind in UPSTREAM_ERROR_KINDS:
+            with contextlib.suppress(KeyError):
+                self.upstream_errors.remove(url, kind)
+        for outcome in KV_GAP_OUTCOMES:
+            with contextlib.suppress(KeyError):
+                self.kv_event_gaps.remove(url, outcome)
+        for family in (self.kv_events, self.kv_event_lag):
+            with contextlib.suppress(KeyError):
+                family.remove(url)
+        for model in self._cached_series.pop(url, ()):
+            for counter in (self.cached_predicted, self.cached_reported):
+                with contextlib.suppress(KeyError):
+                    counter.remove(model, url)
+        for values, child in self.inflight.items():
+            if values[1] == url and not child.value:  # one still counting a request stays until it ends
+                self.inflight.remove(*values)
 
     def observe(self, model: str, route: str, code: int, seconds: float) -> None:
         key = (model, route, code)
@@ -239,6 +270,11 @@ class Metrics:
         return series
 
     def record_cached_tokens(self, model: str, backend: str, predicted: int | None, reported: int | None) -> None:
+        if predicted or reported:
+            models = self._cached_series.get(backend)
+            if models is None:
+                models = self._cached_series[backend] = set()
+            models.add(model)
         if predicted:
             self.cached_predicted.labels(model, backend).inc(predicted)
         if reported:

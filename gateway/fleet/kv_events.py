@@ -22,6 +22,7 @@ by ZeroMQ's high-water mark and the replay's own size.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -46,7 +47,7 @@ from gateway.fleet.kv_protocol import (
     parse_sources,
 )
 from gateway.fleet.registry import Backend, Registry
-from gateway.metrics import Metrics
+from gateway.metrics import KV_GAP_OUTCOMES, Metrics
 from gateway.settings import KvEventSettings
 
 log = logging.getLogger("switchyard.kv_events")
@@ -124,6 +125,8 @@ class KvEventHub:
                 subscription = self._subscriptions.pop(url)
                 if subscription.task is not None:
                     subscription.task.cancel()
+                with contextlib.suppress(KeyError):  # its last lag would read as a healthy event stream
+                    self._metrics.kv_event_lag.remove(url)
                 if backend is None:
                     self._sink.forget(url)
                 else:
@@ -148,7 +151,7 @@ class KvEventHub:
         subscription.sources = [SourceStatus(source) for source in sources]
         self._sink.expect(backend.url, [source.rank for source in sources])
         self._metrics.kv_events.labels(backend.url)  # label values known in advance: exported from 0
-        for outcome in ("filled", "lost", "restart"):
+        for outcome in KV_GAP_OUTCOMES:
             self._metrics.kv_event_gaps.labels(backend.url, outcome)
         await asyncio.gather(*(self._follow(backend.url, status) for status in subscription.sources))
 

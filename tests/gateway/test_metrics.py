@@ -11,12 +11,14 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import openai
 import pytest
+from prometheus_client import generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.fleet.registry import BackendSpec
+from gateway.fleet.registry import BackendSpec, Registry
+from gateway.metrics import DEPARTED_S, Metrics
 from tests.gateway.echo_upstream import Behaviour, echo_app
 from tests.servers import GatewayServer, SimProcess, ThreadedServer, gateway, running_sims, sim, wait_until
 
@@ -286,3 +288,39 @@ def test_a_failed_answer_passed_on_is_an_upstream_error_too() -> None:
         assert httpx.post(gw.url + "/v1/completions", json={"model": "m"}).status_code == 404
         text = httpx.get(gw.url + "/metrics").text
         assert f'switchyard_upstream_errors_total{{backend="{upstream.url}",kind="status"}} 2.0' in text
+
+
+def test_every_series_of_a_departed_backend_goes_with_it() -> None:
+    """A Kubernetes fleet changes addresses with every pod it replaces: a long-running gateway must not keep
+    each departed pod's series for ever. A request still running there keeps its in-flight series until it
+    ends; a count that lands after the departure is dropped at the next pass."""
+    registry = Registry()
+    metrics = Metrics(registry)
+    stay, leave = "http://10.0.0.1:8000", "http://10.0.0.2:8000"
+    registry.reconcile([BackendSpec(stay), BackendSpec(leave)])
+    metrics.export_known_series(registry, now=0.0)
+    for url in (stay, leave):
+        metrics.kv_events.labels(url).inc(3)
+        metrics.kv_event_lag.labels(url).set(0.01)
+        metrics.kv_event_gaps.labels(url, "lost").inc()
+        metrics.record_cached_tokens("m", url, 32, 16)
+        metrics.inflight_gauge("m", url).inc()
+    metrics.inflight_gauge("m", stay).dec()
+    running = metrics.inflight_gauge("m", leave)  # a request still streaming from the departing backend
+
+    def exported(url: str) -> list[str]:
+        text = generate_latest(metrics.registry).decode()
+        return [line for line in text.splitlines() if f'backend="{url}"' in line]
+
+    registry.reconcile([BackendSpec(stay)])
+    metrics.export_known_series(registry, now=1.0)
+    assert [line.split("{")[0] for line in exported(leave)] == ["switchyard_inflight_requests"]
+    running.dec()
+    metrics.upstream_errors.labels(leave, "disconnect").inc()  # the request's end, counted late
+    metrics.export_known_series(registry, now=2.0)
+    assert exported(leave) == []
+    assert len(exported(stay)) > 10  # the other backend's series are all there
+    metrics.export_known_series(registry, now=2.0 + DEPARTED_S + 1)  # forgotten: no work for it any more
+    registry.reconcile([BackendSpec(stay), BackendSpec(leave)])  # back at the same address: exported again
+    metrics.export_known_series(registry, now=DEPARTED_S + 10)
+    assert f'switchyard_upstream_errors_total{{backend="{leave}",kind="connect"}} 0.0' in exported(leave)
