@@ -20,6 +20,9 @@ from gateway.fleet.engine_rates import EngineRates
 from gateway.fleet.kv_protocol import KvSource
 
 ModelCard = dict[str, Any]
+# A model whose last backend left the fleet stays known this long: a replaced pod's successor may still be
+# loading, and meanwhile its requests are unavailable (503, model_backends 0, alerts), not unknown (404).
+DEPARTED_MODEL_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class Registry:
         self._backends: dict[str, Backend] = {}
         self._routable: dict[str, tuple[Backend, ...]] = {}
         self._known: frozenset[str] = frozenset()
+        self._departed_models: dict[str, float] = {}  # model -> when its last backend left (time.monotonic())
         self.changed = asyncio.Event()  # set when backends come or go, so the poller looks at new ones at once
         # Bumped whenever an engine sample lands or the routable sets change: what is derived from them (the
         # admission's saturation) is recomputed only then.
@@ -107,9 +111,10 @@ class Registry:
         holding one finish on their own reference."""
         wanted = {spec.url: spec for spec in specs}
         added = False
+        leaving: set[str] = set()
         for url in list(self._backends):
             if url not in wanted:
-                del self._backends[url]
+                leaving.update(self._backends.pop(url).models)
         for url, spec in wanted.items():
             backend = self._backends.get(url)
             if backend is None:
@@ -122,6 +127,9 @@ class Registry:
                 backend.draining = spec.draining
                 backend.kv_sources = spec.kv_sources
         self._rebuild()
+        now = time.monotonic()
+        for model in leaving - self._known:
+            self._departed_models[model] = now
         if added:
             self.changed.set()
 
@@ -187,6 +195,8 @@ class Registry:
                     routable.setdefault(model, []).append(backend)
         self._routable = {model: tuple(backends) for model, backends in routable.items()}
         self._known = frozenset(known)
+        for model in [model for model in self._departed_models if model in known]:
+            del self._departed_models[model]  # served again
         self.engine_version += 1
 
     # -- request side ---------------------------------------------------------------------------------
@@ -232,12 +242,21 @@ class Registry:
         return tuple(backend for backend in self._backends.values() if backend.routable)
 
     def is_known(self, model: str) -> bool:
-        """True when some current backend served `model` at its last successful poll (even if down now)."""
-        return model in self._known
+        """True when some current backend served `model` at its last successful poll (even if down now), or
+        the last one to serve it left the fleet less than DEPARTED_MODEL_S ago."""
+        return model in self._known or model in self._recently_departed()
+
+    def _recently_departed(self) -> dict[str, float]:
+        departed = self._departed_models
+        if departed:
+            oldest = time.monotonic() - DEPARTED_MODEL_S
+            for model in [model for model, since in departed.items() if since < oldest]:
+                del departed[model]
+        return departed
 
     def backends_per_model(self) -> dict[str, int]:
         """Every known model with how many backends may take its requests now (0: none)."""
-        return {model: len(self._routable.get(model, ())) for model in self._known}
+        return {model: len(self._routable.get(model, ())) for model in (*self._known, *self._recently_departed())}
 
     def served_models(self) -> list[str]:
         return sorted(self._routable)

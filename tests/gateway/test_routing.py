@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from gateway.fleet.registry import BackendSpec
 from tests.gateway.echo_upstream import echo_app, forwarded_headers
 from tests.gateway.proxy.test_request_body import BOUNDARY, CONTENT_TYPE, multipart
 from tests.servers import GatewayServer, ThreadedServer, free_port, gateway, wait_until
@@ -237,6 +238,23 @@ def test_known_model_without_healthy_backend_503_then_unknown_after_removal() ->
         assert response.headers["retry-after"] == "1"
         assert httpx.get(gw.url + "/ready").status_code == 503
         assert httpx.get(gw.url + "/v1/models").json()["data"] == []  # answers even with every backend down
+
+
+def test_a_model_whose_last_backend_left_is_unavailable_not_unknown() -> None:
+    """Kubernetes replaces a model's only pod: the old endpoint leaves before the new one serves. Meanwhile the
+    model's requests are unavailable (503, retry later) and its series reads 0 for the alerts: a 404 "does not
+    exist" would tell clients to give up, and the series would vanish."""
+    old, new = ThreadedServer(echo_app(["solo"])), ThreadedServer(echo_app(["solo"]))
+    with old, new, gateway(old.url) as gw:
+        assert post(gw, "/v1/chat/completions", json={"model": "solo"}).status_code == 200
+        gw.registry.reconcile([])  # the old pod's endpoint is deleted
+        response = post(gw, "/v1/chat/completions", json={"model": "solo"})
+        assert_error(response, 503, "No healthy backend serves the model `solo`")
+        assert 'switchyard_model_backends{model="solo"} 0.0' in httpx.get(gw.url + "/metrics").text
+        assert_error(post(gw, "/v1/chat/completions", json={"model": "never"}), 404, "`never` does not exist")
+        gw.registry.reconcile([BackendSpec(new.url)])  # its successor, at another address
+        wait_until(lambda: post(gw, "/v1/chat/completions", json={"model": "solo"}).status_code == 200, 10)
+        assert 'switchyard_model_backends{model="solo"} 1.0' in httpx.get(gw.url + "/metrics").text
 
 
 def test_unreachable_backend_between_polls_502() -> None:
