@@ -32,6 +32,9 @@ class Picker(Protocol):
 
     def pick(self, candidates: Sequence[Backend], request: RequestInfo) -> Backend: ...
     def predicted_cached(self, request: RequestInfo, backend: Backend) -> int | None: ...
+    def prompt_tokens(self, request: RequestInfo) -> int | None:
+        """The request's prompt tokens as routing knows them (exact when tokenized), or None."""
+
     def discharge(self, request: RequestInfo) -> None:
         """The request's first token came: its prefill no longer weighs on its backend."""
 

@@ -44,6 +44,9 @@ class Outcome:
     usage: Usage | None = None
     usage_tail: bytes | None = None  # the answer's last bytes, where its usage is, until parsed (`settle_usage`)
     predicted_cached: int | None = None  # prompt tokens routing expected the backend to have cached
+    # A stream its client left before its usage came: the tokens its key is charged (the prompt as routing
+    # estimated it, and the content events it received), so that hanging up early does not escape a limit.
+    unreported_tokens: int = 0
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # e.g. x-ratelimit-*
 
     def settle_usage(self) -> Usage | None:
@@ -108,7 +111,10 @@ class Recorder:
                 series.completion_tokens.inc(usage.completion_tokens)
             if outcome.retries:
                 series.retries.inc(outcome.retries)
-        if usage is not None:
+        if usage is None:
+            if principal is not None and outcome.unreported_tokens:
+                principal.charge_tokens(outcome.unreported_tokens)
+        else:
             if principal is not None:
                 principal.charge_tokens(usage.prompt_tokens + usage.completion_tokens)
             if self.learn is not None and outcome.backend is not None:

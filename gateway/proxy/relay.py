@@ -89,6 +89,9 @@ class Relay:
             if observer.done:  # the client hung up after the stream's end: it had the whole answer
                 outcome.delivered = True
                 outcome.usage, outcome.usage_tail = observer.usage()
+            elif is_sse:  # it left before the usage came: charged what routing and the relay know
+                prompt = self._picker.prompt_tokens(exchange.info) or 0
+                outcome.unreported_tokens = prompt + observer.content_events
             raise
         finally:
             response.close()  # no-op once released; drops the upstream connection when cut short

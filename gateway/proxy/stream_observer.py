@@ -44,6 +44,7 @@ class ChunkObserver:
         responses: bool = False,
     ) -> None:
         self.ttft: float | None = None
+        self.content_events = 0  # events with generated content sent to the client so far
         self.last_sent = b"\n\n"  # the last bytes sent: does an injected event need a separator first?
         self.sse = is_sse
         self._started = started
@@ -89,6 +90,7 @@ class ChunkObserver:
                 for _ in range(tokens - 1):  # events that arrived together came with no gap between them
                     self._itl.observe(0.0)
             self._last_token_at = now
+            self.content_events += tokens
         if chunk:
             self.last_sent = chunk
         return chunk

@@ -83,6 +83,16 @@ class Router:
             self._registry.charge_prefill(backend, charge)
         return backend
 
+    def prompt_tokens(self, request: RequestInfo) -> int | None:
+        """The prompt's tokens: exact when the prompt was tokenized, else estimated from its length."""
+        view = request.prompt
+        if view is None:
+            return None
+        if view.token_ids is not None:
+            return len(view.token_ids)
+        caches = self._caches
+        return None if caches is None else int(len(view.text) / caches.chars_per_token_of(request.model))
+
     def predicted_cached(self, request: RequestInfo, backend: Backend) -> int | None:
         view = request.prompt
         predicted = None if view is None else view.predicted.get(backend.url)

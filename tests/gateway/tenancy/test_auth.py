@@ -14,7 +14,7 @@ from gateway.errors import RateLimited, Unauthorized
 from gateway.settings import AuthSettings
 from gateway.tenancy.auth import KeyRing
 from tests.gateway.echo_upstream import echo_app, forwarded_headers
-from tests.servers import GatewayServer, ThreadedServer, gateway
+from tests.servers import GatewayServer, ThreadedServer, gateway, wait_until
 
 KEYS = [
     {"name": "team-a", "key": "sk-team-a-0123456789", "models": ["chat-*"]},
@@ -222,3 +222,27 @@ def test_a_stream_asked_for_with_a_non_boolean_true_is_charged_too() -> None:
         assert text.rstrip().endswith("data: [DONE]")
         refused = httpx.post(gw.url + "/v1/completions", json={**body, "stream": "true"}, headers=headers)
         assert refused.status_code == 429
+
+
+def test_a_stream_left_before_its_usage_is_charged_what_the_gateway_knows() -> None:
+    """The gateway hides the usage event it asked for: a client could read every token, hang up before that
+    event and pay nothing against its token limit. It is charged the prompt as routing estimated it and the
+    content it received."""
+    from tests.servers import running_sims, sim
+
+    keys = [{"name": "small", "key": "sk-small-0123456789", "tokens_per_minute": 60}]
+    with running_sims(sim("m")) as (upstream,), gateway(upstream.url, auth={"keys": keys}) as gw:
+        headers = {"Authorization": "Bearer sk-small-0123456789"}
+        prompt = "a prompt long enough to cost many tokens " * 12  # ~500 characters: ~100 tokens estimated
+        body = {"model": "m", "prompt": prompt, "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", gw.url + "/v1/completions", json=body, headers=headers, timeout=30) as answer:
+            assert answer.status_code == 200
+            for line in answer.iter_lines():
+                if line.startswith("data: {"):
+                    break  # the first content event: hang up, long before the usage
+        wait_until(lambda: 'code="499"' in httpx.get(gw.url + "/metrics").text, 5, what="the hang-up accounted for")
+        after = httpx.post(
+            gw.url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1}, headers=headers
+        )
+        assert after.status_code == 429
+        assert "tokens per minute" in after.json()["error"]["message"]
