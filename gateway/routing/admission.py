@@ -255,12 +255,16 @@ class Admission:
             queues = self._bands[lower].tenants
             if not queues:
                 continue
-            tenant = next(reversed(queues))  # the tenant rotated in last
-            victim = queues[tenant][-1]
-            self._remove(victim)
-            victim.rejection = self._rejection(victim.model, "shed")
-            victim.future.set_result(None)
-            return True
+            while queues:
+                tenant = next(reversed(queues))  # the tenant rotated in last
+                victim = queues[tenant][-1]
+                self._remove(victim)
+                if victim.future.done():
+                    continue  # it had left already (see _dispatch): its place is free, nobody is shed
+                victim.rejection = self._rejection(victim.model, "shed")
+                victim.future.set_result(None)
+                return True
+            return True  # room was made by taking out waiters that had left
         return False
 
     def _remove(self, waiter: _Waiter) -> None:
@@ -289,6 +293,12 @@ class Admission:
                 for tenant in list(band.tenants):
                     queue = band.tenants[tenant]
                     for waiter in queue:
+                        if waiter.future.done():
+                            # Its request left (client gone, queue timeout): cancelling the task cancelled the
+                            # future at once, but the task has not run to take it out. A slot is no use to it.
+                            self._remove(waiter)
+                            progress = True
+                            break
                         model = waiter.model
                         if model not in saturated:
                             saturated[model] = self.saturated(model)

@@ -254,3 +254,50 @@ async def test_a_client_leaving_the_queue_frees_its_place(order: list[str]) -> N
     await first[0]
     assert admission.inflight == 0
     assert order == ["first"]
+
+
+async def test_a_waiter_that_left_is_passed_over_and_its_slot_goes_to_the_next() -> None:
+    """A client that leaves (or a queue timeout) cancels its request's task, which cancels the future it waits
+    on at once; the task takes itself out of the queue only when it next runs. A slot freed in between must
+    go to the next waiter: handing it to the one that left raised InvalidStateError and leaked the slot for
+    good, until every request of the model was refused."""
+    admission, _, _ = build(max_inflight_per_model=1)
+    assert admission.try_enter(info())
+    gone = asyncio.create_task(admission.enter(info()))
+    after = asyncio.create_task(admission.enter(info()))
+    await settle()
+    assert admission.waiting == 2
+    gone.cancel()  # its future is cancelled now; its task has not run yet
+    admission.leave("m")  # the slot is freed before `gone` runs: it must go to `after`
+    await settle()
+    assert after.done()
+    assert after.exception() is None
+    assert (admission.inflight, admission.waiting) == (1, 0)
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    admission.leave("m")
+    assert (admission.inflight, admission.waiting) == (0, 0)
+
+
+async def test_shedding_passes_over_a_waiter_that_left() -> None:
+    """The same for shedding: a high-priority request finds the queue full, and the lower one to shed has left
+    but not yet run. Its place is free: nobody is shed, and the request that arrived did not fail."""
+    admission, _, metrics = build(max_inflight_per_model=1, queue_size=1)
+    assert admission.try_enter(info())
+    low = asyncio.create_task(admission.enter(info()))  # normal priority: below high
+    await settle()
+    assert admission.waiting == 1
+    high = asyncio.create_task(admission.enter(info(priority="high")))  # runs before `low` learns it left
+    low.cancel()
+    await settle()
+    assert not high.done()
+    assert admission.waiting == 1
+    assert rejected(metrics, "m", "shed") == 0
+    admission.leave("m")
+    await settle()
+    assert high.done()
+    assert high.exception() is None
+    with pytest.raises(asyncio.CancelledError):
+        await low
+    admission.leave("m")
+    assert (admission.inflight, admission.waiting) == (0, 0)
