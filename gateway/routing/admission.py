@@ -151,7 +151,11 @@ class Admission:
         return not self.saturated(model)
 
     def saturation(self, model: str) -> float:
-        """Mean over the model's backends with a fresh scrape of max(queue/queue_norm, kv/kv_norm).
+        """The least loaded of the model's backends with a fresh scrape: min of max(queue/queue_norm, kv/kv_norm).
+
+        The least, not the mean: while one backend has room the router sends requests there, so holding them
+        at the gateway would only delay them (a mean let one backed-up or stuck engine, or one reporting a
+        garbage figure, hold every request of the model while the others idled).
 
         Its inputs change only when a scrape lands or the model's backends change (the registry's
         `engine_version`), or as samples age: it is recomputed then, and at most every RECHECK_S otherwise."""
@@ -167,8 +171,7 @@ class Admission:
         return value
 
     def _saturation_now(self, model: str, now: float) -> float:
-        total = 0.0
-        count = 0
+        least: float | None = None
         queue_norm = self._settings.queue_norm
         kv_norm = self._settings.kv_norm
         stale_after = self._settings.stale_after
@@ -176,9 +179,12 @@ class Admission:
             sample = fresh_sample(backend, now, stale_after)
             if sample is None:
                 continue
-            total += max(sample.waiting / queue_norm, sample.kv_usage / kv_norm)
-            count += 1
-        return total / count if count else 0.0
+            # figures outside what an engine can report (a negative queue, KV use over 100%) are clamped
+            kv = min(max(sample.kv_usage, 0.0), 1.0)
+            score = max(max(sample.waiting, 0.0) / queue_norm, kv / kv_norm)
+            if least is None or score < least:
+                least = score
+        return 0.0 if least is None else least
 
     def saturated(self, model: str) -> bool:
         threshold = self._settings.saturation

@@ -127,8 +127,8 @@ class AdmissionSettings(StrictModel):
     saturation: float | None = Field(
         default=1.0,
         gt=0,
-        description="Pool saturation (mean over backends of max(queue/queue_norm, kv/kv_norm)) at which new "
-        "requests queue at the gateway instead of going upstream (none: ignore engine signals).",
+        description="Pool saturation (max(queue/queue_norm, kv/kv_norm) of the model's least loaded backend) at "
+        "which new requests queue at the gateway instead of going upstream (none: ignore engine signals).",
     )
     stale_after: float = Field(default=1.0, gt=0, description="Scrapes older than this say nothing of saturation.")
     queue_norm: float = Field(default=5.0, gt=0, description="Engine queue length counted as saturated.")

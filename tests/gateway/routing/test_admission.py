@@ -301,3 +301,20 @@ async def test_shedding_passes_over_a_waiter_that_left() -> None:
         await low
     admission.leave("m")
     assert (admission.inflight, admission.waiting) == (0, 0)
+
+
+async def test_one_backed_up_backend_does_not_saturate_a_model_another_has_room_for() -> None:
+    """A stuck engine (its queue never drains), or one reporting garbage, must not hold every request of the
+    model at the gateway while another backend idles: the router would send them there."""
+    admission, registry, _ = build(saturation=1.0)
+    stuck, idle = registry.backends
+    now = time.monotonic()
+    stuck.engine = EngineSample(waiting=11, running=1, kv_usage=1e9, at=now)
+    idle.engine = EngineSample(waiting=-1000, running=0, kv_usage=-3.0, at=now)  # clamped: an idle engine
+    assert admission.saturation("m") == 0.0
+    assert not admission.saturated("m")
+    assert admission.try_enter(info(priority="low"))
+    admission.leave("m")
+    registry.record_engine(idle, EngineSample(waiting=6, running=4, kv_usage=0.5, at=time.monotonic()))
+    assert admission.saturation("m") == pytest.approx(1.2)  # both full now: the least loaded one says so
+    assert admission.saturated("m")
