@@ -62,7 +62,9 @@ def parse_engine_sample(text: bytes, at: float) -> EngineSample | None:
         name, labels, number = match.groups()
         with contextlib.suppress(ValueError):
             value = float(number)
-            if not math.isfinite(value):  # NaN or ±Inf, which the text format allows: no load figure
+            # NaN or ±Inf, which the text format allows, or a negative count or usage: no load figure (a
+            # negative queue would draw every request to that backend)
+            if not math.isfinite(value) or value < 0:
                 continue
             if name == b"num_requests_waiting":
                 waiting += value
@@ -96,7 +98,7 @@ def parse_engine_sample(text: bytes, at: float) -> EngineSample | None:
     return EngineSample(
         waiting=waiting,
         running=running,
-        kv_usage=kv / kv_engines if kv_engines else 0.0,
+        kv_usage=min(kv / kv_engines, 1.0) if kv_engines else 0.0,  # a fraction: over 1 is no engine's figure
         running_adapters=running_adapters,
         at=at,
         max_lora=max_lora or None,

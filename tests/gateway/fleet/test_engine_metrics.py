@@ -54,6 +54,15 @@ def test_values_that_are_not_finite_are_no_load_figure() -> None:
     assert (sample.waiting, sample.running, sample.kv_usage) == (3.0, 0.0, 0.0)
 
 
+def test_figures_no_engine_reports_are_no_load_figure() -> None:
+    """A negative queue drew every request to that backend; KV use over 100% is no fraction of a cache."""
+    text = b'vllm:num_requests_waiting{engine="0"} -1000\nvllm:num_requests_running{engine="0"} -2\n'
+    text += b'vllm:kv_cache_usage_perc{engine="0"} 1e9\nvllm:num_requests_waiting{engine="1"} 3\n'
+    sample = parse_engine_sample(text, 0.0)
+    assert sample is not None
+    assert (sample.waiting, sample.running, sample.kv_usage) == (3.0, 0.0, 1.0)
+
+
 def test_label_values_with_braces_quotes_and_a_trailing_timestamp() -> None:
     text = (
         b'vllm:num_requests_running{model_name="a}b",engine="0"} 3.0\n'  # the first line, a brace in a value
