@@ -72,14 +72,16 @@ class OutlierDetector:
         if failures < self._settings.eject_after or backend.ejected_until:
             return
         if not self._others_remain(backend):
-            return  # ejecting the last backend of a model would turn its partial failure into a total one
+            return  # nothing would change: every model it serves would keep it as its last resort
         seconds = min(self._settings.eject_base * 2**backend.ejections, self._settings.eject_max)
         log.warning("backend %s ejected for %.1f s after %d failures", backend.url, seconds, failures)
         self._registry.eject(backend, time.monotonic() + seconds)
         asyncio.get_running_loop().call_later(seconds, self._registry.readmit, backend)
 
     def _others_remain(self, backend: Backend) -> bool:
-        return all(any(other is not backend for other in self._registry.candidates(model)) for model in backend.models)
+        """Some model it serves has another backend to take its requests (the registry keeps an ejected backend
+        for the models no other serves)."""
+        return any(any(other is not backend for other in self._registry.candidates(model)) for model in backend.models)
 
     def success(self, backend: Backend) -> None:
         self._registry.record_success(backend)

@@ -89,6 +89,11 @@ class Backend:
     def routable(self) -> bool:
         return self.healthy and self.live and not self.draining and not self.ejected_until
 
+    @property
+    def routable_but_ejected(self) -> bool:
+        """Ejected for its failures, and otherwise fit: the last resort of a model nothing else serves."""
+        return bool(self.ejected_until) and self.healthy and self.live and not self.draining
+
     def __repr__(self) -> str:
         return f"Backend({self.url!r}, healthy={self.healthy}, draining={self.draining}, inflight={self.inflight})"
 
@@ -188,11 +193,22 @@ class Registry:
     def _rebuild(self) -> None:
         routable: dict[str, list[Backend]] = {}
         known: set[str] = set()
+        ejected: list[Backend] = []
         for backend in self._backends.values():
             known.update(backend.models)
             if backend.routable:
                 for model in backend.models:
                     routable.setdefault(model, []).append(backend)
+            elif backend.routable_but_ejected:
+                ejected.append(backend)
+        # An ejection takes a backend out of the models others serve too; a model (an adapter, say) that only
+        # ejected backends serve keeps them: failing partly beats failing wholly.
+        last_resort: dict[str, list[Backend]] = {}
+        for backend in ejected:
+            for model in backend.models:
+                if model not in routable:
+                    last_resort.setdefault(model, []).append(backend)
+        routable.update(last_resort)
         self._routable = {model: tuple(backends) for model, backends in routable.items()}
         self._known = frozenset(known)
         for model in [model for model in self._departed_models if model in known]:

@@ -108,3 +108,22 @@ async def test_a_backend_re_added_at_the_same_address_starts_its_own_streak() ->
             assert registry.backends[0].live, "the new backend was charged the old one's failure"
             await checker.check_all()
             assert not registry.backends[0].live  # its own two failures in a row
+
+
+def test_a_failing_backend_is_ejected_for_the_models_others_serve_and_kept_for_its_own() -> None:
+    """A backend failing every request that alone serves one model (an adapter, say) was never ejected, so
+    it kept taking most of the shared model's requests (failing fast, it always looked least busy). Now it
+    leaves the shared model's candidates and stays the last resort of its own."""
+    broken = Behaviour(answer_status=500)
+    a, b = ThreadedServer(echo_app(["m", "only-a"], broken)), ThreadedServer(echo_app(["m"]))
+    with a, b, gateway(a.url, b.url, health={"interval": 60, "eject_after": 3, "eject_base": 30}) as gw:
+        codes = [httpx.post(gw.url + "/v1/completions", json={"model": "m"}).status_code for _ in range(20)]
+        backend_a = next(x for x in gw.registry.backends if x.url == a.url)
+        assert backend_a.ejections == 1
+        assert codes.count(500) <= 3  # its failures until the ejection, no more
+        ports = {port_of(httpx.post(gw.url + "/v1/completions", json={"model": "m"})) for _ in range(10)}
+        assert ports == {b.port}
+        own = httpx.post(gw.url + "/v1/completions", json={"model": "only-a"})
+        assert own.status_code == 500  # still the backend's own answer, not a gateway-made 503
+        assert own.headers["x-upstream"] == "echo"
+        assert gw.registry.candidates("only-a") == (backend_a,)
