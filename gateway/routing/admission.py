@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from gateway.errors import Overloaded, RateLimited
+from gateway.errors import GatewayError, NoHealthyBackend, Overloaded, RateLimited
 from gateway.fleet.registry import Registry, fresh_sample
 from gateway.metrics import Metrics
 from gateway.routing.request import RequestInfo
@@ -51,7 +51,7 @@ class _Waiter:
     tenant: str
     band: Priority
     future: asyncio.Future[None]
-    rejection: Overloaded | None = None
+    rejection: GatewayError | None = None
 
 
 @dataclass(slots=True)
@@ -306,6 +306,17 @@ class Admission:
                             progress = True
                             break
                         model = waiter.model
+                        if not self._registry.candidates(model):
+                            # Nothing serves its model any more (down, ejected, gone): 503 now, not a 429
+                            # "retry later" at the end of its wait.
+                            self._remove(waiter)
+                            waiter.rejection = NoHealthyBackend(
+                                f"No healthy backend serves the model `{model}` right now.",
+                                headers={"Retry-After": str(self._settings.retry_after)},
+                            )
+                            waiter.future.set_result(None)
+                            progress = True
+                            break
                         if model not in saturated:
                             saturated[model] = self.saturated(model)
                         if saturated[model] or not self._has_limit_room(model):

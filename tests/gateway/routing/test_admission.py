@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import Overloaded, error_parts
+from gateway.errors import NoHealthyBackend, Overloaded, error_parts
 from gateway.fleet.registry import BackendSpec, EngineSample, Registry
 from gateway.metrics import Metrics
 from gateway.routing.admission import Admission
@@ -318,3 +318,26 @@ async def test_one_backed_up_backend_does_not_saturate_a_model_another_has_room_
     registry.record_engine(idle, EngineSample(waiting=6, running=4, kv_usage=0.5, at=time.monotonic()))
     assert admission.saturation("m") == pytest.approx(1.2)  # both full now: the least loaded one says so
     assert admission.saturated("m")
+
+
+async def test_waiters_of_a_model_nothing_serves_any_more_get_503_at_once() -> None:
+    """Its backends went down while it waited: a 429 "retry later" at the end of the queue timeout would be
+    both late and wrong; the gatekeeper answers a newcomer 503 at once, and so are the waiters."""
+    admission, registry, metrics = build(max_inflight_per_model=1, queue_timeout=30)
+    assert admission.try_enter(info())
+    waiter = asyncio.create_task(admission.enter(info()))
+    other = asyncio.create_task(admission.enter(info("other")))  # another model, served by the same backends
+    await settle()
+    for backend in registry.backends:
+        registry.set_models(backend, [{"id": "other"}])  # "m" is no longer served anywhere
+    await asyncio.sleep(0.2)
+    assert waiter.done()
+    with pytest.raises(NoHealthyBackend) as caught:
+        await waiter
+    assert error_parts(caught.value)[0] == 503
+    assert other.done()
+    assert other.exception() is None  # "other" had room all along
+    assert rejected(metrics, "m", "queue_timeout") == 0
+    admission.leave("m")
+    admission.leave("other")
+    assert (admission.inflight, admission.waiting) == (0, 0)
