@@ -175,12 +175,13 @@ def create_app(settings: Settings, access_log: AccessLog | None = None, batch_re
             tasks.append(asyncio.create_task(poller.run(), name="model-poller"))
             scraper = EngineScraper(registry, session, settings.routing)
             tasks.append(asyncio.create_task(scraper.run(), name="engine-scraper"))
-            checker = HealthChecker(registry, session, settings.health)
+            pool = UpstreamPool(settings.upstream_keepalive, settings.timeouts.connect)
+            # a backend the checks declare dead gives up the requests it has not begun to answer: tried elsewhere
+            checker = HealthChecker(registry, session, settings.health, pool.abandon)
             tasks.append(asyncio.create_task(checker.run(), name="health-checker"))
             if settings.kv_events.enabled:
                 tasks.append(asyncio.create_task(hub.run(session), name="kv-events"))
             tasks.append(asyncio.create_task(_follow_fleet(caches, metrics, registry), name="fleet-followers"))
-            pool = UpstreamPool(settings.upstream_keepalive, settings.timeouts.connect)
             responses = ResponseDirectory(pool)
             tokenizer = Tokenizer(pool.fetch, settings.routing.tokenize_timeout)
             router = Router(policy, registry, settings.routing, caches, tokenizer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import aiohttp
 
@@ -19,10 +20,17 @@ log = logging.getLogger("switchyard.health")
 
 
 class HealthChecker:
-    def __init__(self, registry: Registry, session: aiohttp.ClientSession, settings: HealthSettings) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        session: aiohttp.ClientSession,
+        settings: HealthSettings,
+        abandon: Callable[[str, str], None] | None = None,
+    ) -> None:
         self._registry = registry
         self._session = session
         self._settings = settings
+        self._abandon = abandon  # (url, reason): fail its requests still waiting for a response head
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout)
         # Passes (> 0) or failures (< 0) in a row, per backend object rather than URL: a backend that left and
         # came back at the same address (a new pod given the old one's IP) starts a streak of its own.
@@ -58,6 +66,8 @@ class HealthChecker:
         elif not passed and backend.live and -streak >= self._settings.unhealthy_threshold:
             log.warning("backend %s failed %d health checks: %s", backend.url, -streak, reason)
             self._registry.set_live(backend, False)
+            if self._abandon is not None:
+                self._abandon(backend.url, f"the backend failed {-streak} health checks before it answered")
 
 
 class OutlierDetector:

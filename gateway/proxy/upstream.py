@@ -33,7 +33,7 @@ _SINGLE_WRITE = 256 * 1024  # request bodies up to this size are joined to the h
 class Origin:
     """One backend base URL: where to connect, and its connections."""
 
-    __slots__ = ("base_url", "host", "host_header", "idle", "open", "port", "prefix", "secure")
+    __slots__ = ("awaiting", "base_url", "host", "host_header", "idle", "open", "port", "prefix", "secure")
 
     def __init__(self, base_url: str) -> None:
         parts = urlsplit(base_url)
@@ -46,6 +46,7 @@ class Origin:
         self.host_header = parts.netloc.rpartition("@")[2].encode("idna")
         self.prefix = parts.path.rstrip("/").encode()  # a backend behind a path, e.g. http://host/team-a
         self.idle: list[_Connection] = []  # most recently released last: reuse the warmest first
+        self.awaiting: set[_Connection] = set()  # connections whose request waits for its response head
         # Connections being made, idle or in use: the origin is forgotten only when none is left, so no
         # connection ever belongs to an origin the pool no longer knows.
         self.open = 0
@@ -150,6 +151,14 @@ class UpstreamPool:
                 raise ConnectFailed(f"connect failed: {exc.strerror or exc}") from None
             raise
         return connection
+
+    def abandon(self, base_url: str, reason: str) -> None:
+        """Fail the requests to `base_url` that have no response head yet with Unanswered, which the attempts
+        retry on other backends: health checks declared it dead, and its `first_byte` wait could be long."""
+        origin = self._origins.get(base_url)
+        if origin is not None:
+            for connection in list(origin.awaiting):
+                connection.abandon(reason)
 
     def release(self, connection: _Connection, origin: Origin) -> bool:
         """Keep a connection whose response ended for the next request; False when it must close."""
@@ -477,6 +486,8 @@ class _Connection(asyncio.Protocol):
             transport.writelines((head, body))
         self._head_timeout = head_timeout
         self._deadline.after(head_timeout)
+        awaiting = self._origin.awaiting
+        awaiting.add(self)
         try:
             await started
         except BaseException:
@@ -484,7 +495,17 @@ class _Connection(asyncio.Protocol):
                 self._response = None
                 self.abort()
             raise
+        finally:
+            awaiting.discard(self)
         return response
+
+    def abandon(self, reason: str) -> None:
+        """Give up the current request if its response head has not come (the pool's `abandon`)."""
+        response = self._response
+        if response is not None and not response._head.done():
+            self._response = None
+            self.abort()
+            response._fail(Unanswered(reason))
 
     def abort(self) -> None:
         self._closed = True

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+
 import aiohttp
 import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from gateway.fleet.health import HealthChecker
 from gateway.fleet.registry import BackendSpec, Registry
@@ -127,3 +135,50 @@ def test_a_failing_backend_is_ejected_for_the_models_others_serve_and_kept_for_i
         assert own.status_code == 500  # still the backend's own answer, not a gateway-made 503
         assert own.headers["x-upstream"] == "echo"
         assert gw.registry.candidates("only-a") == (backend_a,)
+
+
+def test_requests_waiting_on_a_backend_the_checks_declare_dead_are_tried_elsewhere() -> None:
+    """An engine that hangs (its process stopped, say) answers nothing: its requests would wait their whole
+    first_byte timeout (15 minutes by default) after health checks found it dead. Those with no response
+    byte yet are given up then and tried on another backend, as a connection it closed unanswered would be."""
+    health = Behaviour()
+    arrived, released = threading.Event(), threading.Event()
+
+    async def hang(request: Request) -> Response:
+        arrived.set()
+        await asyncio.to_thread(released.wait, 30)  # until the test ends: no answer ever reaches the gateway
+        return Response()
+
+    async def alive(request: Request) -> Response:
+        return Response(status_code=health.health_status)
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "m", "object": "model", "parent": None}]})
+
+    hung = Starlette(
+        routes=[Route("/health", alive), Route("/v1/models", models), Route("/v1/completions", hang, methods=["POST"])]
+    )
+    config = {"health": {"interval": 0.1, "unhealthy_threshold": 2}, "timeouts": {"first_byte": 60}}
+    with ThreadedServer(hung) as a, ThreadedServer(echo_app(["m"])) as b, gateway(a.url, b.url, **config) as gw:
+        answers: list[httpx.Response] = []
+
+        def send() -> None:
+            answers.append(httpx.post(gw.url + "/v1/completions", json={"model": "m"}, timeout=60))
+
+        clients = []
+        while not arrived.is_set() and len(clients) < 20:  # until one lands on the hung backend
+            clients.append(threading.Thread(target=send))
+            clients[-1].start()
+            arrived.wait(0.3)
+        assert arrived.is_set()
+        started = time.monotonic()
+        health.health_status = 503  # the checks find it dead
+        for client in clients:
+            client.join(15)
+        assert len(answers) == len(clients), "a request was still waiting for the dead backend"
+        assert [answer.status_code for answer in answers] == [200] * len(clients)
+        assert {port_of(answer) for answer in answers} == {b.port}
+        assert time.monotonic() - started < 5
+        text = httpx.get(gw.url + "/metrics").text
+        assert f'switchyard_upstream_errors_total{{backend="{a.url}",kind="disconnect"}} 1.0' in text
+        released.set()
