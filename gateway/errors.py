@@ -143,6 +143,13 @@ class NoHealthyBackend(GatewayError):
     error_type = "service_unavailable"
     code = "no_healthy_backend"
 
+    @classmethod
+    def for_model(cls, model: str, retry_after: int) -> NoHealthyBackend:
+        """The answer for a known model nothing serves right now."""
+        return cls(
+            f"No healthy backend serves the model `{model}` right now.", headers={"Retry-After": str(retry_after)}
+        )
+
 
 class UpstreamUnavailable(GatewayError):
     """No backend could be reached, or one failed before answering."""

@@ -23,12 +23,12 @@ UNKNOWN_MODEL = "__unknown__"  # a name no backend serves (answered 404)
 # "No data", before the first event (Prometheus' instrumentation advice).
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol", "status", "disconnect", "idle_timeout", "error_event")
 REJECT_REASONS = ("rate_limit", "saturated", "queue_full", "queue_timeout", "shed")
-# What became of a stream whose backend failed mid-stream (switchyard_stream_failovers_total): continued on
-# another backend; a continuation tried that failed too; not continuable (n > 1, logprobs, a tool call, ...);
-# no other backend or no retry budget left; out of `failover.max_attempts`.
 KV_GAP_OUTCOMES = ("filled", "lost", "restart")
 # A departed backend's series are dropped again (a request still running there may count once more) this long.
 DEPARTED_S = 3600.0
+# What became of a stream whose backend failed mid-stream (switchyard_stream_failovers_total): continued on
+# another backend; a continuation tried that failed too; not continuable (n > 1, logprobs, a tool call, ...);
+# no other backend or no retry budget left; out of `failover.max_attempts`.
 FAILOVER_OUTCOMES = ("continued", "failed", "unsupported", "no_backend", "exhausted")
 NO_MODEL = "__none__"  # rejected before a model was known (bad body, too large)
 

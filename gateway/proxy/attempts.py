@@ -72,7 +72,7 @@ class Attempts:
         self._retry_statuses = frozenset(settings.retries.on_status)
         self._budget = RetryBudget(settings.retries.budget_ratio, settings.retries.budget_reserve)
         self._max_failovers = settings.failover.max_attempts
-        self._retry_after = {"Retry-After": str(settings.retry_after)}
+        self._retry_after = settings.retry_after
 
     async def run(self, exchange: Exchange) -> None:
         info = exchange.info
@@ -106,10 +106,7 @@ class Attempts:
         now = {backend.url: backend for backend in self._directory.candidates(exchange.info.model)}
         kept = [now[backend.url] for backend in exchange.candidates if backend.url in now]
         if not kept:
-            raise NoHealthyBackend(
-                f"No healthy backend serves the model `{exchange.info.model}` right now.",
-                headers=dict(self._retry_after),
-            )
+            raise NoHealthyBackend.for_model(exchange.info.model, self._retry_after)
         return kept
 
     async def _attempts(self, exchange: Exchange, routing: Span | None) -> None:

@@ -41,6 +41,7 @@ class Gatekeeper:
             {settings.routing.session_header.lower().encode(), settings.admission.priority_header.lower().encode()}
         )
         self._max_body = settings.max_body_bytes
+        self._retry_seconds = settings.retry_after
         self._retry_after = {"Retry-After": str(settings.retry_after)}
         self._keys = keys
         self._directory = directory
@@ -74,9 +75,7 @@ class Gatekeeper:
         if principal is not None:
             exchange.outcome.extra_headers = self._gate.rate_limit(principal, model)
         if not candidates:
-            raise NoHealthyBackend(
-                f"No healthy backend serves the model `{model}` right now.", headers=dict(self._retry_after)
-            )
+            raise NoHealthyBackend.for_model(model, self._retry_seconds)
         payload = fields.payload
         previous = payload.get("previous_response_id") if payload else None
         if isinstance(previous, str) and exchange.route == RESPONSES_ROUTE:

@@ -310,10 +310,7 @@ class Admission:
                             # Nothing serves its model any more (down, ejected, gone): 503 now, not a 429
                             # "retry later" at the end of its wait.
                             self._remove(waiter)
-                            waiter.rejection = NoHealthyBackend(
-                                f"No healthy backend serves the model `{model}` right now.",
-                                headers={"Retry-After": str(self._settings.retry_after)},
-                            )
+                            waiter.rejection = NoHealthyBackend.for_model(model, self._settings.retry_after)
                             waiter.future.set_result(None)
                             progress = True
                             break

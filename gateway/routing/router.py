@@ -17,7 +17,7 @@ from gateway.fleet.registry import Backend, Registry
 from gateway.routing.cache_aware import PrefixCaches
 from gateway.routing.policies import Policy, is_adapter
 from gateway.routing.policy_names import uses_prefix_caches
-from gateway.routing.prompt import prompt_view
+from gateway.routing.prompt import PromptView, prompt_view
 from gateway.routing.request import RequestInfo
 from gateway.routing.settings import RoutingSettings
 from gateway.routing.tokenizer import Tokenizer, tokenize_body
@@ -71,13 +71,8 @@ class Router:
         self._registry.acquire(backend, request.model if is_adapter(backend, request.model) else None)
         view = request.prompt
         if view is not None and backend.url in view.predicted:
-            caches = self._caches
-            assert caches is not None
-            prompt = (
-                len(view.token_ids)
-                if view.token_ids is not None
-                else len(view.text) / caches.chars_per_token_of(request.model)
-            )
+            prompt = self._prompt_size(view, request.model)
+            assert prompt is not None  # a prediction comes from the caches
             charge = max(int(prompt - view.predicted[backend.url]), 0)
             view.charge = (backend, charge)
             self._registry.charge_prefill(backend, charge)
@@ -86,12 +81,14 @@ class Router:
     def prompt_tokens(self, request: RequestInfo) -> int | None:
         """The prompt's tokens: exact when the prompt was tokenized, else estimated from its length."""
         view = request.prompt
-        if view is None:
-            return None
+        size = None if view is None else self._prompt_size(view, request.model)
+        return None if size is None else int(size)
+
+    def _prompt_size(self, view: PromptView, model: str) -> float | None:
         if view.token_ids is not None:
             return len(view.token_ids)
         caches = self._caches
-        return None if caches is None else int(len(view.text) / caches.chars_per_token_of(request.model))
+        return None if caches is None else len(view.text) / caches.chars_per_token_of(model)
 
     def predicted_cached(self, request: RequestInfo, backend: Backend) -> int | None:
         view = request.prompt

@@ -16,6 +16,7 @@ from time import monotonic
 from starlette.types import Scope
 
 from gateway.errors import RateLimited, Unauthorized
+from gateway.proxy.headers import header
 from gateway.settings import ApiKeySettings, AuthSettings
 from gateway.tenancy.rate_limit import TokenBucket
 
@@ -118,13 +119,13 @@ class KeyRing:
 
     def authenticate(self, scope: Scope) -> Principal:
         """The caller's principal, or Unauthorized (401). Only call when `enabled`."""
-        value = _authorization(scope)
+        value = header(scope, b"authorization")
         if value is not None:
             known = self._known.get(value)
             if known is not None:
                 return known
         # Anthropic's SDK (for /v1/messages) sends its key as `x-api-key`
-        presented = _bearer(value) if value is not None else (_header(scope, b"x-api-key") or b"").strip() or None
+        presented = _bearer(value) if value is not None else (header(scope, b"x-api-key") or b"").strip() or None
         if presented is None:
             raise Unauthorized("Missing API key: send it as `Authorization: Bearer <key>` or `x-api-key: <key>`.")
         digest = hashlib.sha256(presented).digest()
@@ -134,17 +135,6 @@ class KeyRing:
         if value is not None and len(self._known) < 4 * len(self._by_digest) + 16:
             self._known[value] = principal
         return principal
-
-
-def _authorization(scope: Scope) -> bytes | None:
-    return _header(scope, b"authorization")
-
-
-def _header(scope: Scope, wanted: bytes) -> bytes | None:
-    for name, value in scope["headers"]:
-        if name == wanted:
-            return bytes(value)
-    return None
 
 
 def _bearer(value: bytes | None) -> bytes | None:
